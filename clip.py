@@ -1,0 +1,314 @@
+"""The CLIP ViT vision tower (Radford et al. 2021, arXiv 2103.00020) and a loader for Hugging Face snapshot folders.
+
+kovlm keeps the tower frozen and, as LLaVA-1.5 does, takes each frame's features from the second-to-last encoder
+layer (`hidden_states[-2]`, CLS token dropped; LLaVA `llava/model/multimodal_encoder/clip_encoder.py`,
+`mm_vision_select_layer = -2`). Module names follow transformers' `models/clip/modeling_clip.py`, so loading a
+checkpoint is a prefix strip (`vision_key`) and the numbers match `CLIPVisionModel(..., output_hidden_states=True)`.
+
+Shapes:
+    N   images in a batch (the frames of the videos)
+    C   colour channels (3); H, W image height and width in pixels (both = image_size)
+    p   patch size; P = (image_size // p) ** 2 patches; T = 1 + P tokens (CLS first)
+    D   width (hidden_size); I MLP width (intermediate_size)
+    nh  attention heads; hs head dim (D = nh * hs)
+ViT-L/14-336: p 14, P 576, T 577, D 1024, I 4096, 24 layers, nh 16, hs 64.
+"""
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI trained CLIP with (openai/CLIP `clip/model.py`)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # transformers' "gelu" is the exact erf form
+
+
+@dataclass
+class CLIPConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    num_patches: int = field(init=False)
+    num_positions: int = field(init=False)
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act '{self.hidden_act}' is not supported by CLIPVision "
+                             f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        self.num_patches = (self.image_size // self.patch_size) ** 2  # the stride-p convolution drops a remainder
+        self.num_positions = self.num_patches + 1  # + CLS
+        self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "CLIPConfig":
+        """From a `config.json`: a full CLIPModel's (the tower under `vision_config`) or a CLIPVisionModel's (flat).
+
+        The defaulted fields take transformers' CLIPVisionConfig defaults; the sizes must be written out."""
+        vision = config.get("vision_config", config)
+        model_type = vision.get("model_type", "clip_vision_model")
+        if model_type != "clip_vision_model":
+            raise ValueError(f"model_type '{model_type}' is not a CLIP vision tower (expected 'clip_vision_model')")
+        required = [f.name for f in fields(cls) if f.init and f.default is MISSING]
+        missing = [name for name in required if name not in vision]
+        if missing:
+            raise ValueError(f"the vision config has no {', '.join(missing)}; a CLIP config.json names them all")
+        return cls(**{f.name: vision[f.name] for f in fields(cls) if f.init and f.name in vision})
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Patches -> tokens: a stride-p convolution (one linear map per p x p patch), CLS prepended, learned positions."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        D, p = config.hidden_size, config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(D) * D**-0.5)  # transformers' init; loading replaces it
+        self.patch_embedding = nn.Conv2d(config.num_channels, D, kernel_size=p, stride=p, bias=False)
+        self.position_embedding = nn.Embedding(config.num_positions, D)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values)  # (N, C, H, W) -> (N, D, H/p, W/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, D, H/p, W/p) -> (N, D, P) -> (N, P, D)
+        cls = self.class_embedding.expand(len(pixel_values), 1, -1)  # (D,) -> (N, 1, D)
+        tokens = torch.cat([cls, patches], dim=1)  # (N, T, D)
+        return tokens + self.position_embedding.weight  # (N, T, D) + (T, D): token t gets position t
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention over all T tokens; no mask: every patch sees every patch (ViT)."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, D = x.shape
+        q = self.q_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, T, D) -> (N, nh, T, hs)
+        k = self.k_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, T, D) -> (N, nh, T, hs)
+        v = self.v_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, T, D) -> (N, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v: (N, nh, T, hs)
+        y = y.transpose(1, 2).reshape(N, T, D)  # (N, nh, T, hs) -> (N, T, nh, hs) -> (N, T, D)
+        return self.out_proj(y)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))  # (N, T, D) -> (N, T, I) -> (N, T, D)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """A pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))  # (N, T, D)
+        return x + self.mlp(self.layer_norm2(x))  # (N, T, D)
+
+
+class CLIPEncoder(nn.Module):
+    """Holds the blocks under transformers' name `encoder.layers.N`; CLIPVision.forward runs them."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class CLIPVision(nn.Module):
+    """CLIP's image tower up to the encoder output; `forward(x, layer)` is transformers' `hidden_states[layer]`.
+
+    `post_layernorm` is part of the checkpoint but forward never applies it: transformers applies it only to the
+    pooled CLS token (`pooler_output`), never to `hidden_states`, and the features kovlm uses are hidden states.
+    It is kept so that every vision weight of a checkpoint has a home and the fingerprint covers it.
+    `fingerprint` is set by `load_clip_vision`; a model built in code gets one from `fingerprint_state`.
+    """
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic: transformers' name
+        self.encoder = CLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fingerprint: str | None = None
+
+    def forward(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """pixel_values (N, C, H, W), CLIP-normalised -> hidden_states[layer] (N, T, D).
+
+        hidden_states[0] is the embeddings after pre_layrnorm, hidden_states[i] the output of block i; -1 is the
+        last block (transformers' last_hidden_state), -2 the LLaVA feature layer. Blocks after `layer` are not run.
+        """
+        self.check_pixel_values(pixel_values)
+        num_blocks = self.blocks_up_to(layer)
+        weight = self.embeddings.patch_embedding.weight
+        x = self.pre_layrnorm(self.embeddings(pixel_values.to(weight.dtype)))  # (N, T, D) = hidden_states[0]
+        for block in self.encoder.layers[:num_blocks]:
+            x = block(x)  # (N, T, D)
+        return x
+
+    def blocks_up_to(self, layer: int) -> int:
+        """How many blocks produce hidden_states[layer] (python indexing over embeddings + each block's output)."""
+        num_states = self.config.num_hidden_layers + 1
+        if not -num_states <= layer < num_states:
+            raise IndexError(f"layer {layer} is out of range: a {num_states - 1}-layer tower has hidden states "
+                             f"{-num_states}..{num_states - 1}")
+        return layer % num_states
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        # Positions are learned for exactly image_size; no interpolation to other sizes (as transformers' default).
+        c, size = self.config.num_channels, self.config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (c, size, size):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this tower expects "
+                             f"(N, {c}, {size}, {size}): resize the frames to image_size={size} first")
+
+
+# ---- fingerprint: identifies the tower's exact weights, so cached features can be keyed on it ----
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """sha256 over a tensor's name, shape, dtype and raw bytes."""
+    digest = hashlib.sha256(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def combine_fingerprint(config_dict: dict, tensor_digests: dict[str, str]) -> str:
+    """One short hex string from the config (sorted JSON) and the per-tensor digests, taken in name order, so the
+    same weights give the same fingerprint whether they come from one file or many shards, in any order."""
+    digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True).encode())
+    for name in sorted(tensor_digests):
+        digest.update(f"{name}:{tensor_digests[name]}".encode())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_state(config_dict: dict, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The fingerprint of any state: `fingerprint_state(asdict(model.config), model.state_dict().items())`
+    equals what `load_clip_vision` sets on the model it loads."""
+    return combine_fingerprint(config_dict, {name: tensor_digest(name, t) for name, t in named_tensors})
+
+
+# ---- loading a Hugging Face snapshot folder ----
+
+WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
+                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+NON_VISION_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
+def vision_key(checkpoint_key: str) -> str | None:
+    """The CLIPVision name of a checkpoint key, or None for a key the vision tower does not load.
+
+    CLIPModel checkpoints prefix the tower with `vision_model.`; CLIPVisionModel ones written by transformers 5 have
+    bare keys. The text tower, both projections into the joint space and logit_scale belong to CLIP's contrastive
+    head, not to the tower. `embeddings.position_ids` is an arange buffer older transformers saved; forward adds
+    the position table directly, so it is not needed.
+    """
+    if checkpoint_key.endswith("embeddings.position_ids"):
+        return None
+    if checkpoint_key.startswith("vision_model."):
+        return checkpoint_key.removeprefix("vision_model.")
+    if checkpoint_key.startswith(NON_VISION_PREFIXES):
+        return None
+    return checkpoint_key
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files to read: the single file, or the shards of an index that hold at least one vision key."""
+    for single, index in WEIGHT_LAYOUTS:
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            shards = sorted({folder / shard for key, shard in weight_map.items() if vision_key(key) is not None})
+            for shard in shards:
+                if not shard.is_file():
+                    raise FileNotFoundError(f"{folder}: {index} lists {shard.name}, which is not in the folder")
+            return shards
+    raise FileNotFoundError(f"{folder}: no weights; expected model.safetensors, model.safetensors.index.json with "
+                            f"its shards, pytorch_model.bin, or pytorch_model.bin.index.json with its shards")
+
+
+def read_vision_tensors(file: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(checkpoint key, CLIPVision name, tensor) for each vision key of one weight file; other keys are not read."""
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as weights:
+            for key in weights.keys():
+                if (name := vision_key(key)) is not None:
+                    yield key, name, weights.get_tensor(key)
+    else:
+        # weights_only: unpickling runs no code; mmap: the text tower's tensors are mapped, never read
+        for key, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+            if (name := vision_key(key)) is not None:
+                yield key, name, tensor
+
+
+def load_clip_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> CLIPVision:
+    """A frozen CLIPVision (eval mode, requires_grad False) from a Hugging Face CLIP or CLIPVision model folder.
+
+    The module is built on the meta device (shapes, no memory) and the checkpoint's tensors, cast to `dtype`, become
+    its parameters (`assign=True`): memory holds one copy. Every vision key must match a parameter in name and
+    shape, and every parameter must be in the checkpoint.
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face CLIP model folder "
+                                f"(config.json + model.safetensors or pytorch_model.bin)")
+    try:
+        config = CLIPConfig.from_hf(json.loads(config_file.read_text()))
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from error
+    with torch.device("meta"):
+        model = CLIPVision(config)
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    state, digests = {}, {}
+    for file in checkpoint_files(folder):
+        for key, name, tensor in read_vision_tensors(file):
+            if name not in expected or name in state:
+                why = "appears twice" if name in state else f"has no place in CLIPVision (no '{name}')"
+                raise ValueError(f"{folder}: unexpected vision weight '{key}' in {file.name}: it {why}")
+            if tensor.shape != expected[name]:
+                raise ValueError(f"{folder}: '{key}' in {file.name} has shape {tuple(tensor.shape)}, but config.json "
+                                 f"implies {tuple(expected[name])}")
+            tensor = tensor.to(dtype)
+            digests[name] = tensor_digest(name, tensor)  # hashed as read: no second pass over the weights
+            state[name] = tensor.to(device)
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise ValueError(f"{folder}: missing vision weight '{missing[0]}' ({len(missing)} missing in all); "
+                         f"the checkpoint does not match its config.json")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    model.fingerprint = combine_fingerprint(asdict(config), digests)
+    return model
