@@ -1,0 +1,382 @@
+"""The Qwen3 decoder (Qwen3-8B and its smaller siblings) in plain PyTorch, loaded from a Hugging Face snapshot.
+
+Same numbers as transformers' `Qwen3ForCausalLM` (reference: transformers/models/qwen3/modeling_qwen3.py, v5.24;
+the model: "Qwen3 Technical Report", arXiv 2505.09388). A Qwen3 layer is a pre-norm Llama-style block with two
+changes: grouped-query attention (GQA, arXiv 2305.13245) and an RMSNorm over each head's query and key before RoPE
+(q_norm / k_norm), which keeps attention logits bounded without a QKV bias.
+
+`load_qwen3` builds the model on the meta device (no memory), then reads the checkpoint one tensor at a time; with
+quant="nf4" each decoder-layer linear is quantized to 4-bit NormalFloat (QLoRA, arXiv 2305.14314) as soon as it is
+read, so the whole model never sits in memory in bf16.
+
+Shape legend: B batch, T positions in this forward, S key positions (cached + T), C hidden_size, nh query heads,
+nkv key/value heads, hs head_dim, I intermediate_size, V vocab_size.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Qwen3Config:
+    """Defaults are Qwen/Qwen3-8B's config.json."""
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128  # set on its own: Qwen3 uses nh * hs != C (Qwen3-8B: 32 * 128 = C, Qwen3-0.6B: 16 * 128 > C)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}; GQA needs whole query groups")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Qwen3Config":
+        """Read a Hugging Face Qwen3 config.json dict; refuse, by name, every feature this decoder does not have."""
+        refusals = {"model_type": d.get("model_type", "qwen3") != "qwen3",
+                    "hidden_act": d.get("hidden_act", "silu") != "silu",
+                    "use_sliding_window": bool(d.get("use_sliding_window", False)),
+                    "layer_types": any(t != "full_attention" for t in d.get("layer_types") or [])}
+        for key, refused in refusals.items():
+            if refused:
+                raise ValueError(f"config.json: {key}={d[key]!r} is not supported; this is a Qwen3 decoder with "
+                                 f"SiLU MLPs and full attention in every layer")
+        # transformers 5 writes rope_parameters={"rope_theta", "rope_type"}; 4.x wrote rope_theta + rope_scaling.
+        rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"config.json: RoPE type {rope_type!r} (e.g. YaRN context extension) is not supported; "
+                             f"only the default RoPE of the released Qwen3 checkpoints is")
+        theta = rope.get("rope_theta", d.get("rope_theta"))
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "rms_norm_eps", "max_position_embeddings")
+        missing = [key for key in required if key not in d] + (["rope_theta"] if theta is None else [])
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}; is this a Qwen3 config?")
+        return cls(**{key: d[key] for key in required}, rope_theta=float(theta),
+                   head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                   attention_bias=bool(d.get("attention_bias", False)))
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, (B, nkv, max_len, hs) each; `length` positions are filled.
+
+    Preallocation (as gpt-fast) means decoding never reallocates; a forward writes slots [length, length + T) in
+    every layer, and `length` advances once, after the last layer."""
+
+    def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, *, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)  # (B, nkv, max_len, hs)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's k, v (B, nkv, T, hs); return all filled keys and values (B, nkv, S, hs)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len or k.shape[0] != self.batch_size:
+            raise ValueError(f"KV cache is (batch {self.batch_size}, max_len {self.max_len}) with {start} filled; "
+                             f"cannot add {k.shape[2]} positions of batch {k.shape[0]}: make a larger new_kv_cache")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]  # (B, nkv, S, hs) each
+
+
+class Qwen3RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) in fp32, cast back, then scaled by the weight: HF's order, bit for bit in bf16."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Qwen3RotaryEmbedding(nn.Module):
+    """RoPE (RoFormer, arXiv 2104.09864) angles: position * theta^(-2i/hs), in HF's half-split layout."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        hs = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float) / hs))  # (hs/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, 1) * (hs/2,) -> (B, T, hs/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of hs: HF pairs dim i with i + hs/2, not adjacent dims."""
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, T, hs) -> (B, 1, T, hs), shared by all heads
+    return x * cos + rotate_half(x) * sin  # (B, n, T, hs)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        C, nh, nkv, hs, bias = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                config.head_dim, config.attention_bias)
+        self.layer_idx, self.head_dim = layer_idx, hs
+        self.q_proj = nn.Linear(C, nh * hs, bias=bias)
+        self.k_proj = nn.Linear(C, nkv * hs, bias=bias)
+        self.v_proj = nn.Linear(C, nkv * hs, bias=bias)
+        self.o_proj = nn.Linear(nh * hs, C, bias=bias)
+        self.q_norm = Qwen3RMSNorm(hs, config.rms_norm_eps)
+        self.k_norm = Qwen3RMSNorm(hs, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        B, T, _ = x.shape
+        hs = self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, hs)).transpose(1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, hs)).transpose(1, 2)  # (B, T, nkv, hs) -> (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, T, nkv, hs) -> (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # per-head norm first, then RoPE, as HF
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs) each
+        # enable_gqa lets each group of nh / nkv query heads read one key/value head: no repeat_kv copies.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)  # (B, nh, T, hs) @ (B, nkv, S, hs) -> (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh, hs) -> (B, T, nh * hs) -> (B, T, C)
+
+
+class Qwen3MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer, arXiv 2002.05202): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) -> (B, T, C)
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Qwen3Attention(config, layer_idx)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)  # (B, T, C)
+        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
+
+
+class Qwen3Model(nn.Module):
+    """The decoder's modules under HF's names, so checkpoint keys map 1:1; the forward is Qwen3.hidden_states."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config)
+
+
+def default_position_ids(attention_mask, past: int, T: int, device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row gets the positions it would have alone."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device)[None]  # (1, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, S) -> (B, T)
+
+
+def build_attention_mask(attention_mask, past: int, T: int, device) -> torch.Tensor | None:
+    """Boolean SDPA mask (B or 1, 1, T, S), True = may attend; None when SDPA's is_causal=True says it all."""
+    if attention_mask is None and past == 0:
+        return None
+    query_slot = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    key_slot = torch.arange(past + T, device=device)[None, :]  # (1, S)
+    allowed = key_slot <= query_slot  # (T, S): causal over cache slots
+    if attention_mask is not None:
+        real_key = attention_mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+        # A pad query would see no key at all and softmax would give NaN; it attends to itself (garbage, finite).
+        allowed = allowed & (real_key | (key_slot == query_slot))  # (B, 1, T, S)
+    return allowed[None, None] if allowed.dim() == 2 else allowed  # (1, 1, T, S) or (B, 1, T, S)
+
+
+class Qwen3(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        # Tied models (Qwen3-0.6B to 4B) read logits off the embedding matrix; Qwen3-8B has its own head.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.gradient_checkpointing = False
+        self.fingerprint = ""
+
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) after model.norm; attention_mask (B, S) is 1 for real tokens, 0 for pads."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}; it must be (B, cached + T) = "
+                             f"({B}, {past + T}), covering the cached positions too")
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        if checkpointing and kv_cache is not None:
+            raise ValueError("gradient checkpointing reruns layers in backward, which would write the KV cache "
+                             "again; decode under torch.no_grad() or turn gradient_checkpointing off")
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, past, T, x.device)  # (B or 1, T)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B or 1, T, hs) each
+        mask = build_attention_mask(attention_mask, past, T, x.device)
+        for layer in self.model.layers:
+            if checkpointing:  # keep only each layer's input; recompute its inside in backward
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.model.norm(x)  # (B, T, C)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., V) in the head's own dtype: a (V, C) fp32 copy would cost 2.5 GB at Qwen3-8B size."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
+        return F.linear(hidden.to(weight.dtype), weight)  # (..., C) @ (C, V) -> (..., V)
+
+    def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                    position_ids=position_ids, kv_cache=kv_cache)  # (B, T, C)
+        return self.logits_from_hidden(hidden)  # (B, T, V)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        embedding = self.model.embed_tokens.weight  # activations start here: its dtype and device are theirs
+        return KVCache(self.config, batch_size, max_len, dtype=embedding.dtype, device=embedding.device)
+
+
+def snapshot_files(path: Path) -> tuple[Path, list[Path]]:
+    """config.json and the safetensors files of a Hugging Face snapshot folder (one file, or shards + index)."""
+    config_file, single, index = path / "config.json", path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        weight_files = [single] if single.is_file() else []
+    missing = ([] if config_file.is_file() else ["config.json"]) + \
+              ([] if weight_files else ["model.safetensors (or model.safetensors.index.json and its shards)"])
+    if missing:
+        raise FileNotFoundError(f"{path}: not a Qwen3 snapshot folder, missing {' and '.join(missing)}; pass the "
+                                f"folder that holds config.json and the *.safetensors weights")
+    for file in weight_files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{index}: lists shard {file.name}, which is not in {path}; download it again")
+    return config_file, weight_files
+
+
+def snapshot_fingerprint(config_file: Path, weight_files: list[Path]) -> str:
+    """sha256 of config.json + each weight file's name, size and first MiB: cheap, and enough to tell snapshots
+    apart when a checkpoint is matched to its base model (hashing 16 GB of weights would take minutes)."""
+    digest = hashlib.sha256(config_file.read_bytes())
+    for file in weight_files:
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+def swap_linears_to_nf4(model: Qwen3, compute_dtype: torch.dtype) -> None:
+    """Every nn.Linear inside the decoder layers becomes an empty (meta) bitsandbytes Linear4bit. Embeddings,
+    norms and lm_head stay in full precision, as transformers' BitsAndBytesConfig leaves them."""
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if isinstance(linear, nn.Linear):
+                with torch.device("meta"):
+                    nf4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                            compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                # bitsandbytes >= 0.49 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first no-grad
+                # eval forward; that kernel rounds through bf16 and later backward passes through the packed weight
+                # give wrong gradients. Kept off: one weight format, exact fp32 compute, right gradients on CPUs.
+                nf4.support_avx512bf16_for_cpu = False
+                layer.set_submodule(name, nf4)
+
+
+def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="cpu") -> Qwen3:
+    """Build Qwen3 from a Hugging Face snapshot folder; quant="nf4" quantizes decoder-layer linears while reading.
+
+    The returned model is in eval mode and frozen (requires_grad=False everywhere). A tied model's checkpoint may
+    still carry lm_head.weight (older exports do): it is read once, must equal the embedding, and is dropped."""
+    if quant not in (None, "nf4"):
+        raise ValueError(f"quant={quant!r}: use None (weights in `dtype`) or 'nf4' (4-bit NormalFloat)")
+    path = Path(path)
+    config_file, weight_files = snapshot_files(path)
+    config = Qwen3Config.from_hf(json.loads(config_file.read_text()))
+    with torch.device("meta"):
+        model = Qwen3(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    stored = {}  # name -> (file, shape), from the safetensors headers only: every check runs before any read
+    for file in weight_files:
+        with safe_open(file, framework="pt") as f:
+            stored.update({name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
+    spare_head = stored.pop("lm_head.weight", None) if config.tie_word_embeddings else None
+    for name, (file, shape) in stored.items():
+        if name not in expected:
+            raise ValueError(f"{file}: unexpected tensor {name!r}; a Qwen3ForCausalLM checkpoint has no such key")
+        if shape != expected[name]:
+            raise ValueError(f"{file}: tensor {name!r} has shape {shape} but config.json implies {expected[name]}; "
+                             f"config.json and the weights disagree")
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks tensor {missing[0]!r}" +
+                         (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; the snapshot is incomplete")
+    if quant == "nf4":
+        swap_linears_to_nf4(model, dtype)
+    for file in weight_files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name in stored:
+                    load_tensor(model, name, f.get_tensor(name), dtype=dtype, device=device)
+    if spare_head is not None:
+        with safe_open(spare_head[0], framework="pt") as f:
+            head = f.get_tensor("lm_head.weight").to(device=device, dtype=dtype)
+        if not torch.equal(head, model.model.embed_tokens.weight):
+            raise ValueError(f"{spare_head[0]}: config.json says tie_word_embeddings=true but lm_head.weight differs "
+                             f"from model.embed_tokens.weight; set tie_word_embeddings to false if the head is its own")
+    model.model.rotary_emb = Qwen3RotaryEmbedding(config).to(device)  # the one tensor not in the checkpoint
+    model.fingerprint = snapshot_fingerprint(config_file, weight_files)
+    return model.eval().requires_grad_(False)
+
+
+def load_tensor(model: Qwen3, name: str, tensor: torch.Tensor, *, dtype, device) -> None:
+    """Put one checkpoint tensor in place of its meta parameter; a Linear4bit weight is quantized on the way."""
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
+        weight = bnb.nn.Params4bit(tensor.to(dtype), requires_grad=False, compress_statistics=True,
+                                   quant_type="nf4", module=module)
+        module.weight = weight.to(device)  # Params4bit.to(device) is what quantizes (on the CPU too)
+    else:
+        setattr(module, param_name, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
