@@ -1,0 +1,213 @@
+"""Projectors: shapes, gradients, real-size parameter counts (meta device), frame order, dtypes, configs, errors."""
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from projectors import (PROJECTOR_OPTIONS, PROJECTORS, Attention, ProjectorConfig, build_projector,
+                        parameter_table, projector_from_config)
+
+DV, DLLM = 32, 48  # small widths keep every test in seconds on the CPU
+RESAMPLERS = ["cabstractor", "crossattn", "perceiver"]
+
+
+def small(name, **options):
+    torch.manual_seed(0)
+    return build_projector(name, DV, DLLM, **options)
+
+
+def features(frames, patches, batch=2, seed=1, dim=DV):
+    return torch.randn(batch, frames, patches, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_change(a, b):
+    return ((a - b).norm() / a.norm()).item()
+
+
+def test_every_projector_is_registered_with_its_options():
+    assert list(PROJECTORS) == ["linear", "mlp", "cabstractor", "crossattn", "perceiver"]
+    assert set(PROJECTORS) == set(PROJECTOR_OPTIONS)
+
+
+@pytest.mark.parametrize("name", list(PROJECTORS))
+@pytest.mark.parametrize("frames, patches", [(1, 16), (3, 64), (8, 16), (8, 576)])
+def test_output_shape(name, frames, patches):
+    projector = small(name)
+    out = projector(features(frames, patches))
+    tokens = frames * patches if name in ("linear", "mlp") else 64
+    assert out.shape == (2, tokens, DLLM)
+    assert projector.config.output_tokens(frames, patches) == tokens
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, options, tokens", [
+    ("perceiver", dict(num_queries=16), 16),  # the tiny demo's resampler
+    ("crossattn", dict(num_queries=16, depth=2, width=64, heads=4), 16),
+    ("cabstractor", dict(num_queries=16, pooled_frames=4), 16),  # 4 x 2 x 2
+    ("cabstractor", dict(num_queries=16, pooled_frames=1, width=40), 16),  # 1 x 4 x 4, width != Dv
+    ("perceiver", dict(width=64, heads=2, num_frames=6), 64),  # width != Dv: input projection
+    ("mlp", dict(depth=3), 6 * 16),
+])
+def test_output_shape_with_options(name, options, tokens):
+    assert small(name, **options)(features(6, 16)).shape == (2, tokens, DLLM)
+
+
+@pytest.mark.parametrize("name", list(PROJECTORS))
+def test_gradients_reach_every_parameter(name):
+    options = {} if name in ("linear", "mlp") else dict(num_frames=3)
+    projector = small(name, **options)
+    out = projector(features(3, 16))  # F = num_frames: every temporal embedding row is used
+    (out * torch.randn_like(out)).sum().backward()
+    for key, parameter in projector.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, key
+
+
+# Real sizes: CLIP ViT-L/14-336 (Dv 1024, 8 x 576 patches), Qwen3-8B (Dllm 4096). Each count is derived from the
+# architecture by hand (C = 1024 internal width, biases only where the module has them), then asserted.
+C, DV_REAL, DLLM_REAL = 1024, 1024, 4096
+TEMPORAL = 2 * DV_REAL + 8 * DV_REAL  # input LayerNorm + 8 frame embeddings
+BOTTLENECK = (C * C + 2 * C) + (9 * C + 2 * C) + (C * C // 4 + C // 4 + C // 4 * C + C) + (C * C + 2 * C)
+ATTENTION_LAYER = 3 * 2 * C + 4 * C * C + 2 * 4 * C * C  # 3 LayerNorms, q/k/v/o (no bias), FFN 4C (no bias)
+REAL_SIZE = {  # name: (parameters, output tokens, from the formula, the formula's value)
+    "linear": (DV_REAL * DLLM_REAL + DLLM_REAL, 4608, 4_198_400),
+    "mlp": (DV_REAL * DLLM_REAL + DLLM_REAL + DLLM_REAL * DLLM_REAL + DLLM_REAL, 4608, 20_979_712),
+    "cabstractor": (TEMPORAL + 6 * BOTTLENECK + C * DLLM_REAL + DLLM_REAL + DLLM_REAL * DLLM_REAL + DLLM_REAL,
+                    64, 36_818_432),
+    "crossattn": (TEMPORAL + 64 * C + 1 * ATTENTION_LAYER + 2 * C + C * DLLM_REAL + DLLM_REAL, 64, 16_865_280),
+    "perceiver": (TEMPORAL + 64 * C + 2 * ATTENTION_LAYER + 2 * C + C * DLLM_REAL + DLLM_REAL, 64, 29_454_336),
+}
+
+
+@pytest.mark.parametrize("name", list(PROJECTORS))
+def test_real_size_parameters_and_tokens_on_meta(name):
+    expected_params, expected_tokens, literal = REAL_SIZE[name]
+    with torch.device("meta"):
+        projector = build_projector(name, DV_REAL, DLLM_REAL)
+        out = projector(torch.empty(1, 8, 576, DV_REAL, dtype=torch.bfloat16))
+    assert sum(p.numel() for p in projector.parameters()) == expected_params == literal
+    assert out.shape == (1, expected_tokens, DLLM_REAL)
+    assert projector.config.width in (None, 1024)
+
+
+def test_parameter_table_lists_the_real_size_counts():
+    table = parameter_table()
+    for name, (params, tokens, _) in REAL_SIZE.items():
+        assert f"| `{name}` | {params:,} | {tokens:,} |" in table
+
+
+@pytest.mark.parametrize("name", RESAMPLERS)
+def test_frame_order_changes_the_output(name):
+    # At init the attention is near uniform, which averages the frame codes away, so the change is small
+    # (~1%); it is still four orders of magnitude above float noise, and the control below is exactly 0.
+    projector, x = small(name), features(8, 16)
+    assert relative_change(projector(x), projector(x.flip(1))) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["crossattn", "perceiver"])
+def test_without_temporal_embedding_attention_ignores_frame_order(name):
+    # The control for the test above: with the embedding at zero, attention over the set of frame tokens is
+    # invariant to their order, so the temporal embedding is what carries it.
+    projector, x = small(name, temporal_init_std=0.0), features(8, 16)
+    torch.testing.assert_close(projector(x), projector(x.flip(1)), rtol=1e-5, atol=1e-5)
+
+
+def test_cabstractor_keeps_order_inside_a_pooled_time_bin():
+    # 8 frames pool to 4 time steps: frames 0 and 1 share a bin, which averages them; only the temporal
+    # embedding tells them apart.
+    x = features(8, 16)
+    swapped = x[:, [1, 0, 2, 3, 4, 5, 6, 7]]
+    assert relative_change(small("cabstractor")(x), small("cabstractor")(swapped)) > 1e-3
+    blind = small("cabstractor", temporal_init_std=0.0)
+    torch.testing.assert_close(blind(x), blind(swapped), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_per_patch_projectors_permute_tokens_with_frames(name):
+    projector, x, order = small(name), features(3, 16), [2, 0, 1]
+    out = projector(x).view(2, 3, 16, DLLM)
+    torch.testing.assert_close(projector(x[:, order]).view(2, 3, 16, DLLM), out[:, order])
+
+
+def test_temporal_embedding_init_std_is_the_option():
+    assert PROJECTOR_OPTIONS["perceiver"]["temporal_init_std"] == 0.5  # the default DEMO-NOTES measured to work
+    for std in (0.02, 0.5):
+        embedding = build_projector("perceiver", 256, 8, num_frames=64, temporal_init_std=std).temporal.embedding
+        assert embedding.std().item() == pytest.approx(std, rel=0.05)
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attention, queries, context = Attention(32, heads=4), torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    split = lambda t: t.view(2, -1, 4, 8).transpose(1, 2)  # (B, nh, T, hs)
+    q, k, v = split(attention.q_proj(queries)), split(attention.k_proj(context)), split(attention.v_proj(context))
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)  # (B, nh, 5, 7)
+    expected = attention.o_proj((weights @ v).transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(attention(queries, context), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(PROJECTORS))
+def test_half_precision_features_are_cast_to_the_projector_dtype(name):
+    projector, x = small(name), features(2, 16).to(torch.bfloat16)
+    out = projector(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, projector(x.float()))
+    assert projector.to(torch.bfloat16)(x.float()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", list(PROJECTORS))
+def test_config_round_trips_through_a_plain_dict(name):
+    projector = small(name)
+    saved = asdict(projector.config)
+    rebuilt = projector_from_config(saved)
+    rebuilt.load_state_dict(projector.state_dict())
+    assert rebuilt.config == projector.config
+    x = features(2, 16)
+    torch.testing.assert_close(rebuilt(x), projector(x))
+
+
+def test_unused_options_stay_none_in_the_saved_config():
+    saved = asdict(small("linear").config)
+    assert saved == {"name": "linear", "vision_dim": DV, "llm_dim": DLLM, **{k: None for k in list(saved)[3:]}}
+    assert asdict(small("perceiver").config)["width"] == DV  # derived defaults are stored
+    for name in PROJECTORS:  # None means "not set": a saved config passes straight back through build_projector
+        config = small(name).config
+        assert build_projector(**asdict(config)).config == config
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: build_projector("qformer", DV, DLLM), "unknown projector 'qformer'; choose one of"),
+    (lambda: build_projector("perceiver", DV, DLLM, num_latents=16),
+     r"no option\(s\) \['num_latents'\]; its options: \['depth', 'ffn_mult'"),
+    (lambda: build_projector("linear", DV, DLLM, num_queries=16),
+     r"'linear' has no option 'num_queries'; its options: none"),
+    (lambda: build_projector("mlp", DV, DLLM, width=64), r"its options: \['depth'\]"),
+    (lambda: build_projector("perceiver", DV, DLLM, num_queries=0), "num_queries=0 must be an integer >= 1"),
+    (lambda: build_projector("perceiver", DV, DLLM, temporal_init_std=-1.0), "must be a number >= 0"),
+    (lambda: build_projector("crossattn", DV, DLLM, width=48, heads=5), "not divisible by heads"),
+    (lambda: build_projector("cabstractor", DV, DLLM, num_queries=48), "pooled_frames .4. x a square number"),
+    (lambda: ProjectorConfig.from_dict({"name": "mlp", "vision_dim": 8, "llm_dim": 8, "size": 3}),
+     r"unknown keys \['size'\]"),
+    (lambda: ProjectorConfig.from_dict({"name": "mlp", "vision_dim": 8}), r"missing keys \['llm_dim'\]"),
+])
+def test_bad_configuration_raises_a_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("x, message", [
+    (features(9, 16), "got 9 frames but has temporal embeddings for 8; build it with num_frames=9"),
+    (features(2, 16, dim=DV + 1), r"expects features \(B, F, P, 32\), got \(2, 2, 16, 33\)"),
+    (features(2, 20), "square patch grid per frame, got P=20"),
+])
+def test_bad_features_raise_a_clear_error(x, message):
+    with pytest.raises(ValueError, match=message):
+        small("cabstractor")(x)
+
+
+def test_perceiver_differs_from_crossattn_only_by_attending_to_its_latents():
+    # Same modules and weights; Flamingo's layer adds the latents to the keys/values, which must change the output.
+    crossattn, perceiver = small("crossattn", depth=2), small("perceiver")
+    perceiver.load_state_dict(crossattn.state_dict())
+    x = features(3, 16)
+    assert relative_change(crossattn(x), perceiver(x)) > 1e-2
