@@ -1,0 +1,292 @@
+"""LoRA and DoRA adapters over frozen nn.Linear and bitsandbytes 4-bit (NF4) linears.
+
+LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
+DoRA: Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353 (row norm detached, §4.3).
+Reference implementation for the numbers: PEFT 0.21 (peft/tuners/lora/{layer,bnb,variants,dora}.py).
+
+One adapted linear of Qwen3-8B (q_proj: 4096 -> 4096, r = 16, s = alpha / r = 2), T tokens:
+
+                                  x (T, 4096)
+                 +---------------------+----------------------+
+                 |                                            | dropout (adapter branch only)
+     base: frozen W (4096, 4096), NF4                 A (16, 4096):  (T, 4096) -> (T, 16)
+                 |  W x + b  (T, 4096)                B (4096, 16):  (T, 16) -> (T, 4096), times s
+                 +---------------------+----------------------+
+     LoRA:   y = W x + b + s B A x                                                     (T, 4096)
+     DoRA:   y = m / ||W + sBA||_row * (W x + s B A x) + b,   m: magnitude (4096,)      (T, 4096)
+
+     DoRA's row norm, recomputed only when A or B changed (once per optimizer step), never from W + sBA:
+       A (16, 4096) --base--> A W^T (16, 4096) --transpose--> W A^T (4096, 16)
+       ||W + sBA||^2 = ||W||^2 + 2s rowsum(W A^T * B) + s^2 rowsum((B A A^T) * B)      (4096,)
+       ||W||^2 (4096,) is a constant of the frozen base, computed once when the layer is wrapped.
+
+Shapes: T tokens (any leading dims), in / out features, r rank. Adapter weights are fp32; they compute in the
+activations' dtype (as autocast would) and the DoRA norm is computed in fp32.
+"""
+import math
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# torch.optim's fused kernels (fused=True) update parameters without bumping their version counters, so the DoRA
+# norm cache also keys on this count of optimizer steps, kept by torch's global optimizer step hook.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+QWEN3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"          # "lora" or "dora"
+    r: int = 16
+    alpha: float = 32             # scale s = alpha / r
+    dropout: float = 0.05         # on the adapter branch's input only
+    targets: tuple = QWEN3_LINEARS  # last component of the module names to adapt
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.method not in ("lora", "dora"):
+            raise ValueError(f"AdapterConfig.method={self.method!r}: use 'lora' or 'dora'")
+        if self.r < 1 or not 0 <= self.dropout < 1 or not self.targets:
+            raise ValueError(f"AdapterConfig: need r >= 1, 0 <= dropout < 1 and some targets; got r={self.r}, "
+                             f"dropout={self.dropout}, targets={self.targets}")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "AdapterConfig":
+        """Read a PEFT adapter_config.json dict; refuse the options whose math this file does not implement."""
+        if d.get("use_rslora") or d.get("bias", "none") != "none" or isinstance(d.get("target_modules"), str):
+            raise ValueError("adapter_config.json: use_rslora, bias != 'none' and regex target_modules are not "
+                             "supported; kovlm's adapters are plain LoRA / DoRA on a list of module names")
+        return cls(method="dora" if d.get("use_dora") else "lora", r=d["r"], alpha=d["lora_alpha"],
+                   dropout=d.get("lora_dropout", 0.0), targets=tuple(d["target_modules"]))
+
+
+def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
+    """The base weight (out, in) in fp32; a 4-bit one dequantized. Called when wrapping and merging, never per step."""
+    if linear.weight.is_meta:
+        return torch.empty(linear.out_features, linear.in_features, device="meta")
+    if isinstance(linear, bnb.nn.Linear4bit):
+        state = linear.weight.quant_state
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("a Linear4bit weight must be quantized (moved to its device) and not yet repacked by "
+                             "a CPU eval forward before LoRALinear wraps or merges it; wrap right after loading")
+        return bnb.functional.dequantize_4bit(linear.weight.data, state).float()
+    return linear.weight.float()
+
+
+class LoRALinear(nn.Module):
+    """base(x) + s B A dropout(x) (LoRA) or its DoRA rescaling; the wrapped linear stays at `.base`, frozen.
+
+    Dropout with DoRA. Here, as in torchtune's DoRALinear, dropout acts on the adapter branch only:
+        y = m / n * (W x + s B A dropout(x)) + b,           n = ||W + sBA||_row (detached)
+    with the one base GEMM per forward. PEFT 0.21 (variants.py DoraLinearVariant.forward, dora.py
+    DoraLinearLayer.forward), in training with dropout > 0, applies dropout to x once and then runs W a second
+    time, on the dropped input (dequantizing a 4-bit W for it):
+        y = W x + b + (m / n - 1) * W dropout(x) + m / n * s B A dropout(x)
+    Both agree when the dropout is the identity (dropout = 0 or eval mode) and in expectation over the mask;
+    `forward_like_peft` computes PEFT's form, for the parity tests.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False):
+        super().__init__()
+        if type(base) is not nn.Linear and not isinstance(base, bnb.nn.Linear4bit):
+            raise TypeError(f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit, not {type(base).__name__}")
+        if isinstance(base, bnb.nn.Linear4bit):
+            # bitsandbytes >= 0.49 repacks a CPU 4-bit weight in place at its first no-grad eval forward into a
+            # bf16 inference layout that dequantize_4bit cannot read and that has no backward: kept off.
+            base.support_avx512bf16_for_cpu = False
+        self.base = base.requires_grad_(False)
+        self.r, self.scaling, self.dora = r, alpha / r, dora
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r): zero, so y = base(x)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT, i.e. nn.Linear's default init
+        self._norm_cache = None  # (key, norm): see weight_norm
+        if dora:
+            weight_sq_norm = dequantized_weight(base).square().sum(dim=1)  # (out,)
+            self.register_buffer("weight_sq_norm", weight_sq_norm, persistent=False)
+            self.magnitude = nn.Parameter(weight_sq_norm.sqrt())  # (out,): ||W||_row, so m / n = 1 at init
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling}, dora={self.dora}"
+
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """s B A x, computed in x's dtype (fp32 master weights cast down, as autocast does)."""
+        down = F.linear(x, self.lora_A.to(x.dtype))  # (T, in) @ (in, r) -> (T, r)
+        return F.linear(down, self.lora_B.to(x.dtype)) * self.scaling  # (T, r) @ (r, out) -> (T, out)
+
+    def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        """||W + sBA||_row (out,) in fp32, detached; cached until A or B change.
+
+        The key: torch.optim steps taken (fused kernels bump no version counter), the parameters' version
+        counters (bumped by in-place updates: foreach / for-loop optimizers, load_state_dict's copy_) and storage
+        addresses (a `.data = ...` swap). Writes through `p.data.copy_` are invisible to all three: call
+        `forget_weight_norm()` after them."""
+        A, B = self.lora_A, self.lora_B
+        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr())
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        if self.weight_sq_norm.is_meta:
+            raise RuntimeError("DoRA adapters were applied on the meta device; apply them after loading the base")
+        with torch.no_grad():
+            AWt = self.without_bias(self.base(A.to(dtype))).float()  # (r, in) -> (r, out): A W^T, one base pass
+            A, B = A.float(), B.float()
+            cross = (AWt.T * B).sum(dim=1)  # rowsum((W A^T) * B): (out, r) * (out, r) -> (out,)
+            BAA = B @ (A @ A.T)  # (out, r) @ ((r, in) @ (in, r) -> (r, r)) -> (out, r)
+            sq = self.weight_sq_norm + 2 * self.scaling * cross + self.scaling ** 2 * (BAA * B).sum(dim=1)
+            norm = sq.clamp_min(0).sqrt()  # (out,); clamp: rounding may push an all-but-zero row below 0
+        self._norm_cache = (key, norm)
+        return norm
+
+    def forget_weight_norm(self) -> None:
+        self._norm_cache = None
+
+    def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
+        bias = self.base.bias
+        return base_out if bias is None else base_out - bias.to(base_out.dtype)  # (T, out): W x
+
+    def rescale(self, base_out: torch.Tensor, wx: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
+        """DoRA: m / n * (W x + s B A x) + b, written as PEFT does, base + (m/n - 1) W x + m/n s B A x, so that
+        m / n = 1 (at init) returns base_out exactly; (m/n - 1) is formed in fp32, then cast to the compute dtype."""
+        scale = self.magnitude / self.weight_norm(wx.dtype)  # (out,)
+        return base_out + (scale - 1).to(wx.dtype) * wx + scale.to(wx.dtype) * lora_out  # (T, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base(x)  # (T, in) -> (T, out): the one base GEMM
+        lora_out = self.lora_branch(self.dropout(x)).to(base_out.dtype)  # (T, out)
+        if not self.dora:
+            return base_out + lora_out
+        return self.rescale(base_out, self.without_bias(base_out), lora_out)
+
+    def forward_like_peft(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT 0.21's DoRA arithmetic (see the class docstring): with an active dropout, W runs a second time on
+        dropout(x). For parity tests only; the same dropout mask as PEFT's for the same RNG state."""
+        dropped = self.dropout(x)
+        base_out = self.base(x)  # (T, out)
+        lora_out = self.lora_branch(dropped).to(base_out.dtype)  # (T, out)
+        if not self.dora:
+            return base_out + lora_out
+        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
+        wx = self.base(dropped) if dropout_active else base_out  # (T, out): second base GEMM when dropping
+        return self.rescale(base_out, self.without_bias(wx), lora_out)
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA)), computed in fp32.
+
+        A 4-bit base merges into its compute dtype (bf16 when it has none): W + sBA is not on the NF4 grid,
+        and re-quantizing it would move every weight by up to half a quantization step."""
+        base = self.base
+        dtype = (base.compute_dtype or torch.bfloat16) if isinstance(base, bnb.nn.Linear4bit) else base.weight.dtype
+        with torch.no_grad():
+            weight = dequantized_weight(base) + self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
+            if self.dora:
+                weight = (self.magnitude.float() / weight.norm(dim=1)).unsqueeze(1) * weight  # (out, 1) * (out, in)
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                               device=weight.device, dtype=dtype)
+            merged.weight.copy_(weight)
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        return merged.requires_grad_(False)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **options) -> list[str]:
+    """Wrap every linear whose name ends in one of the targets in a LoRALinear, in place; freeze all other
+    parameters of `model`. Options are AdapterConfig's fields (pass a config or keywords). Returns the names."""
+    if config is not None and options:
+        raise TypeError("apply_adapters: pass an AdapterConfig or keyword options, not both")
+    config = config or AdapterConfig(**options)
+    names = [name for name, _ in model.named_modules() if name.rpartition(".")[2] in config.targets]
+    unmatched = set(config.targets) - {name.rpartition(".")[2] for name in names}
+    if unmatched:
+        raise ValueError(f"adapter targets {sorted(unmatched)} match no module of {type(model).__name__}; "
+                         f"check AdapterConfig.targets against model.named_modules()")
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear and not isinstance(module, bnb.nn.Linear4bit):
+            raise TypeError(f"adapter target {name} is a {type(module).__name__} (adapters applied twice?); "
+                            f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit")
+    model.requires_grad_(False)
+    for name in names:
+        _replace(model, name, LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout,
+                                         dora=config.method == "dora"))
+    return names
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total). Convention: a 4-bit weight counts as its logical in x out parameters (bitsandbytes
+    stores two per byte, so numel() would say half); shared (tied) parameters count once."""
+    trainable = total = 0
+    seen = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            four_bit = isinstance(module, bnb.nn.Linear4bit) and name == "weight"
+            n = module.in_features * module.out_features if four_bit else p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def parameter_report(model: nn.Module) -> str:
+    trainable, total = parameter_counts(model)
+    return (f"trainable {trainable:,} / total {total:,} parameters ({100 * trainable / max(total, 1):.3f}%; "
+            f"4-bit weights counted as in x out)")
+
+
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{name}.{p_name}": p for name, module in model.named_modules() if isinstance(module, LoRALinear)
+            for p_name, p in module.named_parameters(recurse=False)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the adapter tensors only: '<module>.lora_A', '.lora_B' and (DoRA) '.magnitude'."""
+    return {key: p.detach().clone() for key, p in _adapter_parameters(model).items()}
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors in place (DoRA norm caches see the change); every key and shape is checked first."""
+    params = _adapter_parameters(model)
+    unknown, missing = sorted(set(state_dict) - set(params)), sorted(set(params) - set(state_dict))
+    for keys, problem in ((unknown, "is not an adapter tensor of this model"), (missing, "is missing")):
+        if keys:
+            raise KeyError(f"adapter state dict: key {keys[0]!r} {problem}" + (f" (and {len(keys) - 1} more)" if
+                           len(keys) > 1 else "") + "; was it saved with another model, method or targets?")
+    for key, p in params.items():
+        if state_dict[key].shape != p.shape:
+            raise ValueError(f"adapter state dict: {key!r} has shape {tuple(state_dict[key].shape)}, the model "
+                             f"expects {tuple(p.shape)}; was it saved with another rank r?")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(state_dict[key])
+
+
+def merge_adapters(model: nn.Module) -> list[str]:
+    """Replace every LoRALinear by its merged plain nn.Linear (see LoRALinear.merged_linear); returns the names.
+    A model without LoRALinear (already merged, or never adapted) is refused."""
+    names = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if not names or names == [""]:
+        raise ValueError("merge_adapters: no LoRALinear inside the model: its adapters were already merged "
+                         "(merging twice is refused) or never applied; for a bare layer use .merged_linear()")
+    for name in names:
+        _replace(model, name, model.get_submodule(name).merged_linear())
+    return names

@@ -1,0 +1,335 @@
+"""lora.py against PEFT 0.21 (the reference), on tiny layers and a tiny Qwen3, on the CPU.
+
+Tolerances: parity with PEFT and cache-freshness checks are relative to the reference's largest magnitude, 1e-4 in
+fp32 (measured: ~2e-7); merged vs unmerged 1e-5 (fp32); "at init equals the base" and save/load are exact.
+"""
+import math
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, get_peft_model
+
+from lora import (AdapterConfig, LoRALinear, adapter_state_dict, apply_adapters, dequantized_weight,
+                  load_adapter_state_dict, merge_adapters, parameter_counts, parameter_report)
+from qwen3 import Qwen3, Qwen3Config
+
+IN, OUT, R, ALPHA = 64, 48, 4, 8
+KINDS = [(kind, dora, bias) for kind in ("linear", "nf4") for dora in (False, True) for bias in (False, True)]
+
+
+def assert_rel(actual, expected, tol, what=""):
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= tol * scale, f"{what}: max |diff| {err:.3g} > {tol} x max |reference| {scale:.3g}"
+
+
+def make_base(kind, bias, seed=1, compute_dtype=torch.float32):
+    """The same frozen linear every call for a seed: fp32 nn.Linear, or NF4 Linear4bit quantized by .to('cpu')."""
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(IN, OUT, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(OUT, IN, generator=g) * 0.1)
+        if bias:
+            linear.bias.copy_(torch.randn(OUT, generator=g))
+    if kind == "linear":
+        return linear
+    nf4 = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=compute_dtype, quant_type="nf4")
+    nf4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    if bias:
+        nf4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    # LoRALinear turns off bitsandbytes' eval-time CPU repacking (see lora.py); PEFT's twin needs it off too, or
+    # an eval forward would repack the weight into a layout PEFT's dequantization misreads.
+    nf4.support_avx512bf16_for_cpu = False
+    return nf4.to("cpu")
+
+
+def randomize(layer, seed=2):
+    """Adapters away from their init (B = 0 would hide every B-dependent term)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+        if layer.dora:
+            layer.magnitude.mul_(1 + 0.2 * torch.randn(layer.magnitude.shape, generator=g))
+    return layer
+
+
+class Holder(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_twin(ours, kind, bias, dropout=0.0, copy_adapters=True):
+    """PEFT wrapping an identical base, holding our A, B (and magnitude); returns (peft model, PEFT's layer)."""
+    holder = Holder(make_base(kind, bias))
+    holder.is_loaded_in_4bit = kind == "nf4"  # routes PEFT to its bitsandbytes Linear4bit layer, as for QLoRA
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], use_dora=ours.dora, lora_dropout=dropout)
+    model = get_peft_model(holder, config)
+    layer = model.base_model.model.proj
+    if not copy_adapters:
+        return model, layer
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+        if ours.dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
+    return model, layer
+
+
+def reference_dora(layer, x):
+    """DoRA written out with the materialised W + sBA, for cache-freshness checks: m / ||W + sBA|| * (...) + b."""
+    weight = dequantized_weight(layer.base) + layer.scaling * layer.lora_B @ layer.lora_A  # (out, in)
+    out = (layer.magnitude / weight.norm(dim=1)) * (x @ weight.T)  # (T, in) @ (in, out) -> (T, out)
+    return out if layer.base.bias is None else out + layer.base.bias
+
+
+@pytest.mark.parametrize("kind,dora,bias", KINDS)
+def test_matches_peft_outputs_and_gradients(kind, dora, bias):
+    torch.manual_seed(0)
+    ours = randomize(LoRALinear(make_base(kind, bias), R, ALPHA, dora=dora))
+    model, layer = peft_twin(ours, kind, bias)
+    x, grad = torch.randn(3, 5, IN), torch.randn(3, 5, OUT)
+    x_ours, x_peft = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_peft = ours(x_ours), model(x_peft)
+    (y_ours * grad).sum().backward()
+    (y_peft * grad).sum().backward()
+    assert_rel(y_ours, y_peft, 1e-4, "output")
+    assert_rel(x_ours.grad, x_peft.grad, 1e-4, "input gradient")
+    assert_rel(ours.lora_A.grad, layer.lora_A["default"].weight.grad, 1e-4, "lora_A gradient")
+    assert_rel(ours.lora_B.grad, layer.lora_B["default"].weight.grad, 1e-4, "lora_B gradient")
+    if dora:
+        assert_rel(ours.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad, 1e-4, "magnitude grad")
+
+
+@pytest.mark.parametrize("kind,dora,bias", KINDS)
+def test_init_equals_base_exactly_and_matches_peft_init(kind, dora, bias):
+    torch.manual_seed(0)
+    layer = LoRALinear(make_base(kind, bias), R, ALPHA, dora=dora)
+    x = torch.randn(4, IN)
+    assert torch.equal(layer(x), layer.base(x))
+    bound = 1 / math.sqrt(IN)  # kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > 0.4 * bound
+    assert torch.count_nonzero(layer.lora_B) == 0
+    if dora:
+        _, peft_layer = peft_twin(layer, kind, bias, copy_adapters=False)  # PEFT's own init from the base
+        assert_rel(layer.magnitude, peft_layer.lora_magnitude_vector["default"].weight, 1e-6, "magnitude init")
+
+
+def test_nf4_base_in_bf16_compute_stays_close_to_peft():
+    """bf16 compute: both sides round; ours forms the norm in fp32 (PEFT in bf16), so only ~1e-2 agreement."""
+    torch.manual_seed(0)
+    ours = randomize(LoRALinear(make_base("nf4", False, compute_dtype=torch.bfloat16), R, ALPHA, dora=True))
+    model, _ = peft_twin(ours, "nf4", False)
+    model.base_model.model.proj.base_layer.compute_dtype = torch.bfloat16
+    x = torch.randn(6, IN, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ours, y_peft = ours(x), model(x)
+    assert y_ours.dtype == torch.bfloat16
+    assert_rel(y_ours.float(), y_peft.float(), 3e-2, "bf16 output")
+
+
+@pytest.mark.parametrize("kind,dora,bias", KINDS)
+def test_merged_equals_unmerged(kind, dora, bias):
+    torch.manual_seed(0)
+    layer = randomize(LoRALinear(make_base(kind, bias), R, ALPHA, dora=dora))
+    merged = layer.merged_linear()
+    assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
+    x = torch.randn(7, IN)
+    assert_rel(merged(x), layer(x), 1e-5, "merged output")
+
+
+def test_nf4_merges_into_bf16_by_default():
+    base = make_base("nf4", True, compute_dtype=None)
+    assert LoRALinear(base, R, ALPHA, dora=True).merged_linear().weight.dtype == torch.bfloat16
+
+
+def tiny_qwen3(seed=0):
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    return Qwen3(config)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_apply_adapters_on_qwen3_init_exact_merge_and_merge_twice(method):
+    model = tiny_qwen3()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        base_logits = model(ids)
+    names = apply_adapters(model, method=method, r=R, alpha=ALPHA, dropout=0.0)
+    assert len(names) == 2 * 7 and "model.layers.1.mlp.down_proj" in names
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj.base"), nn.Linear)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(model))
+    with torch.no_grad():
+        assert torch.equal(model(ids), base_logits)
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                randomize(layer)
+        adapted = model(ids)
+        assert merge_adapters(model) == names
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        assert_rel(model(ids), adapted, 1e-5, "merged logits")
+    with pytest.raises(ValueError, match="already merged"):
+        merge_adapters(model)
+
+
+def test_apply_adapters_refuses_unmatched_targets_and_applying_twice():
+    model = tiny_qwen3()
+    with pytest.raises(ValueError, match="qkv_proj"):
+        apply_adapters(model, targets=("q_proj", "qkv_proj"))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing half-done
+    apply_adapters(model, AdapterConfig(method="dora"))
+    with pytest.raises(TypeError, match="applied twice"):
+        apply_adapters(model)
+
+
+@pytest.mark.parametrize("method,expected", [("lora", 43_646_976), ("dora", 43_646_976 + 1_400_832)])
+def test_qwen3_8b_adapter_parameter_count_on_meta(method, expected):
+    with torch.device("meta"):
+        model = Qwen3(Qwen3Config())  # Qwen3-8B's config.json values
+    _, base_total = parameter_counts(model)
+    names = apply_adapters(model, method=method, r=16, alpha=32)
+    trainable, total = parameter_counts(model)
+    assert len(names) == 36 * 7
+    assert trainable == expected and total == base_total + expected
+    assert f"trainable {expected:,} / total {total:,}" in parameter_report(model)
+
+
+def test_four_bit_weights_count_by_logical_size():
+    layer = make_base("nf4", True)
+    assert layer.weight.numel() == IN * OUT // 2  # two 4-bit values per stored byte
+    assert parameter_counts(layer) == (0, IN * OUT + OUT)  # the bias of a base layer is frozen too
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_state_dict_round_trip_and_strict_keys(method):
+    source, target = tiny_qwen3(), tiny_qwen3()
+    for model in (source, target):
+        apply_adapters(model, method=method, r=R, alpha=ALPHA, dropout=0.0)
+    for layer in source.modules():
+        if isinstance(layer, LoRALinear):
+            randomize(layer, seed=len(layer.lora_B))
+    state = adapter_state_dict(source)
+    assert len(state) == 14 * (3 if method == "dora" else 2)
+    assert all(key.rsplit(".", 1)[1] in ("lora_A", "lora_B", "magnitude") for key in state)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        target(ids)  # fills the DoRA norm caches with the old adapters
+        load_adapter_state_dict(target, state)
+        assert torch.equal(target(ids), source(ids))
+    key = "model.layers.0.self_attn.q_proj.lora_A"
+    with pytest.raises(KeyError, match="model.layers.0.self_attn.q_proj.lora_X"):
+        load_adapter_state_dict(target, {**state, key.replace("lora_A", "lora_X"): state[key]})
+    with pytest.raises(KeyError, match=key):
+        load_adapter_state_dict(target, {k: v for k, v in state.items() if k != key})
+    with pytest.raises(ValueError, match=key):
+        load_adapter_state_dict(target, {**state, key: torch.zeros(R + 1, 32)})
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.5, foreach=False),
+    "sgd-foreach": lambda params: torch.optim.SGD(params, lr=0.5, foreach=True),
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_dora_norm_cache_is_fresh_after_optimizer_step(kind, optimizer):
+    torch.manual_seed(0)
+    layer = randomize(LoRALinear(make_base(kind, True), R, ALPHA, dora=True))
+    opt = OPTIMIZERS[optimizer](list(layer.parameters()))
+    x = torch.randn(6, IN)
+    layer(x).square().sum().backward()
+    old_norm = layer.weight_norm(torch.float32).clone()
+    opt.step()
+    with torch.no_grad():
+        new_norm = (dequantized_weight(layer.base) + layer.scaling * layer.lora_B @ layer.lora_A).norm(dim=1)
+        assert (new_norm - old_norm).abs().max() > 1e-3  # the step moved the norm: a stale cache would show
+        assert_rel(layer(x), reference_dora(layer, x), 1e-4, "output after the step")
+
+
+def test_dora_norm_cache_is_fresh_after_load_adapter_state_dict():
+    torch.manual_seed(0)
+    layer = randomize(LoRALinear(make_base("nf4", False), R, ALPHA, dora=True))
+    holder = Holder(layer)
+    state = adapter_state_dict(holder)
+    randomize(layer, seed=5)
+    x = torch.randn(6, IN)
+    with torch.no_grad():
+        layer(x)  # caches the norm of the seed-5 adapters
+        load_adapter_state_dict(holder, state)
+        assert_rel(layer(x), reference_dora(layer, x), 1e-4, "output after loading")
+
+
+class BaseCallCounter:
+    def __init__(self, module):
+        self.shapes = []
+        module.register_forward_hook(lambda _module, args, _out: self.shapes.append(tuple(args[0].shape)))
+
+
+def test_dropout_runs_the_base_once_per_forward_and_reuses_the_norm():
+    torch.manual_seed(0)
+    layer = randomize(LoRALinear(make_base("nf4", True), R, ALPHA, dropout=0.3, dora=True)).train()
+    calls = BaseCallCounter(layer.base)
+    x = torch.randn(2, 5, IN)
+    layer(x)
+    assert calls.shapes == [(2, 5, IN), (R, IN)]  # the tokens once, plus A's r rows for the norm (cache miss)
+    layer(x).sum().backward()  # the next micro-batch: A and B unchanged, the norm is reused
+    assert calls.shapes[2:] == [(2, 5, IN)]
+    layer.forward_like_peft(x)  # PEFT's form runs the base on x and again on dropout(x)
+    assert calls.shapes[3:] == [(2, 5, IN), (2, 5, IN)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_peft_exact_form_equals_peft_with_dropout(kind):
+    """Same RNG state, same mask: forward_like_peft reproduces PEFT's training-mode DoRA with dropout > 0."""
+    ours = randomize(LoRALinear(make_base(kind, True), R, ALPHA, dropout=0.3, dora=True)).train()
+    model, _ = peft_twin(ours, kind, True, dropout=0.3)
+    x = torch.randn(4, IN)
+    torch.manual_seed(7)
+    y_ours = ours.forward_like_peft(x)
+    torch.manual_seed(7)
+    y_peft = model(x)
+    assert_rel(y_ours, y_peft, 1e-4, "PEFT-exact form with dropout")
+    torch.manual_seed(7)
+    assert not torch.allclose(ours(x), y_peft)  # the adapter-only-dropout form is a different sample
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_dropout_forms_agree_without_mask_and_in_expectation(kind):
+    torch.manual_seed(0)
+    layer = randomize(LoRALinear(make_base(kind, True), R, ALPHA, dropout=0.3, dora=True))
+    model, _ = peft_twin(layer, kind, True, dropout=0.3)
+    x = torch.randn(3, IN)
+    layer.eval()
+    model.eval()
+    with torch.no_grad():
+        expected = layer(x)
+        assert torch.equal(layer.forward_like_peft(x), expected)
+        assert_rel(model(x), expected, 1e-4, "PEFT in eval mode")
+        layer.train()
+        many = x.repeat(20000, 1, 1)  # (20000, 3, IN): 20000 masks at once
+        for form in (layer.forward, layer.forward_like_peft):
+            assert_rel(form(many).mean(dim=0), expected, 2e-2, f"{form.__name__}: mean over dropout masks")
+
+
+def test_adapter_config_validation_and_from_peft_json():
+    with pytest.raises(ValueError, match="method"):
+        AdapterConfig(method="ia3")
+    with pytest.raises(ValueError, match="r=0"):
+        AdapterConfig(r=0)
+    peft_json = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                           use_dora=True).to_dict()
+    config = AdapterConfig.from_hf(peft_json)
+    assert (config.method, config.r, config.alpha, config.dropout) == ("dora", 8, 16, 0.1)
+    assert set(config.targets) == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match="use_rslora"):
+        AdapterConfig.from_hf({**peft_json, "use_rslora": True})
