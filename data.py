@@ -1,0 +1,572 @@
+"""Videos and captions: frames, CLIP-exact preprocessing, caption manifests, and a synthetic Korean video dataset.
+
+    video.mp4 ──read_frames──▶ uint8 RGB (F, H, W, 3) ──preprocess──▶ float (F, 3, S, S) ──collate──▶ (B, F, 3, S, S)
+    manifest (.jsonl / .csv / .json) ──read_manifest──▶ [Sample(id, video, captions, split, attributes)]
+
+Manifests. One sample per video with one or more captions; a video path is relative to the manifest's folder.
+  JSONL (kovlm's own, what write_manifest writes), one object per line:
+    {"id": "v001", "video": "videos/v001.mp4", "captions": ["빨간 원이 ...", "..."], "split": "train"}
+  CSV: a header row with `video` and `caption` columns (optional `id`, `split`); one row per caption, rows of the
+    same video are grouped (MSR-VTT style).
+  JSON: a list of such objects, or {"annotations": [...]}; AI Hub-style keys are read too (`file_path`,
+    `caption_ko`), and MSR-VTT's {"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption"}]}, where
+    the video is `<video_dir or manifest folder>/<video_id>.mp4`.
+  A row with a single `caption` string is one caption of a video and rows of the same id are merged; a row with a
+  `captions` list is a whole sample, and its id may appear only once. A video listed under two ids is an error.
+
+Synthetic dataset (`python data.py synth OUT --num N --seed S`): a coloured shape moves across a plain background.
+  Attribute space (ATTRIBUTES), 6 x 5 x 4 x 4 = 480 combinations:
+    colour      red 빨간색, orange 주황색, yellow 노란색, green 초록색, blue 파란색, purple 보라색
+    shape       circle 원, square 사각형, triangle 삼각형, star 별, cross 십자가
+    motion      right 오른쪽, left 왼쪽, up 위, down 아래
+    background  black 검은색, white 흰색, gray 회색, skyblue 하늘색
+  Caption grammar: CAPTION_TEMPLATES, with {C} a colour word, {S} a shape word and its particle ({i} 이/가,
+  {n} 은/는, chosen by the last syllable's final consonant), {M} a direction ("오른쪽으로"), {B} / {Bn} a background
+  word before 배경 / as a predicate, {V} / {Va} a verb, finite / before a noun ("움직인다" / "움직이는"); each
+  attribute has synonyms (빨간 / 빨간색 / 붉은, 원 / 동그라미, 오른쪽으로 / 우측으로, 검은 / 까만, ...). Every caption
+  names all four attributes, so parse_caption_attributes can read each one back from a reference or a model's
+  caption. A video gets 2-5 captions from different templates.
+  Splits: 20% of the 480 combinations are held out, half for val and half for test, so val and test each hold
+  combinations that never occur in train nor in each other: a model must compose attributes, not memorise them.
+"""
+import argparse
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+# One OpenCV thread per process: the parallelism is DataLoader workers, and N OpenCV threads in each of N workers
+# only fight over the cores.
+cv2.setNumThreads(1)
+
+
+class VideoError(ValueError):
+    """A video that cannot be used; the message names the file, the problem and what to do."""
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read; the message names the file, the line (or entry) and what is wrong."""
+
+
+# ── frames ─────────────────────────────────────────────────────────────────────────────────────────────────────────
+@dataclass
+class FrameInfo:
+    decoded: int        # frames that really decoded (the container's count is only a hint)
+    indices: list[int]  # the decoded frames kept, in order
+    repeated: bool      # fewer frames than asked for, so some were repeated
+    reported: int       # the container's CAP_PROP_FRAME_COUNT (0 or -1 when it gives none)
+
+
+def sample_indices(total: int, num_frames: int) -> list[int]:
+    """The centre frame of each of `num_frames` equal segments of `total` frames (repeats when total < num_frames)."""
+    return [(2 * k + 1) * total // (2 * num_frames) for k in range(num_frames)]
+
+
+def _open_video(path: Path) -> cv2.VideoCapture:
+    if not path.is_file():
+        raise VideoError(f"{path}: no such file; check the video path (relative to the manifest's folder)")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: empty file (0 bytes); copy it again or drop it from the manifest")
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    if not capture.isOpened():
+        raise VideoError(f"{path}: not a readable video (not a video file, or a codec OpenCV's FFmpeg lacks); "
+                         f"re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) or drop it from the manifest")
+    return capture
+
+
+def _decode(path: Path, num_frames: int, total: int | None = None):
+    """Decode every frame once and convert only the sampled ones; the sample is planned from `total`, or else from
+    the container's count. Returns (frames by index, the indices, frames decoded, the container's count)."""
+    capture, kept, count = _open_video(path), {}, 0
+    reported = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    indices = sample_indices(max(reported, 0) if total is None else total, num_frames)
+    wanted = set(indices)
+    try:
+        while capture.grab():  # grab() decodes; retrieve() adds the colour conversion, so only kept frames pay it
+            if count in wanted:
+                ok, bgr = capture.retrieve()
+                if not ok:
+                    raise VideoError(f"{path}: frame {count} decodes but cannot be retrieved; re-encode the video")
+                kept[count] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            count += 1
+    except cv2.error as error:
+        raise VideoError(f"{path}: OpenCV failed at frame {count} ({str(error).strip().splitlines()[-1]}); "
+                         f"re-encode the video or drop it") from None
+    finally:
+        capture.release()
+    return kept, indices, count, reported
+
+
+def read_frames(path, num_frames: int = 8, *, return_info: bool = False):
+    """`num_frames` frames sampled uniformly over the video, uint8 RGB (F, H, W, 3); with return_info, (frames, info).
+
+    The container's frame count is often wrong (variable frame rate, truncated files, edit lists), so it is only a
+    plan: one sequential pass keeps the frames it points at and counts the frames that really decode; when the count
+    differs, a second pass keeps the frames sampled from the true count. A video shorter than `num_frames` repeats
+    frames, and info.repeated says so.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    path = Path(path)
+    kept, indices, decoded, reported = _decode(path, num_frames)
+    if decoded == 0:
+        raise VideoError(f"{path}: opens but has zero decodable frames; the file is truncated or corrupt: "
+                         f"re-encode it or drop it from the manifest")
+    if decoded != reported:  # the container's count was wrong: sample from the frames that really decode
+        kept, indices, _, _ = _decode(path, num_frames, total=decoded)
+    if not set(indices) <= kept.keys() or len({frame.shape for frame in kept.values()}) != 1:
+        raise VideoError(f"{path}: frames change between decoding passes or in size mid-stream; re-encode the video")
+    frames = np.stack([kept[i] for i in indices])  # (F, H, W, 3)
+    info = FrameInfo(decoded=decoded, indices=indices, repeated=decoded < num_frames, reported=reported)
+    return (frames, info) if return_info else frames
+
+
+# ── preprocessing (transformers' CLIPImageProcessor for openai/clip-vit-large-patch14-336) ───────────────────────
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_like_pil(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """PIL's Image.resize(BICUBIC) of uint8-valued float images (N, C, H, W) -> (N, C, height, width).
+
+    PIL's bicubic is separable: a cubic kernel with a = -0.5 whose support widens by the downscale factor
+    (antialiasing), applied along one axis and then the other, with the intermediate image rounded to uint8.
+    torch's bicubic with antialias=True uses the same kernel and widening (it was written to match PIL), so two
+    single-axis passes with rounding between reproduce PIL to 1/255 (PIL uses fixed-point coefficients). PIL runs
+    the horizontal pass first, except (Pillow >= 13, python-pillow/Pillow#9549) when the height shrinks by more than
+    twice as many pixels as the width; the order changes the rounding, so it is followed here.
+    """
+    in_height, in_width = images.shape[-2:]
+    vertical_first = height < in_height and in_height - height > 2 * (in_width - width)
+    passes = [(height, in_width), (height, width)] if vertical_first else [(in_height, width), (height, width)]
+    for size in passes:
+        if tuple(images.shape[-2:]) != size:  # PIL skips a pass that keeps its axis's size
+            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+            images = images.round().clamp(0, 255)
+    return images
+
+
+def preprocess(frames: np.ndarray, size: int = 336) -> torch.Tensor:
+    """uint8 RGB frames (F, H, W, 3) -> float (F, 3, size, size), CLIPImageProcessor's numbers: the short side
+    resized to `size` (bicubic, as PIL), a centre crop of size x size, x 1/255, then CLIP's mean and std."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"preprocess expects uint8 RGB frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[1:3]
+    short, long = min(height, width), max(height, width)
+    long = int(size * long / short)  # transformers' get_resize_output_image_size truncates the long side
+    out_height, out_width = (long, size) if height > width else (size, long)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (F, H, W, 3) -> (F, 3, H, W)
+    x = resize_like_pil(x, out_height, out_width)
+    top, left = (out_height - size) // 2, (out_width - size) // 2
+    x = x[:, :, top:top + size, left:left + size] / 255  # (F, 3, size, size)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+# ── manifests ──────────────────────────────────────────────────────────────────────────────────────────────────────
+@dataclass
+class Sample:
+    id: str
+    video: Path
+    captions: list[str]
+    split: str | None = None
+    attributes: dict | None = None
+
+
+SPLITS = ("train", "val", "test")
+_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                "validate": "val", "dev": "val", "test": "test"}  # MSR-VTT says "validate"
+_VIDEO_KEYS = ("video", "video_path", "file_path")  # kovlm's own key, then common layouts (AI Hub: file_path)
+
+
+def _parse_row(row: dict, where: str, video_dir: Path) -> tuple[Sample, bool]:
+    """One manifest row -> (Sample, whether it is a single-caption row that may be merged with rows of its id)."""
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected an object with a video and captions, got {type(row).__name__}")
+    row = {key: value for key, value in row.items() if value not in (None, "")}  # empty CSV cells = absent
+    video_key = next((key for key in _VIDEO_KEYS if key in row), None)
+    if video_key is None and "video_id" not in row:
+        raise ManifestError(f"{where}: no video field; give one of {', '.join(_VIDEO_KEYS)} or video_id")
+    video = str(row[video_key]) if video_key else f"{row['video_id']}.mp4"
+    caption_key = next((key for key in ("captions", "caption", "caption_ko") if key in row), None)
+    if caption_key is None:
+        raise ManifestError(f"{where}: no caption field; give captions (a list), caption or caption_ko")
+    captions = row[caption_key] if isinstance(row[caption_key], list) else [row[caption_key]]
+    for number, caption in enumerate(captions, 1):
+        if not isinstance(caption, str) or not caption.strip():
+            raise ManifestError(f"{where}: caption {number} is empty or not text ({caption!r}); write a caption "
+                                f"or delete it")
+    split = row.get("split")
+    if split is not None and str(split).lower() not in _SPLIT_NAMES:
+        raise ManifestError(f"{where}: unknown split {split!r}; use train, val or test")
+    sample_id = str(row.get("id", row.get("video_id", Path(video).with_suffix("").as_posix())))
+    sample = Sample(id=sample_id, video=Path(os.path.normpath(video_dir / video)),
+                    captions=[caption.strip() for caption in captions],
+                    split=_SPLIT_NAMES[str(split).lower()] if split is not None else None,
+                    attributes=row.get("attributes"))
+    return sample, caption_key != "captions" and len(captions) == 1
+
+
+def _manifest_rows(path: Path, text: str) -> list[tuple[str, dict]]:
+    """(where, row) pairs; `where` is "file:line" for JSONL and CSV and "file: entry k" for JSON."""
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise ManifestError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})")
+        return rows
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(data, dict) and "sentences" in data:  # MSR-VTT: splits live in "videos", captions in "sentences"
+        splits = {video["video_id"]: video.get("split") for video in data.get("videos", [])}
+        data = [dict(sentence, split=splits.get(sentence.get("video_id"))) for sentence in data["sentences"]]
+    elif isinstance(data, dict):
+        data = next((data[key] for key in ("annotations", "samples", "data") if key in data), None)
+    if not isinstance(data, list):
+        raise ManifestError(f"{path}: expected a JSON list of samples, or an object with annotations / samples / "
+                            f"data / sentences")
+    return [(f"{path}: entry {number}", row) for number, row in enumerate(data, 1)]
+
+
+def read_manifest(path, *, video_dir=None) -> list[Sample]:
+    """Samples from a JSONL / CSV / JSON manifest (layouts in the module docstring). Video paths are resolved
+    relative to `video_dir`, by default the manifest's folder."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".csv", ".json"):
+        raise ManifestError(f"{path}: unknown manifest type {path.suffix!r}; use .jsonl, .csv or .json")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a byte-order mark
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest file") from None
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {error.start}); a CP949 / EUC-KR file converts with "
+                            f"`iconv -f cp949 -t utf-8 IN > OUT`") from None
+    samples, first_seen, mergeable, owner_of_video = {}, {}, {}, {}
+    for where, row in _manifest_rows(path, text):
+        sample, single_caption = _parse_row(row, where, Path(video_dir) if video_dir else path.parent)
+        if sample.id in samples:
+            earlier = samples[sample.id]
+            if not (single_caption and mergeable[sample.id]):
+                raise ManifestError(f"{where}: duplicate id {sample.id!r} (first at {first_seen[sample.id]}); "
+                                    f"ids must be unique")
+            if (earlier.video, earlier.split) != (sample.video, sample.split):
+                raise ManifestError(f"{where}: id {sample.id!r} has another video or split than at "
+                                    f"{first_seen[sample.id]}")
+            earlier.captions.append(sample.captions[0])
+            continue
+        if sample.video in owner_of_video:
+            raise ManifestError(f"{where}: video {sample.video} is listed twice (also as id "
+                                f"{owner_of_video[sample.video]!r} at {first_seen[owner_of_video[sample.video]]})")
+        samples[sample.id], first_seen[sample.id], mergeable[sample.id] = sample, where, single_caption
+        owner_of_video[sample.video] = sample.id
+    if not samples:
+        raise ManifestError(f"{path}: no samples")
+    return list(samples.values())
+
+
+def write_manifest(samples: list[Sample], path) -> Path:
+    """Write kovlm's JSONL manifest; video paths are stored relative to the manifest's folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as file:
+        for sample in samples:
+            row = {"id": sample.id, "video": Path(os.path.relpath(sample.video, path.parent)).as_posix(),
+                   "captions": sample.captions}
+            row |= {"split": sample.split} if sample.split else {}
+            row |= {"attributes": sample.attributes} if sample.attributes is not None else {}
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def split_samples(samples: list[Sample], seed: int = 42, val_fraction: float = 0.1,
+                  test_fraction: float = 0.1) -> dict[str, list[Sample]]:
+    """{"train", "val", "test"} -> samples: the manifest's own splits when it has them, else a shuffle by `seed`."""
+    unsplit = [sample.id for sample in samples if sample.split is None]
+    if unsplit and len(unsplit) < len(samples):
+        raise ValueError(f"{len(unsplit)} of {len(samples)} samples have no split (e.g. {unsplit[0]!r}); give every "
+                         f"sample a split, or none to split by seed")
+    if not unsplit:
+        return {name: [sample for sample in samples if sample.split == name] for name in SPLITS}
+    order = sorted(samples, key=lambda sample: sample.id)  # independent of manifest order
+    random.Random(seed).shuffle(order)
+    num_val, num_test = round(len(order) * val_fraction), round(len(order) * test_fraction)
+    parts = {"val": order[:num_val], "test": order[num_val:num_val + num_test], "train": order[num_val + num_test:]}
+    return {name: [replace(sample, split=name) for sample in parts[name]] for name in SPLITS}
+
+
+def check_videos(samples: list[Sample], num_frames: int = 8, *, skip_bad: bool = False,
+                 max_bad_fraction: float = 0.05) -> list[Sample]:
+    """Decode each video once. A bad one raises VideoError, or with skip_bad is logged with its path and dropped;
+    more than `max_bad_fraction` bad videos abort with a summary (a broken data set is not trained on silently)."""
+    good, bad = [], []
+    for sample in samples:
+        try:
+            read_frames(sample.video, num_frames)
+        except VideoError as error:
+            if not skip_bad:
+                raise
+            log.warning("skipping a bad video: %s", error)
+            bad.append(str(sample.video))
+            if len(bad) > max_bad_fraction * len(samples):
+                raise VideoError(f"at least {len(bad)} of {len(samples)} videos are bad, more than the "
+                                 f"{max_bad_fraction:.0%} allowed (first: {', '.join(bad[:3])}); fix or drop them, "
+                                 f"or allow a larger fraction") from None
+            continue
+        good.append(sample)
+    if bad:
+        log.warning("skipped %d of %d videos as bad", len(bad), len(samples))
+    return good
+
+
+class VideoCaptionDataset(torch.utils.data.Dataset):
+    """Samples -> {"id", "video", "frames": float (F, 3, S, S), "captions"}; tokenization happens in vlm.py."""
+
+    def __init__(self, samples: list[Sample], num_frames: int = 8, image_size: int = 336):
+        self.samples, self.num_frames, self.image_size = samples, num_frames, image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        frames = preprocess(read_frames(sample.video, self.num_frames), self.image_size)
+        return {"id": sample.id, "video": sample.video, "frames": frames, "captions": list(sample.captions)}
+
+
+def collate(batch: list[dict]) -> dict:
+    return {"ids": [item["id"] for item in batch], "videos": [item["video"] for item in batch],
+            "frames": torch.stack([item["frames"] for item in batch]),  # (B, F, 3, S, S)
+            "captions": [item["captions"] for item in batch]}
+
+
+# ── the synthetic Korean video dataset ─────────────────────────────────────────────────────────────────────────────
+ATTRIBUTES = {
+    "colour": {"red": "빨간색", "orange": "주황색", "yellow": "노란색", "green": "초록색", "blue": "파란색",
+               "purple": "보라색"},
+    "shape": {"circle": "원", "square": "사각형", "triangle": "삼각형", "star": "별", "cross": "십자가"},
+    "motion": {"right": "오른쪽", "left": "왼쪽", "up": "위", "down": "아래"},
+    "background": {"black": "검은색", "white": "흰색", "gray": "회색", "skyblue": "하늘색"},
+}
+# The words a caption may use for each value (the synonyms of the caption grammar); the four tables share no word.
+CAPTION_WORDS = {
+    "colour": {"red": ["빨간", "빨간색", "붉은"], "orange": ["주황색", "주황", "오렌지색"], "yellow": ["노란", "노란색"],
+               "green": ["초록색", "녹색", "초록"], "blue": ["파란", "파란색", "푸른"], "purple": ["보라색", "보랏빛"]},
+    "shape": {"circle": ["원", "동그라미"], "square": ["사각형", "네모"], "triangle": ["삼각형", "세모"],
+              "star": ["별", "별 모양"], "cross": ["십자가", "십자 모양"]},
+    "motion": {"right": ["오른쪽으로", "우측으로"], "left": ["왼쪽으로", "좌측으로"], "up": ["위로", "위쪽으로"],
+               "down": ["아래로", "아래쪽으로"]},
+    "background": {"black": ["검은", "검은색", "까만", "검정색"], "white": ["흰", "흰색", "하얀", "하얀색"],
+                   "gray": ["회색", "잿빛"], "skyblue": ["하늘색", "하늘빛"]},
+}
+# The nouns among them (-색, -빛) also work as a predicate: "배경은 회색이다", not "배경은 검은이다".
+_BACKGROUND_NOUNS = {value: [word for word in words if word[-1] in "색빛"]
+                     for value, words in CAPTION_WORDS["background"].items()}
+_VERBS = [("움직인다", "움직이는"), ("이동한다", "이동하는"), ("나아간다", "나아가는")]  # (finite, before a noun)
+_DIRECTION_VERBS = {"up": [("올라간다", "올라가는")], "down": [("내려간다", "내려가는")]}
+CAPTION_TEMPLATES = [
+    "{C} {S}{i} {B} 배경 위에서 {M} {V}.",
+    "{B} 배경에서 {C} {S}{i} {M} {V}.",
+    "{C} {S}{i} {M} {V}. 배경은 {Bn}이다.",
+    "{M} {Va} {C} {S}{i} {B} 배경 위에 있다.",
+    "{B} 배경 위를 {C} {S}{i} {M} {V}.",
+    "{C} {S} 하나가 {B} 배경을 가로질러 {M} {V}.",
+    "{C} {S}{n} {B} 배경 속에서 {M} {V}.",
+    "영상에는 {B} 배경 위에서 {M} {Va} {C} {S}{i} 나온다.",
+]
+# Endings a caption word may carry (Korean particles attach to the word): 원이, 십자가가, 검은색이다, ...
+_PARTICLES = {"", "이", "가", "은", "는", "을", "를", "의", "도", "와", "과", "이다", "이고", "이며", "으로", "로", "에", "에서"}
+
+
+def _particle(word: str, after_consonant: str, after_vowel: str) -> str:
+    """Korean particles follow the last syllable: 원이 / 동그라미가 (a Hangul syllable's final consonant is
+    (code - 0xAC00) % 28, 0 for none)."""
+    return after_consonant if (ord(word[-1]) - 0xAC00) % 28 else after_vowel
+
+
+def make_caption(attributes: dict[str, str], template: str, words: dict[str, str]) -> str:
+    """A caption of `attributes` from `template`, with `words` choosing the synonyms (see caption_choices)."""
+    shape, (verb, verb_adnominal) = words["shape"], words["verb"]
+    return template.format(C=words["colour"], S=shape, i=_particle(shape, "이", "가"), n=_particle(shape, "은", "는"),
+                           M=words["motion"], B=words["background"], Bn=words["background_noun"], V=verb,
+                           Va=verb_adnominal)
+
+
+def caption_choices(attributes: dict[str, str]) -> dict[str, list]:
+    """For each template slot, the words that may fill it for these attributes."""
+    choices = {name: CAPTION_WORDS[name][value] for name, value in attributes.items()}
+    choices["background_noun"] = _BACKGROUND_NOUNS[attributes["background"]]
+    choices["verb"] = _VERBS + _DIRECTION_VERBS.get(attributes["motion"], [])
+    return choices
+
+
+def parse_caption_attributes(caption: str) -> dict[str, str | None]:
+    """The attribute values a caption names (None where it names none, or several): the inverse of the grammar."""
+    tokens = [token.strip(".,!?\"'") for token in caption.split()]
+    found = {}
+    for name, table in CAPTION_WORDS.items():
+        values = {value for value, forms in table.items() for form in forms for token in tokens
+                  if token.startswith(form.split()[0]) and token[len(form.split()[0]):] in _PARTICLES}
+        found[name] = values.pop() if len(values) == 1 else None
+    return found
+
+
+_COLOUR_RGB = {"red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 215, 40), "green": (40, 170, 60),
+               "blue": (40, 80, 225), "purple": (140, 60, 190)}
+_BACKGROUND_RGB = {"black": (25, 25, 25), "white": (235, 235, 235), "gray": (128, 128, 128), "skyblue": (150, 200, 240)}
+_DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
+_SHIFT = 4  # OpenCV draws at 1/16-pixel precision with shift=4, so the motion is smooth, not pixel-stepped
+
+
+def _shape_outline(shape: str, radius: float) -> np.ndarray:
+    """Polygon vertices (K, 2) of a shape of the given radius around the origin (image y points down)."""
+    if shape == "square":
+        unit = [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)]
+    elif shape == "triangle":
+        unit = [(0, -1), (0.95, 0.7), (-0.95, 0.7)]
+    elif shape == "star":  # five points, inner radius 0.45
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        unit = np.stack([np.cos(angles), np.sin(angles)], 1) * np.where(np.arange(10) % 2, 0.45, 1.0)[:, None]
+    else:  # cross, arms 0.7 radius wide
+        a = 0.35
+        unit = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a),
+                (-a, -a)]
+    return np.asarray(unit, dtype=np.float64) * radius
+
+
+def render_video(attributes: dict[str, str], rng: np.random.Generator, size: int = 64,
+                 frames: int = 16) -> np.ndarray:
+    """uint8 RGB (frames, size, size, 3): the shape, radius 11-15% of the frame with a dark outline, travels 35-50%
+    of the frame in a straight line; colours are jittered and every frame gets Gaussian noise."""
+    background = np.clip(np.array(_BACKGROUND_RGB[attributes["background"]]) + rng.integers(-10, 11, 3), 0, 255)
+    colour = np.clip(np.array(_COLOUR_RGB[attributes["colour"]]) + rng.integers(-15, 16, 3), 0, 255).tolist()
+    radius, travel = rng.uniform(0.11, 0.15) * size, rng.uniform(0.35, 0.5) * size
+    direction = np.array(_DIRECTIONS[attributes["motion"]])
+    low, high = radius + 1, size - radius - 1  # the whole path stays inside the frame
+    start = rng.uniform(low, high, 2)
+    start = np.where(direction > 0, rng.uniform(low, high - travel, 2), start)
+    start = np.where(direction < 0, rng.uniform(low + travel, high, 2), start)
+    outline = _shape_outline(attributes["shape"], radius)
+    video = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        image = np.empty((size, size, 3), np.uint8)
+        image[:] = background
+        centre = start + direction * travel * t / max(frames - 1, 1)
+        if attributes["shape"] == "circle":
+            point, r = tuple(int(v) for v in np.round(centre * 2**_SHIFT)), int(round(radius * 2**_SHIFT))
+            cv2.circle(image, point, r, colour, -1, cv2.LINE_AA, _SHIFT)
+            cv2.circle(image, point, r, (20, 20, 20), 1, cv2.LINE_AA, _SHIFT)
+        else:
+            polygon = np.round((outline + centre) * 2**_SHIFT).astype(np.int32)
+            cv2.fillPoly(image, [polygon], colour, cv2.LINE_AA, _SHIFT)
+            cv2.polylines(image, [polygon], True, (20, 20, 20), 1, cv2.LINE_AA, _SHIFT)
+        video[t] = np.clip(image + rng.normal(0, 4, image.shape), 0, 255)
+    return video
+
+
+def write_video(frames: np.ndarray, path, fps: int = 8) -> Path:
+    """uint8 RGB (F, H, W, 3) -> an .mp4 file (MPEG-4 Part 2, 'mp4v': the encoder every OpenCV build has)."""
+    path = Path(path)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frames.shape[2], frames.shape[1]))
+    if not writer.isOpened():
+        raise VideoError(f"{path}: OpenCV cannot write an mp4v video here; check the folder is writable")
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def attribute_combinations() -> list[dict[str, str]]:
+    """All 480 combinations, in a fixed order."""
+    names = list(ATTRIBUTES)
+    return [dict(zip(names, values)) for values in itertools.product(*(ATTRIBUTES[name] for name in names))]
+
+
+def synth_dataset(out_dir, num: int = 500, seed: int = 42, *, num_val: int | None = None,
+                  num_test: int | None = None, heldout_fraction: float = 0.2, size: int = 64, frames: int = 16,
+                  fps: int = 8) -> Path:
+    """Write `num` synthetic videos (out_dir/videos/*.mp4) and out_dir/manifest.jsonl; returns the manifest's path.
+
+    val and test (10% of `num` each unless given) use the held-out combinations (half each); train uses the rest.
+    Videos cycle through their split's combinations so each is equally represented; everything follows `seed`.
+    """
+    num_val = round(0.1 * num) if num_val is None else num_val
+    num_test = round(0.1 * num) if num_test is None else num_test
+    if num_val + num_test > num:
+        raise ValueError(f"num_val + num_test ({num_val} + {num_test}) exceeds num ({num})")
+    combinations = attribute_combinations()
+    random.Random(seed).shuffle(combinations)
+    num_heldout = round(heldout_fraction * len(combinations))
+    pools = {"val": combinations[:num_heldout // 2], "test": combinations[num_heldout // 2:num_heldout],
+             "train": combinations[num_heldout:]}
+    counts = {"train": num - num_val - num_test, "val": num_val, "test": num_test}
+    out_dir = Path(out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for split in SPLITS:
+        for k in range(counts[split]):
+            sample_id = f"{split}{k:05d}"
+            rng = np.random.default_rng([seed, SPLITS.index(split), k])  # per video: independent of the others
+            attributes = pools[split][k % len(pools[split])]
+            video = write_video(render_video(attributes, rng, size, frames), out_dir / "videos" / f"{sample_id}.mp4",
+                                fps)
+            choices = caption_choices(attributes)
+            templates = rng.choice(len(CAPTION_TEMPLATES), size=rng.integers(2, 6), replace=False)
+            captions = [make_caption(attributes, CAPTION_TEMPLATES[t],
+                                     {slot: words[rng.integers(len(words))] for slot, words in choices.items()})
+                        for t in templates]
+            samples.append(Sample(sample_id, video, captions, split, dict(attributes)))
+    return write_manifest(samples, out_dir / "manifest.jsonl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="kovlm data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write the synthetic Korean video dataset")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--num", type=int, default=500, help="videos in all splits")
+    synth.add_argument("--seed", type=int, default=42)
+    synth.add_argument("--num-val", type=int, default=None, help="default: 10%% of --num")
+    synth.add_argument("--num-test", type=int, default=None, help="default: 10%% of --num")
+    synth.add_argument("--size", type=int, default=64, help="frame side in pixels")
+    synth.add_argument("--frames", type=int, default=16, help="frames per video")
+    check = commands.add_parser("check", help="read a manifest and decode every video once")
+    check.add_argument("manifest", type=Path)
+    check.add_argument("--skip-bad", action="store_true", help="drop bad videos instead of stopping at the first")
+    check.add_argument("--max-bad", type=float, default=0.05, help="abort when more than this fraction is bad")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    if args.command == "synth":
+        manifest = synth_dataset(args.out, args.num, args.seed, num_val=args.num_val, num_test=args.num_test,
+                                 size=args.size, frames=args.frames)
+        megabytes = sum(file.stat().st_size for file in (args.out / "videos").glob("*.mp4")) / 2**20
+        log.info("wrote %s: %d videos, %.1f MiB, %.1f s", manifest, args.num, megabytes, time.perf_counter() - start)
+    else:
+        samples = read_manifest(args.manifest)
+        good = check_videos(samples, skip_bad=args.skip_bad, max_bad_fraction=args.max_bad)
+        log.info("%s: %d samples, %d usable videos, %.1f s", args.manifest, len(samples), len(good),
+                 time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
