@@ -1,9 +1,9 @@
 """The Qwen3 decoder (Qwen3-8B and its smaller siblings) in plain PyTorch, loaded from a Hugging Face snapshot.
 
 Same numbers as transformers' `Qwen3ForCausalLM` (reference: transformers/models/qwen3/modeling_qwen3.py, v5.24;
-the model: "Qwen3 Technical Report", arXiv 2505.09388). A Qwen3 layer is a pre-norm Llama-style block with two
-changes: grouped-query attention (GQA, arXiv 2305.13245) and an RMSNorm over each head's query and key before RoPE
-(q_norm / k_norm), which keeps attention logits bounded without a QKV bias.
+the model: "Qwen3 Technical Report", arXiv 2505.09388, §2). A Qwen3 layer is a pre-norm Llama-style block:
+RMSNorm, grouped-query attention (GQA, arXiv 2305.13245) with RoPE, SwiGLU MLP. Against Qwen2 it drops the QKV bias
+and adds QK-Norm, an RMSNorm over each head's query and key before RoPE (q_norm / k_norm), for stable training.
 
 `load_qwen3` builds the model on the meta device (no memory), then reads the checkpoint one tensor at a time; with
 quant="nf4" each decoder-layer linear is quantized to 4-bit NormalFloat (QLoRA, arXiv 2305.14314) as soon as it is
@@ -34,7 +34,7 @@ class Qwen3Config:
     num_hidden_layers: int = 36
     num_attention_heads: int = 32
     num_key_value_heads: int = 8
-    head_dim: int = 128  # set on its own: Qwen3 uses nh * hs != C (Qwen3-8B: 32 * 128 = C, Qwen3-0.6B: 16 * 128 > C)
+    head_dim: int = 128  # its own field: nh * hs need not be C (Qwen3-0.6B: 16 heads * 128 = 2048, C = 1024)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 40960
@@ -379,4 +379,28 @@ def load_tensor(model: Qwen3, name: str, tensor: torch.Tensor, *, dtype, device)
                                    quant_type="nf4", module=module)
         module.weight = weight.to(device)  # Params4bit.to(device) is what quantizes (on the CPU too)
     else:
-        setattr(module, param_name, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        # copy=True: a tensor read from safetensors may alias the file's memory map; a copy lets the map close.
+        setattr(module, param_name, nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False))
+
+
+if __name__ == "__main__":  # python qwen3.py SNAPSHOT [--quant nf4] [--device cuda]: load once, report memory
+    import argparse
+    import resource
+    import time
+    parser = argparse.ArgumentParser(description="Load a Qwen3 snapshot folder once; print its size, time, memory.")
+    parser.add_argument("path")
+    parser.add_argument("--quant", choices=["nf4"], default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    peak_rss_mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    rss_before, start = peak_rss_mib(), time.time()
+    model = load_qwen3(args.path, quant=args.quant, device=args.device)
+    seconds, rss_peak = time.time() - start, peak_rss_mib()
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in Qwen3(model.config).parameters())
+    in_memory = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(f"{parameters:,} parameters ({parameters * 2 / 2**20:,.0f} MiB in bf16), quant={args.quant}: "
+          f"{in_memory:,.0f} MiB of weights (NF4 block scales not counted), loaded in {seconds:.1f} s")
+    print(f"peak RSS {rss_peak:,.0f} MiB ({rss_before:,.0f} MiB before loading: Python, torch, bitsandbytes)")
+    if args.device.startswith("cuda"):
+        print(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")

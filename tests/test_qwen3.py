@@ -12,7 +12,7 @@ import torch
 from conftest import save_tiny_qwen3
 from safetensors.torch import load_file, save_file
 
-from qwen3 import Qwen3, Qwen3Config, load_qwen3
+from qwen3 import Qwen3, Qwen3Config, build_attention_mask, default_position_ids, load_qwen3
 
 PARITY_ATOL = 1e-4  # ours vs transformers, fp32
 SELF_ATOL = 1e-5  # ours vs ours, two routes to the same numbers
@@ -88,6 +88,24 @@ def test_left_padded_batch_matches_transformers_and_each_row_alone(snapshot):
     torch.testing.assert_close(ours_logits[real], ref_logits[real], rtol=0, atol=PARITY_ATOL)
     for i, row_logits in enumerate(alone):
         torch.testing.assert_close(ours_logits[i, -len(rows[i]):], row_logits, rtol=0, atol=SELF_ATOL)
+
+
+def test_positions_count_real_tokens_and_every_query_sees_a_key():
+    # RoPE scores depend only on position differences, so wrong-but-shifted positions would not show in the
+    # logits above; the positions are checked here directly.
+    rows = [[5, 17, 99, 3], [7, 81], [90]]
+    ids, mask = left_padded(rows)
+    positions = default_position_ids(mask, 0, 4, "cpu")  # (B, T)
+    for i, row in enumerate(rows):
+        assert positions[i, -len(row):].tolist() == list(range(len(row)))
+    step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)  # one decode step later
+    assert default_position_ids(step_mask, 4, 1, "cpu")[:, 0].tolist() == [len(row) for row in rows]
+    allowed = build_attention_mask(mask, 0, 4, "cpu")  # (B, 1, T, S)
+    assert allowed.any(-1).all(), "a query row with no key to attend gives NaN on some SDPA kernels"
+    assert not (allowed & ~mask.bool()[:, None, None, :] & mask.bool()[:, None, :, None]).any()  # real never sees pad
+    assert build_attention_mask(None, 0, 4, "cpu") is None  # plain causal: SDPA's is_causal fast path
+    cached = build_attention_mask(None, 3, 2, "cpu")  # two new queries after three cached positions
+    assert torch.equal(cached[0, 0], torch.ones(2, 5, dtype=torch.bool).tril(diagonal=3))
 
 
 # bitsandbytes' CPU 4-bit kernels need in_features % 64 == 0 (the quantization block) and out_features % 32 == 0.
