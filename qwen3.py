@@ -331,7 +331,7 @@ def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="
     still carry lm_head.weight (older exports do): it is read once, must equal the embedding, and is dropped."""
     if quant not in (None, "nf4"):
         raise ValueError(f"quant={quant!r}: use None (weights in `dtype`) or 'nf4' (4-bit NormalFloat)")
-    path = Path(path)
+    path = Path(path).expanduser()
     config_file, weight_files = snapshot_files(path)
     config = Qwen3Config.from_hf(json.loads(config_file.read_text()))
     with torch.device("meta"):
