@@ -410,8 +410,8 @@ def _particle(word: str, after_consonant: str, after_vowel: str) -> str:
     return after_consonant if (ord(word[-1]) - 0xAC00) % 28 else after_vowel
 
 
-def make_caption(attributes: dict[str, str], template: str, words: dict) -> str:
-    """A caption of `attributes` from `template`, with `words` choosing the synonyms (see caption_choices)."""
+def make_caption(template: str, words: dict) -> str:
+    """A caption from `template` with its slots filled by `words` (one choice per slot of caption_choices)."""
     shape, (verb, verb_adnominal) = words["shape"], words["verb"]
     return template.format(C=words["colour"], S=shape, i=_particle(shape, "이", "가"), n=_particle(shape, "은", "는"),
                            M=words["motion"], B=words["background"], Bn=words["background_noun"], V=verb,
@@ -514,9 +514,8 @@ def _synth_sample(task: tuple) -> Sample:
     video = write_video(render_video(attributes, rng, size, frames), out_dir / "videos" / f"{split}{k:05d}.mp4", fps)
     choices = caption_choices(attributes)
     templates = rng.choice(len(CAPTION_TEMPLATES), size=rng.integers(2, 6), replace=False)  # 2-5 captions
-    captions = [make_caption(attributes, CAPTION_TEMPLATES[t],
-                             {slot: words[rng.integers(len(words))] for slot, words in choices.items()})
-                for t in templates]
+    captions = [make_caption(CAPTION_TEMPLATES[t], {slot: words[rng.integers(len(words))]
+                                                    for slot, words in choices.items()}) for t in templates]
     return Sample(f"{split}{k:05d}", video, captions, split, dict(attributes))
 
 

@@ -1,6 +1,5 @@
 """data.py: frames (count, order, short and bad videos), preprocessing vs transformers' CLIPImageProcessor,
 manifests (formats, malformed lines, duplicates), splits, bad-video handling, and the synthetic dataset."""
-import itertools
 import json
 import logging
 
@@ -274,13 +273,13 @@ def test_parse_inverts_every_template_value_and_synonym():
         for n, attributes in enumerate(combinations):  # every value, and every pair of values, in every template
             choices = caption_choices(attributes)
             words = {slot: options[n % len(options)] for slot, options in choices.items()}
-            assert parse_caption_attributes(make_caption(attributes, template, words)) == attributes
+            assert parse_caption_attributes(make_caption(template, words)) == attributes
         for attributes in combinations[:: len(combinations) // 24]:  # and every synonym of every slot
             choices = caption_choices(attributes)
             for slot, options in choices.items():
                 for option in options:
                     words = {s: option if s == slot else o[0] for s, o in choices.items()}
-                    assert parse_caption_attributes(make_caption(attributes, template, words)) == attributes
+                    assert parse_caption_attributes(make_caption(template, words)) == attributes
 
 
 def test_parse_says_none_when_unsure():
