@@ -35,7 +35,6 @@ import io
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import random
 import time
@@ -507,9 +506,9 @@ def attribute_combinations() -> list[dict[str, str]]:
     return [dict(zip(names, values)) for values in itertools.product(*(ATTRIBUTES[name] for name in names))]
 
 
-def _synth_sample(task: tuple) -> Sample:
+def _synth_sample(out_dir: Path, seed: int, split: str, k: int, attributes: dict[str, str], size: int, frames: int,
+                  fps: int) -> Sample:
     """Render, write and caption one video; its random stream depends only on (seed, split, k)."""
-    out_dir, seed, split, k, attributes, size, frames, fps = task
     rng = np.random.default_rng([seed, SPLITS.index(split), k])
     video = write_video(render_video(attributes, rng, size, frames), out_dir / "videos" / f"{split}{k:05d}.mp4", fps)
     choices = caption_choices(attributes)
@@ -521,12 +520,12 @@ def _synth_sample(task: tuple) -> Sample:
 
 def synth_dataset(out_dir, num: int = 500, seed: int = 42, *, num_val: int | None = None,
                   num_test: int | None = None, heldout_fraction: float = 0.2, size: int = 64, frames: int = 16,
-                  fps: int = 8, workers: int = 1) -> Path:
+                  fps: int = 8) -> Path:
     """Write `num` synthetic videos (out_dir/videos/*.mp4) and out_dir/manifest.jsonl; returns the manifest's path.
 
     val and test (10% of `num` each unless given) use the held-out combinations (half each), train the rest; which
     combinations are held out depends on `seed` only. Videos cycle through their split's combinations, so each is
-    equally represented. The output is the same for any number of `workers` (processes).
+    equally represented.
     """
     num_val = round(0.1 * num) if num_val is None else num_val
     num_test = round(0.1 * num) if num_test is None else num_test
@@ -540,13 +539,8 @@ def synth_dataset(out_dir, num: int = 500, seed: int = 42, *, num_val: int | Non
     counts = {"train": num - num_val - num_test, "val": num_val, "test": num_test}
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    tasks = [(out_dir, seed, split, k, pools[split][k % len(pools[split])], size, frames, fps)
-             for split in SPLITS for k in range(counts[split])]
-    if workers > 1:
-        with multiprocessing.Pool(workers) as pool:
-            samples = pool.map(_synth_sample, tasks, chunksize=32)
-    else:
-        samples = [_synth_sample(task) for task in tasks]
+    samples = [_synth_sample(out_dir, seed, split, k, pools[split][k % len(pools[split])], size, frames, fps)
+               for split in SPLITS for k in range(counts[split])]
     return write_manifest(samples, out_dir / "manifest.jsonl")
 
 
@@ -561,7 +555,6 @@ def main(argv: list[str] | None = None) -> None:
     synth.add_argument("--num-test", type=int, default=None, help="default: 10%% of --num")
     synth.add_argument("--size", type=int, default=64, help="frame side in pixels")
     synth.add_argument("--frames", type=int, default=16, help="frames per video")
-    synth.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (the output is the same)")
     check = commands.add_parser("check", help="read a manifest and decode every video once")
     check.add_argument("manifest", type=Path)
     check.add_argument("--skip-bad", action="store_true", help="drop bad videos instead of stopping at the first")
@@ -571,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.command == "synth":
         manifest = synth_dataset(args.out, args.num, args.seed, num_val=args.num_val, num_test=args.num_test,
-                                 size=args.size, frames=args.frames, workers=args.workers)
+                                 size=args.size, frames=args.frames)
         megabytes = sum(file.stat().st_size for file in (args.out / "videos").glob("*.mp4")) / 2**20
         log.info("wrote %s: %d videos, %.1f MiB, %.1f s", manifest, args.num, megabytes, time.perf_counter() - start)
     else:

@@ -292,7 +292,7 @@ def test_parse_says_none_when_unsure():
 def test_synth_is_deterministic_and_holds_out_combinations(tmp_path):
     options = dict(num=24, num_val=6, num_test=6, size=32, frames=8)
     first = synth_dataset(tmp_path / "a", seed=3, **options)
-    second = synth_dataset(tmp_path / "b", seed=3, workers=2, **options)  # processes change nothing
+    second = synth_dataset(tmp_path / "b", seed=3, **options)
     assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")
     samples = read_manifest(first)
     for sample in samples[::5]:
