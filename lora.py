@@ -91,12 +91,13 @@ class LoRALinear(nn.Module):
 
     Dropout with DoRA. Here, as in torchtune's DoRALinear, dropout acts on the adapter branch only:
         y = m / n * (W x + s B A dropout(x)) + b,           n = ||W + sBA||_row (detached)
-    with the one base GEMM per forward. PEFT 0.21 (variants.py DoraLinearVariant.forward, dora.py
-    DoraLinearLayer.forward), in training with dropout > 0, applies dropout to x once and then runs W a second
-    time, on the dropped input (dequantizing a 4-bit W for it):
-        y = W x + b + (m / n - 1) * W dropout(x) + m / n * s B A dropout(x)
-    Both agree when the dropout is the identity (dropout = 0 or eval mode) and in expectation over the mask;
-    `forward_like_peft` computes PEFT's form, for the parity tests.
+    one base pass per forward. PEFT 0.21 (lora/variants.py DoraLinearVariant.forward, lora/dora.py
+    DoraLinearLayer.forward) dequantizes W and materialises W + sBA on every forward to take n; with dropout = 0
+    or in eval mode it reuses base(x) - b, but in training with dropout > 0 it draws one mask, x' = dropout(x),
+    and runs W a second time, on the dropped input: F.linear(x', W) with the dequantized W, and its backward:
+        y = W x + b + (m / n - 1) * W x' + m / n * s B A x'
+    Both are m / n * (W x + s B A x) + b when the dropout is the identity, and agree in expectation over the mask
+    (both are linear in x'); `forward_like_peft` computes PEFT's form, for the parity tests.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False):
@@ -114,7 +115,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r): zero, so y = base(x)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT, i.e. nn.Linear's default init
-        self._norm_cache = None  # (key, norm): see weight_norm
+        self._norm_cache = None  # (key, norm): see base_and_norm
         if dora:
             weight_sq_norm = dequantized_weight(base).square().sum(dim=1)  # (out,)
             self.register_buffer("weight_sq_norm", weight_sq_norm, persistent=False)
@@ -125,31 +126,34 @@ class LoRALinear(nn.Module):
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """s B A x, computed in x's dtype (fp32 master weights cast down, as autocast does)."""
-        down = F.linear(x, self.lora_A.to(x.dtype))  # (T, in) @ (in, r) -> (T, r)
-        return F.linear(down, self.lora_B.to(x.dtype)) * self.scaling  # (T, r) @ (r, out) -> (T, out)
+        down = F.linear(x, self.lora_A.to(x.dtype)) * self.scaling  # (T, in) @ (in, r) -> (T, r); s where r-wide
+        return F.linear(down, self.lora_B.to(x.dtype))  # (T, r) @ (r, out) -> (T, out)
 
-    def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
-        """||W + sBA||_row (out,) in fp32, detached; cached until A or B change.
+    def base_and_norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """base(x) (T, out) and ||W + sBA||_row (out,) in fp32, detached; the norm is cached until A or B change.
+        On a cache miss A's r rows ride along with the tokens through the same base pass: one pass either way.
 
-        The key: torch.optim steps taken (fused kernels bump no version counter), the parameters' version
-        counters (bumped by in-place updates: foreach / for-loop optimizers, load_state_dict's copy_) and storage
-        addresses (a `.data = ...` swap). Writes through `p.data.copy_` are invisible to all three: call
-        `forget_weight_norm()` after them."""
+        The cache key: torch.optim steps taken (fused kernels bump no version counter), the parameters' version
+        counters (bumped by in-place updates: foreach / for-loop optimizers, load_state_dict's copy_), storage
+        addresses (a `.data = ...` swap), and inference mode (a norm made under torch.inference_mode cannot enter
+        autograd). Writes through `p.data.copy_` are invisible to all of these: call `forget_weight_norm()`."""
         A, B = self.lora_A, self.lora_B
-        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr())
+        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), torch.is_inference_mode_enabled())
         if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
+            return self.base(x), self._norm_cache[1]
         if self.weight_sq_norm.is_meta:
             raise RuntimeError("DoRA adapters were applied on the meta device; apply them after loading the base")
+        rows = torch.cat([x.reshape(-1, x.shape[-1]), A.detach().to(x.dtype)])  # (N, in) + (r, in) -> (N + r, in)
+        out = self.base(rows)  # (N + r, in) -> (N + r, out)
         with torch.no_grad():
-            AWt = self.without_bias(self.base(A.to(dtype))).float()  # (r, in) -> (r, out): A W^T, one base pass
+            AWt = self.without_bias(out[-self.r:]).float()  # (r, out): A W^T
             A, B = A.float(), B.float()
             cross = (AWt.T * B).sum(dim=1)  # rowsum((W A^T) * B): (out, r) * (out, r) -> (out,)
             BAA = B @ (A @ A.T)  # (out, r) @ ((r, in) @ (in, r) -> (r, r)) -> (out, r)
             sq = self.weight_sq_norm + 2 * self.scaling * cross + self.scaling ** 2 * (BAA * B).sum(dim=1)
             norm = sq.clamp_min(0).sqrt()  # (out,); clamp: rounding may push an all-but-zero row below 0
         self._norm_cache = (key, norm)
-        return norm
+        return out[:-self.r].reshape(*x.shape[:-1], -1), norm  # (N, out) -> (T, out)
 
     def forget_weight_norm(self) -> None:
         self._norm_cache = None
@@ -158,30 +162,34 @@ class LoRALinear(nn.Module):
         bias = self.base.bias
         return base_out if bias is None else base_out - bias.to(base_out.dtype)  # (T, out): W x
 
-    def rescale(self, base_out: torch.Tensor, wx: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
-        """DoRA: m / n * (W x + s B A x) + b, written as PEFT does, base + (m/n - 1) W x + m/n s B A x, so that
-        m / n = 1 (at init) returns base_out exactly; (m/n - 1) is formed in fp32, then cast to the compute dtype."""
-        scale = self.magnitude / self.weight_norm(wx.dtype)  # (out,)
-        return base_out + (scale - 1).to(wx.dtype) * wx + scale.to(wx.dtype) * lora_out  # (T, out)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)  # (T, in) -> (T, out): the one base GEMM
-        lora_out = self.lora_branch(self.dropout(x)).to(base_out.dtype)  # (T, out)
+        lora_out = self.lora_branch(self.dropout(x))  # (T, out)
         if not self.dora:
-            return base_out + lora_out
-        return self.rescale(base_out, self.without_bias(base_out), lora_out)
+            base_out = self.base(x)  # (T, in) -> (T, out): the one base pass
+            return base_out + lora_out.to(base_out.dtype)
+        base_out, norm = self.base_and_norm(x)  # (T, out), (out,)
+        scale = self.magnitude / norm  # (out,): m / ||W + sBA||, 1 at init
+        # m/n * (W x + s B A x) + b = m/n * (base(x) + s B A x) + (1 - m/n) * b: one (T, out) product, and
+        # exactly base(x) when m/n = 1 (at init)
+        out = scale.to(base_out.dtype) * (base_out + lora_out.to(base_out.dtype))  # (out,) * (T, out)
+        if self.base.bias is None:
+            return out
+        return out + ((1 - scale) * self.base.bias).to(out.dtype)  # (T, out) + (out,)
 
     def forward_like_peft(self, x: torch.Tensor) -> torch.Tensor:
-        """PEFT 0.21's DoRA arithmetic (see the class docstring): with an active dropout, W runs a second time on
+        """PEFT 0.21's arithmetic (see the class docstring): with an active dropout, DoRA runs W a second time, on
         dropout(x). For parity tests only; the same dropout mask as PEFT's for the same RNG state."""
         dropped = self.dropout(x)
-        base_out = self.base(x)  # (T, out)
-        lora_out = self.lora_branch(dropped).to(base_out.dtype)  # (T, out)
+        lora_out = self.lora_branch(dropped)  # (T, out)
         if not self.dora:
-            return base_out + lora_out
+            base_out = self.base(x)  # (T, out)
+            return base_out + lora_out.to(base_out.dtype)
+        base_out, norm = self.base_and_norm(x)  # (T, out), (out,)
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
-        wx = self.base(dropped) if dropout_active else base_out  # (T, out): second base GEMM when dropping
-        return self.rescale(base_out, self.without_bias(wx), lora_out)
+        wx = self.without_bias(self.base(dropped) if dropout_active else base_out)  # (T, out): W dropout(x)
+        scale = self.magnitude / norm  # (out,)
+        dt = base_out.dtype
+        return base_out + (scale - 1).to(dt) * wx + scale.to(dt) * lora_out.to(dt)  # PEFT's dora.py, line for line
 
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA)), computed in fp32.
