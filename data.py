@@ -568,8 +568,11 @@ def main(argv: list[str] | None = None) -> None:
         megabytes = sum(file.stat().st_size for file in (args.out / "videos").glob("*.mp4")) / 2**20
         log.info("wrote %s: %d videos, %.1f MiB, %.1f s", manifest, args.num, megabytes, time.perf_counter() - start)
     else:
-        samples = read_manifest(args.manifest)
-        good = check_videos(samples, skip_bad=args.skip_bad, max_bad_fraction=args.max_bad)
+        try:
+            samples = read_manifest(args.manifest)
+            good = check_videos(samples, skip_bad=args.skip_bad, max_bad_fraction=args.max_bad)
+        except (ManifestError, VideoError) as error:
+            raise SystemExit(f"error: {error}") from None  # one line, not a traceback
         log.info("%s: %d samples, %d usable videos, %.1f s", args.manifest, len(samples), len(good),
                  time.perf_counter() - start)
 

@@ -324,3 +324,6 @@ def test_synth_command_line(tmp_path):
     samples = read_manifest(tmp_path / "out" / "manifest.jsonl")
     assert len(samples) == 5 and all(s.video.is_file() for s in samples)
     main(["check", str(tmp_path / "out" / "manifest.jsonl")])
+    samples[0].video.write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^error: .*train00000.mp4: empty file"):
+        main(["check", str(tmp_path / "out" / "manifest.jsonl")])
