@@ -1,0 +1,208 @@
+"""The training loop on tiny bases and a handful of generated videos: exact resume (mid-epoch and across the stage
+boundary), atomic checkpoints, accumulation, NaN stops, what each stage trains, DDP == one process, the outputs."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+import checkpoint
+from conftest import save_tiny_clip, save_tiny_qwen3
+from train import TrainConfig, main, train, setup_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = ["빨간", "파란", "노란", "초록색"]
+
+
+def write_video(path, seed, num_frames=6, size=28):
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
+    for _ in range(num_frames):
+        writer.write(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    writer.release()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_dir):
+    """Tiny CLIP + Qwen3 snapshot folders and a manifest of 12 train, 4 val and 4 test videos."""
+    root = tmp_path_factory.mktemp("train")
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    llm = save_tiny_qwen3(root / "llm", vocab_size=vocab, hidden_size=48, intermediate_size=64, head_dim=16)
+    shutil.copy(tokenizer_dir / "tokenizer.json", llm / "tokenizer.json")
+    clip = save_tiny_clip(root / "clip", full=False, hidden_size=32, image_size=28, patch_size=7)
+    lines = []
+    for i in range(20):
+        write_video(root / f"v{i}.mp4", seed=i)
+        split = "train" if i < 12 else "val" if i < 16 else "test"
+        captions = [f"{COLOURS[i % 4]} 원이 움직인다.", f"{COLOURS[(i + 1) % 4]} 원이 지나간다."]
+        lines.append(json.dumps({"id": f"v{i}", "video": f"v{i}.mp4", "captions": captions, "split": split},
+                                ensure_ascii=False))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root, clip, llm
+
+
+def config(setup, tmp_path, **overrides):
+    root, clip, llm = setup
+    values = dict(clip=str(clip), llm=str(llm), train_manifest=str(root / "manifest.jsonl"), projector="perceiver",
+                  peft="dora", output_dir=str(tmp_path / "run"), cache_dir=str(root / "cache"), stage1_epochs=2,
+                  stage2_epochs=2, stage1_lr=1e-2, stage2_lr=1e-2, batch_size=2, grad_accum=2, lora_r=4,
+                  lora_alpha=8, lora_dropout=0.1, num_frames=3, num_queries=4, eval_batch_size=4,
+                  max_new_tokens=4, num_workers=0, dtype="fp32", save_every=2)
+    return TrainConfig(**(values | overrides))
+
+
+def trainable_of(run_dir, name="final_model.pt"):
+    return checkpoint.load_checkpoint(Path(run_dir) / "checkpoints" / name)["trainable"]
+
+
+def test_resume_mid_epoch_and_across_stages_is_bit_exact(setup, tmp_path):
+    straight = config(setup, tmp_path / "a")
+    train(straight, setup_distributed())
+    for stop_at in (2, 4):  # 3 steps per epoch, 2 epochs a stage: step 2 is mid-epoch, step 4 is in epoch 2 ...
+        for_resume = config(setup, tmp_path / f"b{stop_at}", max_steps=stop_at)
+        assert not train(for_resume, setup_distributed())
+        resumed = config(setup, tmp_path / f"b{stop_at}", resume="auto")
+        assert train(resumed, setup_distributed())
+        expected, got = trainable_of(straight.output_dir), trainable_of(resumed.output_dir)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), key
+    stage2 = config(setup, tmp_path / "c", max_steps=7)  # stage 1 has 6 steps: stop inside stage 2
+    train(stage2, setup_distributed())
+    assert checkpoint.load_training_state("auto", stage2.output_dir)["stage"] == 2
+    resumed = config(setup, tmp_path / "c", resume="auto")
+    train(resumed, setup_distributed())
+    expected_state = checkpoint.load_checkpoint(Path(straight.output_dir) / "checkpoints" / "training_state.pt")
+    got_state = checkpoint.load_checkpoint(Path(resumed.output_dir) / "checkpoints" / "training_state.pt")
+    torch.testing.assert_close(got_state["optimizer"], expected_state["optimizer"], atol=0, rtol=0)
+    for key, value in trainable_of(straight.output_dir).items():
+        assert torch.equal(value, trainable_of(resumed.output_dir)[key]), key
+
+
+def test_outputs_exist_and_parse(setup, tmp_path):
+    cfg = config(setup, tmp_path, stage1_epochs=1, stage2_epochs=1)
+    results = main(cfg)
+    run = Path(cfg.output_dir)
+    for name in ("stage1_projector.pt", "best_model.pt", "final_model.pt", "training_state.pt"):
+        assert checkpoint.load_checkpoint(run / "checkpoints" / name)["trainable"]
+    rows = list(csv.DictReader(open(run / "logs" / "training_log.csv")))
+    step_rows = [r for r in rows if r["loss"]]
+    assert [int(r["step"]) for r in step_rows] == list(range(1, 7))  # 3 steps a stage, one row each
+    assert len([r for r in rows if r["val_meteor"]]) == 2  # one validation per epoch
+    assert (run / "logs" / "training_curves.png").stat().st_size > 0
+    metrics = json.loads((run / "logs" / "final_metrics.json").read_text())
+    assert metrics["split"] == "test" and "meteor" in metrics["metrics"]
+    predictions = json.loads((run / "samples" / "predictions.json").read_text())
+    assert len(predictions) == 4 and all(isinstance(p["prediction"], str) for p in predictions)
+    assert results["metrics"]["meteor"]["value"] == metrics["metrics"]["meteor"]["value"]
+
+
+def test_accumulation_equals_one_big_batch(setup, tmp_path):
+    """batch 4 x accum 1 == batch 1 x accum 4 after the same optimizer steps (fp32, 1e-6), here with the plan's
+    learning rates: through stage 1 and one step of stage 2."""
+    common = dict(grad_accum=1, stage1_epochs=1, stage2_epochs=1, lora_dropout=0.0, max_steps=4, stage1_lr=1e-3,
+                  stage2_lr=5e-5)
+    big = config(setup, tmp_path / "big", batch_size=4, **common)
+    small = config(setup, tmp_path / "small", batch_size=1, **common | {"grad_accum": 4})
+    train(big, setup_distributed())
+    train(small, setup_distributed())
+    a = checkpoint.load_training_state("auto", big.output_dir)["trainable"]
+    b = checkpoint.load_training_state("auto", small.output_dir)["trainable"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_each_stage_trains_only_its_weights(setup, tmp_path, monkeypatch):
+    """Stage 1: the projector alone; stage 2: projector + adapters; the frozen bases stay bit for bit."""
+    import vlm
+    built = {}
+    real_build = vlm.build_vlm
+
+    def keep(config, **kwargs):
+        built["model"] = model = real_build(config, **kwargs)
+        built["frozen"] = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("projector.")}
+        return model
+    monkeypatch.setattr("train.build_vlm", keep)
+    cfg = config(setup, tmp_path, stage1_epochs=1, stage2_epochs=1)
+    train(cfg, setup_distributed())
+    stage1 = trainable_of(cfg.output_dir, "stage1_projector.pt")
+    final = trainable_of(cfg.output_dir)
+    assert all(k.startswith("projector.") for k in stage1)
+    assert any("lora_A" in k for k in final) and any("magnitude" in k for k in final)
+    assert any(not torch.equal(stage1[k], final[k]) for k in stage1)  # stage 2 moved the projector too
+    state = built["model"].state_dict()
+    for key, value in built["frozen"].items():
+        if key in state:  # a wrapped linear's weight moved to `.base.`; it is checked under its new name
+            assert torch.equal(state[key], value), key
+    for key, value in built["frozen"].items():
+        wrapped = key.replace(".weight", ".base.weight")
+        if key not in state and wrapped in state:
+            assert torch.equal(state[wrapped], value), key
+
+
+def test_nan_stops_with_the_step_and_samples_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    cfg = config(setup, tmp_path, stage1_epochs=1, stage2_epochs=1, save_every=1)
+    import vlm
+    real_forward = vlm.VLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, features, captions, num_label_tokens=None):
+        calls["n"] += 1
+        loss = real_forward(self, features, captions, num_label_tokens)
+        return loss * float("nan") if calls["n"] == 5 else loss  # step 3's first micro-batch
+    monkeypatch.setattr(vlm.VLM, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 \(samples v\d+, v\d+\)"):
+        train(cfg, setup_distributed())
+    state = checkpoint.load_training_state("auto", cfg.output_dir)
+    assert state["global_step"] == 2 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+def test_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "model.pt"
+    checkpoint.atomic_save({"format": checkpoint.MODEL_FORMAT, "trainable": {"w": torch.ones(3)}}, path)
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save({"format": checkpoint.MODEL_FORMAT, "trainable": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(checkpoint.load_checkpoint(path)["trainable"]["w"], torch.ones(3))
+
+
+def test_resume_with_other_settings_is_refused(setup, tmp_path):
+    cfg = config(setup, tmp_path, max_steps=1)
+    train(cfg, setup_distributed())
+    with pytest.raises(ValueError, match="--stage1-lr was 0.01 in the saved run, now 0.5"):
+        train(config(setup, tmp_path, resume="auto", stage1_lr=0.5), setup_distributed())
+
+
+def test_two_gloo_processes_equal_one_process(setup, tmp_path):
+    """torchrun with 2 CPU processes x batch 2 == 1 process x batch 4 (weights after 4 steps, 1e-6)."""
+    common = dict(stage1_epochs=1, stage2_epochs=1, lora_dropout=0.0, grad_accum=1, max_steps=4, stage1_lr=1e-3,
+                  stage2_lr=5e-5)
+    single = config(setup, tmp_path / "single", batch_size=4, **common)
+    train(single, setup_distributed())
+    ddp = config(setup, tmp_path / "ddp", batch_size=2, **common)
+    flags = []
+    for key, value in asdict(ddp).items():
+        if value is not None and not isinstance(value, bool):
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", "29517", str(ROOT / "train.py"), *flags],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = checkpoint.load_training_state("auto", single.output_dir)["trainable"]
+    b = checkpoint.load_training_state("auto", ddp.output_dir)["trainable"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

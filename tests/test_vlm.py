@@ -1,0 +1,214 @@
+"""The assembled model on tiny random bases: prompt and label mask, label-only loss vs full logits, accumulation,
+batched / KV-cache generation, trainable state, and the frozen-feature cache."""
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from conftest import save_tiny_clip, save_tiny_qwen3
+from features import FeatureCache, fill_feature_cache
+from lora import AdapterConfig
+from vlm import IGNORE_INDEX, VLMConfig, build_vlm, describe_mismatch
+
+CAPTIONS = ["빨간 원이 왼쪽으로 움직인다.", "파란 배경에서 노란 삼각형이 위로 올라간다.", "초록색 사각형이 지나간다.",
+            "노란 삼각형이 검은 배경에서 위로 올라간다."]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("bases")
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    llm = save_tiny_qwen3(root / "llm", vocab_size=vocab, hidden_size=48, intermediate_size=64, head_dim=16)
+    shutil.copy(tokenizer_dir / "tokenizer.json", llm / "tokenizer.json")
+    clip = save_tiny_clip(root / "clip", full=False, hidden_size=32, image_size=28, patch_size=7)
+    return clip, llm
+
+
+def make_model(bases, projector="perceiver", adapter=None, quant=None, seed=0):
+    torch.manual_seed(seed)
+    config = VLMConfig(clip_path=str(bases[0]), llm_path=str(bases[1]), num_frames=3, quant=quant,
+                       projector={"name": projector, "num_queries": 4}, adapter=adapter)
+    return build_vlm(config, dtype=torch.float32)
+
+
+def features(batch=4, frames=3, patches=16, width=32, seed=1):
+    return torch.randn(batch, frames, patches, width, generator=torch.Generator().manual_seed(seed))
+
+
+def test_label_mask_covers_exactly_the_caption_and_im_end(bases):
+    model = make_model(bases)
+    input_ids, labels = model.tokenize_batch(CAPTIONS[:2], num_visual=4)
+    for b, caption in enumerate(CAPTIONS[:2]):
+        supervised = labels[b][labels[b] != IGNORE_INDEX].tolist()
+        assert supervised[-1] == model.template.im_end_id
+        assert model.template.tokenizer.decode(supervised[:-1]) == caption
+        start = (labels[b] != IGNORE_INDEX).nonzero()[0].item()
+        assert input_ids[b, start:start + len(supervised)].tolist() == supervised  # labels sit on their own tokens
+        prompt = model.template.tokenizer.decode(input_ids[b, :start].tolist(), skip_special_tokens=False)
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert prompt.count("<|video_pad|>") == 4
+    assert model.count_label_tokens(CAPTIONS[:2]) == int((labels != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize("projector", ["perceiver", "linear"])
+def test_label_only_loss_equals_full_logits_cross_entropy(bases, projector):
+    model = make_model(bases, projector=projector)
+    feats = features()
+    loss = model(feats, CAPTIONS)
+    visual = model.project(feats)
+    input_ids, labels = model.tokenize_batch(CAPTIONS, visual.shape[1])
+    logits = model.llm(inputs_embeds=model.splice_visual_tokens(input_ids, visual))  # (B, T, V): the naive way
+    naive = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_one_batch_of_four_equals_four_accumulated_batches_of_one(bases):
+    model = make_model(bases, adapter={"method": "dora", "r": 4, "alpha": 8, "dropout": 0.0,
+                                       "targets": ["q_proj", "v_proj", "down_proj"]})
+    with torch.no_grad():  # leave the zero init so the adapters' gradients are not trivially tied to B = 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    feats = features()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model(feats, CAPTIONS).backward()
+    whole = [p.grad.clone() for p in trainable]
+    model.zero_grad()
+    total_tokens = model.count_label_tokens(CAPTIONS)
+    accumulated = 0.0
+    for i in range(4):
+        loss = model(feats[i:i + 1], CAPTIONS[i:i + 1], num_label_tokens=total_tokens)
+        loss.backward()
+        accumulated += loss.item()
+    torch.testing.assert_close(torch.tensor(accumulated), model(feats, CAPTIONS).detach(), atol=1e-5, rtol=1e-5)
+    for p, expected in zip(trainable, whole):
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def greedy_without_cache(model, feats, max_new_tokens):
+    """Recompute the whole sequence for every new token: the reference for KV-cache decoding."""
+    visual = model.project(feats)
+    ids = torch.tensor([model.template.prompt_ids(visual.shape[1])])
+    generated = []
+    for _ in range(max_new_tokens):
+        logits = model.llm(inputs_embeds=model.splice_visual_tokens(ids, visual))
+        token = int(logits[0, -1].argmax())
+        generated.append(token)
+        if token in (model.template.im_end_id, model.template.end_of_text_id):
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return model.template.decode(generated)
+
+
+def test_kv_cache_generation_equals_recomputing_and_batched_equals_single(bases):
+    model = make_model(bases, quant="nf4").eval()
+    feats = features()
+    batched = model.generate(feats, max_new_tokens=8)
+    single = [model.generate(feats[i:i + 1], max_new_tokens=8)[0] for i in range(4)]
+    assert batched == single
+    assert [greedy_without_cache(model, feats[i:i + 1], 8) for i in range(4)] == single
+    assert all(isinstance(c, str) and "<|" not in c and "<think>" not in c for c in batched)
+
+
+def test_left_padded_prompts_equal_one_at_a_time(bases):
+    model = make_model(bases).eval()
+    feats = features(batch=3)
+    instructions = ["짧게 설명하세요.", "이 영상을 한국어로 한 문장으로 자세히 설명하세요.", "설명"]
+    batched = model.generate(feats, max_new_tokens=6, instructions=instructions)
+    single = [model.generate(feats[i:i + 1], max_new_tokens=6, instructions=instructions[i:i + 1])[0]
+              for i in range(3)]
+    assert batched == single
+
+
+def test_decode_drops_special_tokens_and_the_think_block(bases):
+    template = make_model(bases).template
+    ids = template.encode("<think>\n\n</think>\n\n빨간 원이 움직인다.") + [template.im_end_id] + template.encode("뒤")
+    assert template.decode(ids) == "빨간 원이 움직인다."
+
+
+def test_trainable_state_round_trip_and_mismatch_is_named(bases):
+    adapter = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+    model = make_model(bases, adapter=adapter, seed=0)
+    state = model.trainable_state_dict()
+    assert state and all(k.startswith(("projector.", "llm.")) for k in state)
+    assert not any(".base." in k for k in state)  # frozen bases never enter a checkpoint
+    other = make_model(bases, adapter=adapter, seed=1)
+    other.load_trainable_state_dict(state)
+    torch.testing.assert_close(other.trainable_state_dict(), state)
+    with pytest.raises(KeyError, match="no adapters"):
+        make_model(bases).load_trainable_state_dict(state)
+    message = describe_mismatch({"projector": {"name": "perceiver"}}, {"projector": {"name": "linear"}})
+    assert message.startswith("projector.name: checkpoint has \"perceiver\"")
+
+
+def test_stage_two_adds_adapters_to_the_frozen_llm(bases):
+    model = make_model(bases, quant="nf4")
+    names = model.add_adapters(AdapterConfig(method="dora", r=4, alpha=8, dropout=0.0, targets=["q_proj", "o_proj"]))
+    assert len(names) == 2 * 2  # 2 layers x 2 targets
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("projector.") or "lora_" in n or "magnitude" in n for n in trainable)
+
+
+# ---- the feature cache -------------------------------------------------------------------------------------------
+def write_video(path, num_frames=6, size=28, seed=0):
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
+    for _ in range(num_frames):
+        writer.write(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+@pytest.fixture
+def videos(tmp_path):
+    from data import Sample
+    return [Sample(id=str(i), video=write_video(tmp_path / f"v{i}.mp4", seed=i), captions=["캡션"]) for i in range(3)]
+
+
+def cache_for(model, root, num_frames=3, tower=None):
+    return FeatureCache(root, tower=tower or model.vision.fingerprint, num_frames=num_frames,
+                        image_size=model.vision.config.image_size, layer=model.config.vision_layer)
+
+
+def test_feature_cache_equals_uncached_and_runs_the_tower_once(bases, videos, tmp_path):
+    from data import preprocess, read_frames
+    model = make_model(bases)
+    cache = cache_for(model, tmp_path / "cache")
+    calls = []
+    model.vision.register_forward_hook(lambda *args: calls.append(1))
+    good, encoded = fill_feature_cache(model, videos, cache, image_size=28, batch_size=2, show_progress=False)
+    assert (len(good), encoded, len(calls)) == (3, 3, 2)  # batches of 2: two tower forwards for three videos
+    for sample in videos:
+        direct = model.encode_video(preprocess(read_frames(sample.video, 3), 28)[None])[0]
+        torch.testing.assert_close(cache.load(sample.video).float(), direct, atol=2e-3, rtol=1e-3)  # fp16 storage
+    calls.clear()
+    _, encoded = fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+    assert encoded == 0 and not calls  # the second pass runs zero tower forwards
+
+
+def test_feature_cache_is_invalidated_by_video_frames_or_tower(bases, videos, tmp_path):
+    model = make_model(bases)
+    cache = cache_for(model, tmp_path / "cache")
+    fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+    assert all(cache.holds(s.video) for s in videos)
+    assert not any(cache_for(model, tmp_path / "cache", num_frames=4).holds(s.video) for s in videos)
+    assert not any(cache_for(model, tmp_path / "cache", tower="another tower").holds(s.video) for s in videos)
+    write_video(videos[0].video, seed=99)  # the same path, new content
+    fresh = cache_for(model, tmp_path / "cache")
+    assert not fresh.holds(videos[0].video) and fresh.holds(videos[1].video)
+
+
+def test_corrupt_cache_entry_is_recomputed_with_a_warning(bases, videos, tmp_path):
+    model = make_model(bases)
+    cache = cache_for(model, tmp_path / "cache")
+    fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+    expected = cache.load(videos[0].video)
+    cache.path_for(videos[0].video).write_bytes(b"\x00torn write")
+    with pytest.warns(UserWarning, match="unreadable"):
+        _, encoded = fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+    assert encoded == 1
+    torch.testing.assert_close(cache.load(videos[0].video), expected)
