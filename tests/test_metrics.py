@@ -1,0 +1,170 @@
+"""metrics.py against its references: NLTK's meteor_score, pycocoevalcap's Cider and its Meteor (the Meteor 1.5 jar,
+run when Java is installed), sacrebleu; plus the edge cases. The references are imported inside the tests only."""
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+import metrics
+
+
+def korean_like_corpus(seed, videos, syllables="고양이가다는에서", max_words=10):
+    """Captions of 1-3 syllable words drawn from a few syllables: heavy token repetition stresses the alignments
+    and chunk counting. Also punctuation, digits the jar's paraphrase table does not link (0, 9, 12, 25), empty
+    hypotheses and references, hypotheses equal to a reference, and 1 to 4 references per video."""
+    rng = random.Random(seed)
+
+    def caption():
+        words = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(rng.randint(1, max_words))]
+        if rng.random() < 0.2:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(["0", "9", "12", "25"]))
+        return " ".join(words) + rng.choice(["", "", ".", " .", ",", "!", "?"])
+
+    refs = [[caption() for _ in range(rng.randint(1, 4))] for _ in range(videos)]
+    hyps = [caption() for _ in range(videos)]
+    hyps[0], refs[1][0] = "", ""
+    for i in range(2, videos, 5):
+        hyps[i] = rng.choice(refs[i])
+    return hyps, refs
+
+
+CORPORA = [dict(seed=0, videos=40), dict(seed=1, videos=30, syllables="가나다", max_words=20),
+           dict(seed=2, videos=30, syllables="이다", max_words=25), dict(seed=3, videos=40, syllables="고양이 소파에서잔다")]
+
+# Normaliser paths of the jar (quotes, abbreviations, runs of dots, numbers with commas, dashes, contractions, wide
+# spaces, emoji, Cyrillic, '|||' inside captions) and a java.lang.String.hashCode collision ('000' and '먰').
+# No Latin words that the jar's English stem/synonym modules could relate, which `meteor_coco` leaves out.
+JAR_EDGE_CASES = [
+    ("고양이가 소파 위에서 잔다.", ["고양이 한 마리가 소파 위에서 자고 있다."]),
+    ("000 고양이", ["먰 고양이"]),
+    ("\"고양이\"가 (소파) 위에서, 1,000원... 잔다!", ["“고양이”가 ‘소파’ 위에서 1,000 원 잔다?"]),
+    ("U.S. Dr. Kim은 No. 9 자리에, Art. 12 조항. 끝", ["미국 dr. kim이 No. 9 에 art 12 조항 . 끝."]),
+    ("The cat's toy – 고양이--장난감 well-known 0-9명", ["the cat 's toy - 고양이 장난감 well known 0 9 명"]),
+    ("don't won't 1990's rock'n'roll 'quoted'", ["don 't won 't 1990 's rock 'n 'roll ' quoted '"]),
+    ("a...b.. c. D. e.g. i.e. vs. 3.14 .5 5.", ["a ... b .. c . d e.g. ie vs. 3.14 .5 5 ."]),
+    ("DOTMULTI 가 DOTDOTMULTI 나", ["dotmulti 가 . 나"]),
+    ("tab\t구분\u3000전각\u00a0공백 끝 \x01", ["tab 구분 전각 공백 끝"]),
+    ("이모지 😀 와 漢字 — … Привет", ["이모지 😀 와 漢 字 — ... привет"]),
+    ("hyp with ||| pipes 고양이", ["ref a ||| ref b 고양이", "다른 참조"]),
+    ("a the of 고양이 is $5 #1 100%", ["the a of is 고양이 $ 5 # 1 100 %"]),
+    ("고 고 고 고 고 고", ["고 고 고"]),
+    ("", ["고양이가 잔다"]),
+]
+
+
+class IdentityStemmer:
+    def stem(self, word):
+        return word
+
+
+class NoWordNet:
+    def synsets(self, word):
+        return []
+
+
+def test_meteor_equals_nltk_meteor_score_with_the_exact_stage_only():
+    from nltk.translate.meteor_score import meteor_score
+    for corpus in CORPORA:
+        hyps, refs = korean_like_corpus(**corpus)
+        hyps[3] = "ABC 고양이 Def"  # NLTK lower-cases each token
+        refs[3] = ["abc 고양이 DEF 고양이", "Abc"]
+        expected = [meteor_score([ref.split() for ref in references], hyp.split(), stemmer=IdentityStemmer(),
+                                 wordnet=NoWordNet()) for hyp, references in zip(hyps, refs)]
+        for hyp, references, nltk_score in zip(hyps, refs, expected):
+            assert metrics.meteor_sentence(hyp, references) == pytest.approx(nltk_score, abs=1e-9)
+        assert metrics.meteor(hyps, refs) == pytest.approx(sum(expected) / len(expected), abs=1e-9)
+
+
+def test_meteor_coco_equals_the_meteor_jar_of_pycocoevalcap():
+    import pycocoevalcap.meteor.meteor as coco_meteor
+    jar = Path(coco_meteor.__file__).parent / coco_meteor.METEOR_JAR
+    if shutil.which("java") is None or not jar.exists():
+        pytest.skip(f"needs java on the PATH and {jar} (pycocoevalcap runs the Meteor 1.5 jar)")
+    hyps, refs = map(list, zip(*JAR_EDGE_CASES))
+    for corpus in CORPORA:
+        corpus_hyps, corpus_refs = korean_like_corpus(**corpus)
+        hyps, refs = hyps + corpus_hyps, refs + corpus_refs
+    scorer = coco_meteor.Meteor()  # one jar process scores the whole batch
+    jar_corpus, jar_segments = scorer.compute_score(dict(enumerate(refs)), {i: [hyp] for i, hyp in enumerate(hyps)})
+    # Within 1e-12: the JVM's Math.pow can round the fragmentation penalty one ulp away from C's pow.
+    for hyp, references, jar_segment in zip(hyps, refs, jar_segments):
+        assert metrics.meteor_coco([hyp], [references]) == pytest.approx(jar_segment, abs=1e-12), (hyp, references)
+    assert metrics.meteor_coco(hyps, refs) == pytest.approx(jar_corpus, abs=1e-12)
+
+
+def test_cider_equals_pycocoevalcap_cider_per_video_and_for_the_corpus():
+    from pycocoevalcap.cider.cider import Cider
+    for corpus in CORPORA:
+        hyps, refs = korean_like_corpus(**corpus)
+        coco_corpus, coco_videos = Cider().compute_score(dict(enumerate(refs)), {i: [h] for i, h in enumerate(hyps)})
+        assert metrics.cider_scores(hyps, refs) == pytest.approx(list(coco_videos), abs=1e-6)
+        assert metrics.cider(hyps, refs) == pytest.approx(coco_corpus, abs=1e-6)
+
+
+def test_cider_of_a_single_video_is_zero_as_in_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+    hyps, refs = ["고양이가 소파 위에서 잔다"], [["고양이가 소파 위에서 잔다", "고양이 한 마리가 잔다"]]
+    coco_corpus, coco_videos = Cider().compute_score({0: refs[0]}, {0: hyps[0:1]})
+    assert metrics.cider_scores(hyps, refs) == [coco_videos[0]] == [0.0]
+    assert metrics.cider(hyps, refs) == coco_corpus == 0.0
+
+
+def test_bleu_and_chrf_take_any_number_of_references_per_video():
+    import sacrebleu
+    hyps, refs = korean_like_corpus(seed=4, videos=30)
+    # sacrebleu needs as many reference streams as the longest list, so metrics pads shorter lists with None,
+    # which sacrebleu skips. Repeating one of a video's references instead changes neither BLEU nor chrF.
+    most = max(len(references) for references in refs)
+    repeated = [[references[min(k, len(references) - 1)] for references in refs] for k in range(most)]
+    assert metrics.bleu(hyps, refs) == pytest.approx(
+        sacrebleu.corpus_bleu(hyps, repeated, tokenize=metrics.BLEU_TOKENIZE).score, abs=1e-9)
+    assert metrics.chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(hyps, repeated).score, abs=1e-9)
+
+
+def test_evaluate_captions_reports_each_metric_with_its_reference():
+    hyps, refs = korean_like_corpus(seed=5, videos=12)
+    report = metrics.evaluate_captions(hyps, refs)
+    assert list(report) == ["meteor", "meteor_coco", "cider_d", "bleu4", "chrf"]
+    for name, compute in [("meteor", metrics.meteor), ("meteor_coco", metrics.meteor_coco),
+                          ("cider_d", metrics.cider), ("bleu4", metrics.bleu), ("chrf", metrics.chrf)]:
+        assert report[name]["value"] == compute(hyps, refs)
+        assert report[name]["reference"] == metrics.METRIC_REFERENCES[name]
+    assert f"tok:{metrics.BLEU_TOKENIZE}" in report["bleu4"]["signature"]
+    assert "nrefs:var" in report["bleu4"]["signature"] and "nrefs:var" in report["chrf"]["signature"]
+
+
+def test_captions_equal_to_a_reference_and_empty_captions():
+    refs = [["고양이가 소파 위에서 잔다", "개가 달린다"], ["빨간 원이 움직인다"]]
+    exact = [references[0] for references in refs]
+    assert metrics.meteor_coco(exact, refs) == 1.0  # the jar scores a perfect single-chunk match as exactly 1
+    assert metrics.bleu(exact, refs) == pytest.approx(100.0) and metrics.chrf(exact, refs) == pytest.approx(100.0)
+    empty = ["", ""]
+    assert metrics.meteor(empty, refs) == metrics.meteor_coco(empty, refs) == metrics.cider(empty, refs) == 0.0
+    assert metrics.bleu(empty, refs) == metrics.chrf(empty, refs) == 0.0
+
+
+PUBLIC_METRICS = [metrics.meteor, metrics.meteor_coco, metrics.cider, metrics.cider_scores, metrics.bleu,
+                  metrics.chrf, metrics.evaluate_captions]
+
+
+@pytest.mark.parametrize("metric", PUBLIC_METRICS, ids=lambda metric: metric.__name__)
+@pytest.mark.parametrize("hyps, refs, message", [
+    (["가", "나"], [["가"]], "got 2 hypotheses but 1 reference lists"),
+    ([], [], "no captions to score"),
+    (["가", "나"], [["가"], "나"], r"refs\[1\] must be a list of reference captions, got str"),
+    (["가"], [[]], r"refs\[0\] is empty"),
+    ([None], [["가"]], r"hyps\[0\] must be one caption string, got NoneType"),
+    (["가"], [["가", 3]], r"refs\[0\]\[1\] must be a caption string, got int"),
+    ("가", [["가"]], "hyps must be a list with one entry per video, got str"),
+])
+def test_malformed_input_is_refused_with_a_message_naming_the_entry(metric, hyps, refs, message):
+    with pytest.raises(ValueError, match=message):
+        metric(hyps, refs)
+
+
+def test_meteor_sentence_checks_its_input():
+    with pytest.raises(ValueError, match="refs must be a list of reference captions"):
+        metrics.meteor_sentence("가", "가")
+    with pytest.raises(ValueError, match="refs is empty"):
+        metrics.meteor_sentence("가", [])
