@@ -91,6 +91,13 @@ def test_meteor_coco_equals_the_meteor_jar_of_pycocoevalcap():
     for hyp, references, jar_segment in zip(hyps, refs, jar_segments):
         assert metrics.meteor_coco([hyp], [references]) == pytest.approx(jar_segment, abs=1e-12), (hyp, references)
     assert metrics.meteor_coco(hyps, refs) == pytest.approx(jar_corpus, abs=1e-12)
+    # Where the jar's English modules fire, it gives credit that meteor_coco (exact module only) does not:
+    # a WordNet synonym ("mr." / "mr") and digit strings linked in its paraphrase table ("102" / "100").
+    known = [("Mr. Kim 이 왔다", ["mr kim 이 왔다"]), ("고양이 102 마리가 잔다", ["고양이 100 마리가 잔다"])]
+    _, jar_known = scorer.compute_score({i: known_refs for i, (_, known_refs) in enumerate(known)},
+                                        {i: [hyp] for i, (hyp, _) in enumerate(known)})
+    for (hyp, references), jar_segment in zip(known, jar_known):
+        assert metrics.meteor_coco([hyp], [references]) < jar_segment - 0.05
 
 
 def test_cider_equals_pycocoevalcap_cider_per_video_and_for_the_corpus():
