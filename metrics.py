@@ -97,7 +97,7 @@ def meteor(hyps: list[str], refs: list[list[str]]) -> float:
 # Transcribed from Meteor 1.5 (github.com/cmu-mtlab/meteor, src/edu/cmu/meteor/...) and checked against the
 # bytecode of the meteor-1.5.jar that pycocoevalcap ships. Only the exact module is reproduced: the jar's stem,
 # synonym (WordNet) and paraphrase modules are English data. On Hangul they never fire; they can fire on Latin
-# words, and the paraphrase table also links ~450 pairs of digit strings (e.g. 100/102, "1000"/"1 000"),
+# words, and the paraphrase table also links 453 pairs of digit strings (e.g. 100/102, "1000"/"1 000"),
 # where the jar then gives partial credit that `meteor_coco` does not.
 
 # Constants.java, `-l en` ranking task: alpha, beta, gamma, delta. The exact module's weight is 1.0.
@@ -307,11 +307,11 @@ def meteor_coco(hyps: list[str], refs: list[list[str]]) -> float:
     jar's normaliser (each Hangul syllable a word), exact matching, its beam-search alignment, its English
     function words, alpha 0.85, beta 0.20, gamma 0.60, delta 0.75, statistics summed over captions.
 
-    On Hangul, digits and punctuation it equals the jar: bit for bit on almost every caption, otherwise within
-    one ulp (the JVM's Math.pow rounds differently from C's pow). It differs where the jar's English-only modules
-    fire: Latin words (stems, WordNet synonyms such as "mr." / "mr") and digit strings in its paraphrase table:
-    "고양이 102 마리가 잔다" against "고양이 100 마리가 잔다" is 0.9556 for the jar (102 ~ 100 half a match) and
-    0.4847 here. Captions with numbers are rare in the plan's data; tests/test_metrics.py checks both cases.
+    On Hangul, punctuation and numbers it equals the jar: bit for bit on almost every caption, otherwise within
+    one ulp (the JVM's Math.pow rounds differently from C's pow), except where the jar's English-only modules
+    fire: Latin words (stems, WordNet synonyms such as "mr." / "mr") and the 453 pairs of digit strings its
+    paraphrase table links: "고양이 102 마리가 잔다" against "고양이 100 마리가 잔다" is 0.9556 for the jar (102 ~ 100
+    counts as a paraphrase match, weight 0.6) and 0.4847 here. tests/test_metrics.py checks both cases.
     """
     _check_captions(hyps, refs)
     total = _JarStats()
