@@ -21,7 +21,8 @@ One adapted linear of Qwen3-8B (q_proj: 4096 -> 4096, r = 16, s = alpha / r = 2)
        ||W||^2 (4096,) is a constant of the frozen base, computed once when the layer is wrapped.
 
 Shapes: T tokens (any leading dims), in / out features, r rank. Adapter weights are fp32; they compute in the
-activations' dtype (as autocast would) and the DoRA norm is computed in fp32.
+activations' dtype (as autocast would). The DoRA norm is formed in fp32 (only W A^T comes from the base pass, in
+its compute dtype); PEFT forms it in the compute dtype.
 """
 import math
 from dataclasses import dataclass

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
+from conftest import save_tiny_qwen3
 from lora import (AdapterConfig, LoRALinear, adapter_state_dict, apply_adapters, dequantized_weight,
                   load_adapter_state_dict, merge_adapters, parameter_counts, parameter_report)
-from conftest import save_tiny_qwen3
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
 
 IN, OUT, R, ALPHA = 64, 48, 4, 8
