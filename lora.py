@@ -147,11 +147,11 @@ class LoRALinear(nn.Module):
         rows = torch.cat([x.reshape(-1, x.shape[-1]), A.detach().to(x.dtype)])  # (N, in) + (r, in) -> (N + r, in)
         out = self.base(rows)  # (N + r, in) -> (N + r, out)
         with torch.no_grad():
-            AWt = self.without_bias(out[-self.r:]).float()  # (r, out): A W^T
-            A, B = A.float(), B.float()
-            cross = (AWt.T * B).sum(dim=1)  # rowsum((W A^T) * B): (out, r) * (out, r) -> (out,)
-            BAA = B @ (A @ A.T)  # (out, r) @ ((r, in) @ (in, r) -> (r, r)) -> (out, r)
-            sq = self.weight_sq_norm + 2 * self.scaling * cross + self.scaling ** 2 * (BAA * B).sum(dim=1)
+            WAt = self.without_bias(out[-self.r:]).float().T  # (r, out) -> (out, r): W A^T
+            A, B, s = A.float(), B.float(), self.scaling
+            # ||W + sBA||^2 = ||W||^2 + rowsum((2s W A^T + s^2 B A A^T) * B)
+            M = torch.addmm(WAt, B, A @ A.T, beta=2 * s, alpha=s * s)  # (out, r) @ ((r, in) @ (in, r)) -> (out, r)
+            sq = self.weight_sq_norm + (M * B).sum(dim=1)  # (out, r) * (out, r) -> (out,)
             norm = sq.clamp_min(0).sqrt()  # (out,); clamp: rounding may push an all-but-zero row below 0
         self._norm_cache = (key, norm)
         return out[:-self.r].reshape(*x.shape[:-1], -1), norm  # (N, out) -> (T, out)
