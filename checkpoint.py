@@ -6,9 +6,11 @@ lists and dicts only, never pickled code. A checkpoint holds only trainable weig
 configs that rebuild the model, and the bases' fingerprints, never the frozen bases.
 """
 import csv
+import json
 import os
 import random
 import resource
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -108,7 +110,8 @@ def restore_training_state(state: dict, model, optimizer) -> None:
 
 
 # ---- the training log --------------------------------------------------------------------------------------------
-LOG_COLUMNS = ["step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_meteor"]
+LOG_COLUMNS = ["step", "epoch", "stage", "loss", "lr", "grad_norm", "step_seconds", "tokens_per_s", "val_loss",
+               "val_meteor"]
 
 
 class TrainingLog:
@@ -135,6 +138,20 @@ class TrainingLog:
         with open(self.path, newline="") as f:
             return list(csv.DictReader(f))
 
+    def write_summary(self, path: Path, model, device: torch.device) -> None:
+        """logs/train_summary.json: parameters, median step time and tokens/s of the last stage, peak memory."""
+        from lora import parameter_counts
+        rows = [r for r in self.rows() if r["step_seconds"]]
+        last_stage = [r for r in rows if r["stage"] == rows[-1]["stage"]] if rows else []
+        trainable, total = parameter_counts(model)
+        summary = {"trainable_parameters": trainable, "total_parameters": total, "steps": len(rows),
+                   "median_step_seconds": statistics.median(float(r["step_seconds"]) for r in last_stage)
+                   if last_stage else None,
+                   "median_tokens_per_s": statistics.median(float(r["tokens_per_s"]) for r in last_stage)
+                   if last_stage else None,
+                   "peak_memory_gib": peak_memory_gib(device), "device": str(device)}
+        path.write_text(json.dumps(summary, indent=1))
+
     def plot(self, path: Path) -> None:
         """logs/training_curves.png: training loss and learning rate per step, validation METEOR per epoch."""
         if not self.enabled:
@@ -159,8 +176,14 @@ class TrainingLog:
         plt.close(figure)
 
 
-def peak_memory(device: torch.device) -> str:
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA's peak allocated memory on a GPU; the process's peak resident set size on the CPU."""
     if device.type == "cuda":
-        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"peak RSS {kib / 2**20 if sys.platform != 'darwin' else kib / 2**30:.2f} GiB"
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def peak_memory(device: torch.device) -> str:
+    kind = "peak GPU memory" if device.type == "cuda" else "peak RSS"
+    return f"{kind} {peak_memory_gib(device):.2f} GiB"

@@ -305,11 +305,12 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
-                tokens_per_s = num_label_tokens / run.world / (time.perf_counter() - started)
+                step_seconds = time.perf_counter() - started
+                tokens_per_s = num_label_tokens / run.world / step_seconds
                 loss_total = all_reduce_mean(loss_total, run)
                 progress.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
                 log.write(step=global_step, epoch=epoch + 1, stage=stage, loss=loss_total, lr=lr,
-                          grad_norm=float(grad_norm), tokens_per_s=tokens_per_s)
+                          grad_norm=float(grad_norm), step_seconds=step_seconds, tokens_per_s=tokens_per_s)
                 position = dict(stage=stage, epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=global_step,
                                 best_meteor=best_meteor)
                 stop = cfg.max_steps and global_step >= cfg.max_steps
@@ -340,6 +341,7 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
     if run.is_main:
         checkpoint.save_model(out / "checkpoints" / "final_model.pt", model, cfg, {"stage": 2})
         log.plot(out / "logs" / "training_curves.png")
+        log.write_summary(out / "logs" / "train_summary.json", model, run.device)
     return True
 
 

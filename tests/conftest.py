@@ -67,3 +67,46 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(KOREAN_TEXTS * 20, out, vocab_size=400)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory, tokenizer_dir):
+    """(clip_dir, llm_dir): a vision-only CLIP (28 px, patch 7: 16 patches, width 32) and a Qwen3 (width 48) whose
+    folder holds the tokenizer, as a real Qwen3 snapshot does."""
+    import shutil
+    from tokenizers import Tokenizer
+    root = tmp_path_factory.mktemp("bases")
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    llm = save_tiny_qwen3(root / "llm", vocab_size=vocab, hidden_size=48, intermediate_size=64, head_dim=16)
+    shutil.copy(tokenizer_dir / "tokenizer.json", llm / "tokenizer.json")
+    clip = save_tiny_clip(root / "clip", full=False, hidden_size=32, image_size=28, patch_size=7)
+    return clip, llm
+
+
+def write_noise_video(path, seed, num_frames=6, size=28):
+    """A short mp4 of random frames."""
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
+    for _ in range(num_frames):
+        writer.write(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    writer.release()
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory):
+    """manifest.jsonl of 20 noise videos with two Korean captions each: 12 train, 4 val, 4 test."""
+    import json
+    root = tmp_path_factory.mktemp("videos")
+    colours = ["빨간", "파란", "노란", "초록색"]
+    lines = []
+    for i in range(20):
+        write_noise_video(root / f"v{i}.mp4", seed=i)
+        split = "train" if i < 12 else "val" if i < 16 else "test"
+        captions = [f"{colours[i % 4]} 원이 움직인다.", f"{colours[(i + 1) % 4]} 원이 지나간다."]
+        lines.append(json.dumps({"id": f"v{i}", "video": f"v{i}.mp4", "captions": captions, "split": split},
+                                ensure_ascii=False))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "manifest.jsonl"

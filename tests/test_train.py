@@ -3,51 +3,23 @@ boundary), atomic checkpoints, accumulation, NaN stops, what each stage trains, 
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer
 
 import checkpoint
-from conftest import save_tiny_clip, save_tiny_qwen3
 from train import TrainConfig, main, train, setup_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = ["빨간", "파란", "노란", "초록색"]
-
-
-def write_video(path, seed, num_frames=6, size=28):
-    rng = np.random.default_rng(seed)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
-    for _ in range(num_frames):
-        writer.write(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-    writer.release()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer_dir):
-    """Tiny CLIP + Qwen3 snapshot folders and a manifest of 12 train, 4 val and 4 test videos."""
-    root = tmp_path_factory.mktemp("train")
-    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    llm = save_tiny_qwen3(root / "llm", vocab_size=vocab, hidden_size=48, intermediate_size=64, head_dim=16)
-    shutil.copy(tokenizer_dir / "tokenizer.json", llm / "tokenizer.json")
-    clip = save_tiny_clip(root / "clip", full=False, hidden_size=32, image_size=28, patch_size=7)
-    lines = []
-    for i in range(20):
-        write_video(root / f"v{i}.mp4", seed=i)
-        split = "train" if i < 12 else "val" if i < 16 else "test"
-        captions = [f"{COLOURS[i % 4]} 원이 움직인다.", f"{COLOURS[(i + 1) % 4]} 원이 지나간다."]
-        lines.append(json.dumps({"id": f"v{i}", "video": f"v{i}.mp4", "captions": captions, "split": split},
-                                ensure_ascii=False))
-    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return root, clip, llm
+def setup(tiny_bases, tiny_manifest):
+    return tiny_manifest.parent, *tiny_bases
 
 
 def config(setup, tmp_path, **overrides):

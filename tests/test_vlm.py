@@ -1,15 +1,10 @@
 """The assembled model on tiny random bases: prompt and label mask, label-only loss vs full logits, accumulation,
 batched / KV-cache generation, trainable state, and the frozen-feature cache."""
-import shutil
-
-import cv2
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
-from conftest import save_tiny_clip, save_tiny_qwen3
+from conftest import write_noise_video
 from features import FeatureCache, fill_feature_cache
 from lora import AdapterConfig
 from vlm import IGNORE_INDEX, VLMConfig, build_vlm, describe_mismatch
@@ -19,13 +14,8 @@ CAPTIONS = ["빨간 원이 왼쪽으로 움직인다.", "파란 배경에서 노
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("bases")
-    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    llm = save_tiny_qwen3(root / "llm", vocab_size=vocab, hidden_size=48, intermediate_size=64, head_dim=16)
-    shutil.copy(tokenizer_dir / "tokenizer.json", llm / "tokenizer.json")
-    clip = save_tiny_clip(root / "clip", full=False, hidden_size=32, image_size=28, patch_size=7)
-    return clip, llm
+def bases(tiny_bases):
+    return tiny_bases
 
 
 def make_model(bases, projector="perceiver", adapter=None, quant=None, seed=0):
@@ -154,19 +144,10 @@ def test_stage_two_adds_adapters_to_the_frozen_llm(bases):
 
 
 # ---- the feature cache -------------------------------------------------------------------------------------------
-def write_video(path, num_frames=6, size=28, seed=0):
-    rng = np.random.default_rng(seed)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
-    for _ in range(num_frames):
-        writer.write(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-    writer.release()
-    return path
-
-
 @pytest.fixture
 def videos(tmp_path):
     from data import Sample
-    return [Sample(id=str(i), video=write_video(tmp_path / f"v{i}.mp4", seed=i), captions=["캡션"]) for i in range(3)]
+    return [Sample(id=str(i), video=write_noise_video(tmp_path / f"v{i}.mp4", seed=i), captions=["캡션"]) for i in range(3)]
 
 
 def cache_for(model, root, num_frames=3, tower=None):
@@ -197,7 +178,7 @@ def test_feature_cache_is_invalidated_by_video_frames_or_tower(bases, videos, tm
     assert all(cache.holds(s.video) for s in videos)
     assert not any(cache_for(model, tmp_path / "cache", num_frames=4).holds(s.video) for s in videos)
     assert not any(cache_for(model, tmp_path / "cache", tower="another tower").holds(s.video) for s in videos)
-    write_video(videos[0].video, seed=99)  # the same path, new content
+    write_noise_video(videos[0].video, seed=99)  # the same path, new content
     fresh = cache_for(model, tmp_path / "cache")
     assert not fresh.holds(videos[0].video) and fresh.holds(videos[1].video)
 
