@@ -1,9 +1,11 @@
 """Side-by-side benchmarks: kovlm against the transformers + PEFT + bitsandbytes stack, in one process, with ratios.
 
-    python bench.py adapters [--tokens 1024] [--repeats 5] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
+    python bench.py adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
 
-Each subcommand is one function taking the parsed arguments and returning a JSON-ready dict. PEFT is a test-only
-reference of kovlm: it is imported only here, inside the benchmark that compares against it.
+Each subcommand is one function taking the parsed arguments and returning a JSON-ready dict (model-level presets
+become further subcommands). PEFT is a test-only reference of kovlm: only this benchmark imports it.
+Timings on a shared machine are noisy: each method runs once per round, round-robin, and the table gives the
+median and the fastest round of each.
 """
 import argparse
 import json

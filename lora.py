@@ -146,7 +146,7 @@ class LoRALinear(nn.Module):
             raise RuntimeError("DoRA adapters were applied on the meta device; apply them after loading the base")
         rows = torch.cat([x.reshape(-1, x.shape[-1]), A.detach().to(x.dtype)])  # (N, in) + (r, in) -> (N + r, in)
         out = self.base(rows)  # (N + r, in) -> (N + r, out)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # autocast would run these in bf16
             WAt = self.without_bias(out[-self.r:]).float().T  # (r, out) -> (out, r): W A^T
             A, B, s = A.float(), B.float(), self.scaling
             # ||W + sBA||^2 = ||W||^2 + rowsum((2s W A^T + s^2 B A A^T) * B)

@@ -139,6 +139,19 @@ def test_nf4_base_in_bf16_compute_stays_close_to_peft():
     assert_rel(y_ours.float(), y_peft.float(), 3e-2, "bf16 output")
 
 
+def test_dora_norm_is_formed_in_fp32_under_autocast():
+    """With a bf16 NF4 base, W A^T is the same bf16 pass with or without autocast; the rest of the norm must not
+    drop to bf16 under autocast (it would differ by ~1e-3)."""
+    layer = randomize(LoRALinear(make_base("nf4", False, compute_dtype=torch.bfloat16), R, ALPHA, dora=True))
+    x = torch.randn(5, IN, dtype=torch.bfloat16)
+    _, plain = layer.base_and_norm(x)
+    layer.forget_weight_norm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, autocast = layer.base_and_norm(x)
+    assert plain.dtype == autocast.dtype == torch.float32
+    assert torch.equal(autocast, plain)
+
+
 @pytest.mark.parametrize("kind,dora,bias", KINDS)
 def test_merged_equals_unmerged(kind, dora, bias):
     torch.manual_seed(0)
