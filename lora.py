@@ -15,8 +15,9 @@ One adapted linear of Qwen3-8B (q_proj: 4096 -> 4096, r = 16, s = alpha / r = 2)
      LoRA:   y = W x + b + s B A x                                                     (T, 4096)
      DoRA:   y = m / ||W + sBA||_row * (W x + s B A x) + b,   m: magnitude (4096,)      (T, 4096)
 
-     DoRA's row norm, recomputed only when A or B changed (once per optimizer step), never from W + sBA:
-       A (16, 4096) --base--> A W^T (16, 4096) --transpose--> W A^T (4096, 16)
+     DoRA's row norm n, detached, recomputed only when A or B changed (once per optimizer step), never from
+     the (4096, 4096) W + sBA:
+       [x; A] (T + 16, 4096) --base--> (T + 16, 4096): W x + b, and A W^T + b (16, 4096) -> W A^T (4096, 16)
        ||W + sBA||^2 = ||W||^2 + 2s rowsum(W A^T * B) + s^2 rowsum((B A A^T) * B)      (4096,)
        ||W||^2 (4096,) is a constant of the frozen base, computed once when the layer is wrapped.
 
