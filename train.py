@@ -373,4 +373,7 @@ if __name__ == "__main__":
     if config.clip is None and config.llm is None and config.train_manifest is None:
         import demo
         config = TrainConfig(**(demo.demo_defaults(config.demo_scale) | {k: getattr(config, k) for k in explicit}))
-    main(config)
+    try:
+        main(config)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad input: one line, not a traceback
+        raise SystemExit(f"error: {error}")

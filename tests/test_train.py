@@ -178,3 +178,14 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path):
     b = checkpoint.load_training_state("auto", ddp.output_dir)["trainable"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_a_malformed_manifest_line_is_one_line_naming_it(setup, tmp_path):
+    root, clip, llm = setup
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text((root / "manifest.jsonl").read_text().replace('"v3.mp4", "captions": [', '"v3.mp4", "captions": ["", ', 1))
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--clip", str(clip), "--llm", str(llm),
+                             "--train-manifest", str(manifest), "--output-dir", str(tmp_path / "run")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {manifest}:4:")
