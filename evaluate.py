@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import load_checkpoint, peak_memory
-from features import CachedFeatureDataset, FeatureCache, collate_features, fill_feature_cache
+from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
 from metrics import evaluate_captions, meteor_sentence
 from vlm import VLMConfig, build_vlm, describe_mismatch
 
@@ -38,21 +38,23 @@ def gather(rows: list, run) -> list:
 
 
 @torch.no_grad()
-def evaluate_split(model, samples, cache: FeatureCache, *, batch_size: int = 16, max_new_tokens: int = 64, run=None,
+def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: int = 16, max_new_tokens: int = 64, run=None,
                    with_loss: bool = False, decoding: dict | None = None) -> dict:
-    """Captions for every sample (and the teacher-forced loss on each first reference when with_loss), scored."""
+    """Captions for every sample (and the teacher-forced loss on each first reference when with_loss), scored.
+    Without a cache, the vision tower encodes each batch's frames."""
     from train import Distributed
     run = run or Distributed()
     was_training = model.training
     model.eval()
-    dataset = CachedFeatureDataset(samples, cache)
+    dataset = video_dataset(samples, cache, num_frames=model.config.num_frames,
+                            image_size=model.vision.config.image_size)
     mine = shard(list(range(len(samples))), run.rank, run.world)
     rows, loss_sum, loss_tokens, started = [], 0.0, 0, time.perf_counter()
     device = next(model.projector.parameters()).device
     for first in range(0, len(mine), batch_size):
         chunk = mine[first:first + batch_size]
         batch = collate_features([dataset[index] for _, index in chunk])
-        features = batch["features"].to(device)
+        features = batch_features(model, batch, device)  # (B, F, P, Dv)
         captions = model.generate(features, max_new_tokens=max_new_tokens, **(decoding or {}))
         if with_loss:
             first_refs = [refs[0] for refs in batch["captions"]]
@@ -100,15 +102,10 @@ def evaluate_checkpoint(path, *, split: str = "test", batch_size: int = 16, max_
     train_config = TrainConfig(**checkpoint["train_config"])
     model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
                           dtype=compute_dtype(train_config, run.device))
-    cache = FeatureCache(train_config.cache_dir, tower=model.vision.fingerprint, num_frames=model.config.num_frames,
-                         image_size=model.vision.config.image_size, layer=model.config.vision_layer)
-    samples = load_splits(train_config)[split]
-    if run.is_main:
-        samples, _ = fill_feature_cache(model, samples, cache, image_size=model.vision.config.image_size,
-                                        skip_bad=train_config.skip_bad, show_progress=show)
-    if run.world > 1:
-        dist.barrier()
-        samples = [s for s in samples if cache.holds(s.video)]
+    cache_dir = train_config.cache_dir if train_config.feature_cache else None
+    splits, cache = prepare_splits(model, {split: load_splits(train_config)[split]}, cache_dir=cache_dir,
+                                   skip_bad=train_config.skip_bad, run=run, show_progress=show and run.is_main)
+    samples = splits[split]
     results = evaluate_split(model, samples, cache, batch_size=batch_size, max_new_tokens=max_new_tokens, run=run,
                              decoding=decoding)
     results |= {"checkpoint": str(path), "split": split}

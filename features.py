@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import Sample, VideoError, preprocess, read_frames
+from data import Sample, VideoCaptionDataset, VideoError, check_videos, preprocess, read_frames
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -152,7 +152,49 @@ class CachedFeatureDataset(Dataset):
         return {"id": sample.id, "video": str(sample.video), "features": features, "captions": sample.captions}
 
 
+def prepare_splits(model, splits: dict[str, list[Sample]], *, cache_dir: str | None, skip_bad: bool,
+                   max_bad_fraction: float = 0.05, batch_size: int = 8, num_workers: int = 0, run=None,
+                   show_progress: bool = True) -> tuple[dict[str, list[Sample]], FeatureCache | None]:
+    """Every split's videos checked and, with a cache_dir, encoded into the cache (the vision tower's only work;
+    rank 0 encodes, the other ranks wait). Without one (--no-feature-cache) each video is decoded once to find the
+    bad ones, and the tower will encode every batch. Returns the splits without bad videos, and the cache."""
+    is_main, world = (run.is_main, run.world) if run is not None else (True, 1)
+    if cache_dir is None:
+        return {name: check_videos(samples, model.config.num_frames, skip_bad=skip_bad,
+                                   max_bad_fraction=max_bad_fraction) for name, samples in splits.items()}, None
+    cache = FeatureCache(cache_dir, tower=model.vision.fingerprint, num_frames=model.config.num_frames,
+                         image_size=model.vision.config.image_size, layer=model.config.vision_layer)
+    if is_main:
+        for name, samples in splits.items():
+            held = sum(cache.holds(s.video) for s in samples)
+            splits[name], encoded = fill_feature_cache(
+                model, samples, cache, image_size=model.vision.config.image_size, batch_size=batch_size,
+                num_workers=num_workers, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,
+                show_progress=show_progress)
+            if show_progress:
+                print(f"{name}: {len(samples)} videos, {held} already cached, {encoded} encoded now")
+    if world > 1:
+        torch.distributed.barrier()
+        splits = {name: [s for s in samples if cache.holds(s.video)] for name, samples in splits.items()}
+    return splits, cache
+
+
+def video_dataset(samples: list[Sample], cache: FeatureCache | None, *, num_frames: int, image_size: int) -> Dataset:
+    """Items with cached "features", or without a cache (--no-feature-cache) decoded "frames" to encode per batch."""
+    if cache is None:
+        return VideoCaptionDataset(samples, num_frames, image_size)
+    return CachedFeatureDataset(samples, cache)
+
+
 def collate_features(batch: list[dict]) -> dict:
-    return {"ids": [item["id"] for item in batch], "videos": [item["video"] for item in batch],
-            "features": torch.stack([item["features"] for item in batch]),  # (B, F, P, Dv)
+    key = "features" if "features" in batch[0] else "frames"
+    return {"ids": [item["id"] for item in batch], "videos": [str(item["video"]) for item in batch],
+            key: torch.stack([item[key] for item in batch]),  # (B, F, P, Dv) features or (B, F, 3, S, S) frames
             "captions": [item["captions"] for item in batch]}
+
+
+def batch_features(model, batch: dict, device) -> torch.Tensor:
+    """(B, F, P, Dv) features of a collated batch: from the cache, or from the tower when the cache is off."""
+    if "features" in batch:
+        return batch["features"].to(device)
+    return model.encode_video(batch["frames"].to(device))

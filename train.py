@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-from data import read_manifest, split_samples
 from evaluate import evaluate_checkpoint, evaluate_split
-from features import CachedFeatureDataset, FeatureCache, collate_features, fill_feature_cache
+from data import read_manifest, split_samples
+from features import batch_features, collate_features, prepare_splits, video_dataset
 from lora import AdapterConfig, parameter_report
 from projectors import PROJECTORS
 from vlm import VLMConfig, build_vlm
@@ -205,7 +205,7 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def prepare(cfg: TrainConfig, run: Distributed):
-    """Bases, projector, splits and the feature cache filled for every split (the vision tower's only work)."""
+    """Bases, projector, and the splits with every video encoded into the feature cache."""
     dtype = compute_dtype(cfg, run.device)
     projector = {"name": cfg.projector, "num_queries": cfg.num_queries}
     vlm_config = VLMConfig(clip_path=cfg.clip, llm_path=cfg.llm, projector=projector, num_frames=cfg.num_frames,
@@ -214,20 +214,12 @@ def prepare(cfg: TrainConfig, run: Distributed):
     long_inputs = cfg.projector in ("linear", "mlp")
     model.llm.gradient_checkpointing = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto"
                                                                            and long_inputs)
-    cache = FeatureCache(cfg.cache_dir, tower=model.vision.fingerprint, num_frames=cfg.num_frames,
-                         image_size=model.vision.config.image_size, layer=vlm_config.vision_layer)
-    splits = load_splits(cfg)
-    if run.is_main:
-        held = {name: sum(cache.holds(s.video) for s in samples) for name, samples in splits.items()}
-        print(f"data: " + ", ".join(f"{k} {len(v)} videos ({held[k]} cached)" for k, v in splits.items()))
-        for name, samples in splits.items():  # rank 0 encodes; the others wait at the barrier below
-            splits[name], encoded = fill_feature_cache(
-                model, samples, cache, image_size=model.vision.config.image_size, batch_size=cfg.eval_batch_size,
-                num_workers=cfg.num_workers, skip_bad=cfg.skip_bad, max_bad_fraction=cfg.max_bad_fraction)
-            print(f"feature cache: {name}: encoded {encoded} videos")
-    if run.world > 1:
-        dist.barrier()
-        splits = {name: [s for s in samples if cache.holds(s.video)] for name, samples in splits.items()}
+    if run.is_main and not cfg.feature_cache:
+        print("feature cache off: the vision tower encodes every batch")
+    splits, cache = prepare_splits(model, load_splits(cfg), cache_dir=cfg.cache_dir if cfg.feature_cache else None,
+                                   skip_bad=cfg.skip_bad, max_bad_fraction=cfg.max_bad_fraction,
+                                   batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, run=run,
+                                   show_progress=run.is_main)
     return model, splits, cache
 
 
@@ -237,7 +229,8 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     model, splits, cache = prepare(cfg, run)
-    train_set = CachedFeatureDataset(splits["train"], cache)
+    train_set = video_dataset(splits["train"], cache, num_frames=cfg.num_frames,
+                              image_size=model.vision.config.image_size)
     adapter = AdapterConfig(method=cfg.peft, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) \
         if cfg.peft != "none" else None
     window = cfg.batch_size * cfg.grad_accum * run.world
@@ -296,7 +289,8 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
                     # so each rank's loss is scaled by world (the normaliser already counts the whole window).
                     with wrapped.no_sync() if run.world > 1 and not last_micro else nullcontext():
                         with autocast:
-                            loss = wrapped(batch["features"].to(run.device), captions, num_label_tokens) * run.world
+                            features = batch_features(model, batch, run.device)  # (B, F, P, Dv)
+                        loss = wrapped(features, captions, num_label_tokens) * run.world
                         ensure_finite(loss, "loss", global_step, batch["ids"])
                         loss.backward()
                     loss_total += loss.item() / run.world

@@ -189,3 +189,14 @@ def test_a_malformed_manifest_line_is_one_line_naming_it(setup, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {manifest}:4:")
+
+
+def test_without_the_feature_cache_the_tower_encodes_every_batch(setup, tmp_path, monkeypatch):
+    import vlm
+    calls = []
+    real_encode = vlm.VLM.encode_video
+    monkeypatch.setattr(vlm.VLM, "encode_video", lambda self, pixels: calls.append(len(pixels)) or
+                        real_encode(self, pixels))
+    cfg = config(setup, tmp_path, feature_cache=False, max_steps=2)
+    assert not train(cfg, setup_distributed())
+    assert calls == [2, 2, 2, 2]  # 2 steps x 2 micro-batches of 2 videos
