@@ -1,18 +1,133 @@
 """The embedded default: tiny, generated, self-contained assets that `train.py` uses when no paths are given.
 
-Real CLIP / Qwen3 weights and real datasets cannot be fetched offline, so the demo builds its own with our own code:
-a synthetic Korean video dataset, a tokenizer with Qwen3's chat tokens, and tiny CLIP / Qwen3 snapshot folders that
-the normal loaders read.
+Real CLIP / Qwen3 weights and real datasets cannot be fetched offline, so the demo builds its own with our own code,
+once per (scale, seed, VERSION), into .cache/demo/{scale}-seed{seed}-v{VERSION}/:
+
+    data/   synthetic Korean videos (data.synth_dataset): val and test hold attribute combinations never trained on
+    clip/   a CLIP-architecture vision tower (ViT, 64 px, patch 8, width 128, 3 layers), pretrained on the training
+            frames with supervised heads (colour, shape, background, position; per token: which patch holds the
+            object and what it is), heads discarded: a tower that "knows" these images, as CLIP knows photos
+    llm/    a Qwen3 (width 256, 4 layers, tied embeddings) pretrained on "keywords -> caption": the chat prompt that
+            vlm.py builds, with the attribute words, shuffled, as tokens in the <|video_pad|> slots, loss on the
+            caption only; plus tokenizer.json (byte-level BPE with Qwen3's chat tokens)
+
+Why the LM is pretrained that way: the LM is frozen in stage 1, so the projector can only learn to speak a language
+the LM already reads. An LM pretrained on captions alone ignores its prefix and writes the most frequent caption;
+one that learned to describe whatever sits in the video slots lets the projector put the video there.
+
+    python train.py --projector perceiver --peft dora            # builds the assets, trains, prints report()
 """
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from clip import CLIPConfig, CLIPVision
+from data import (ATTRIBUTES, CAPTION_TEMPLATES, caption_choices, make_caption, parse_caption_attributes,
+                  preprocess, read_frames, read_manifest, synth_dataset, write_manifest)
+from qwen3 import Qwen3, Qwen3Config
+from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
 
 # The special tokens of Qwen3's tokenizer that kovlm's prompt uses. `<think>` / `</think>` are ordinary added
 # tokens in Qwen3 (decoding with skip_special_tokens keeps them), so they are added the same way here.
 QWEN3_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                         "<|video_pad|>"]
 QWEN3_THINK_TOKENS = ["<think>", "</think>"]
+VERSION = 2  # part of the asset folder's name: bump it when the builder changes, so old assets are not reused
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    num_videos: int    # all splits
+    num_val: int
+    num_test: int
+    frames: int        # frames per video (all of them reach the projector)
+    tower_steps: int   # vision tower pretraining: steps x frames per step
+    tower_batch: int
+    lm_steps: int      # LM pretraining: steps x captions per step
+    lm_batch: int
+
+
+SCALES = {"full": DemoScale(num_videos=3060, num_val=100, num_test=400, frames=8, tower_steps=1000, tower_batch=64,
+                            lm_steps=300, lm_batch=32),
+          "ci": DemoScale(num_videos=192, num_val=24, num_test=24, frames=8, tower_steps=40, tower_batch=32,
+                          lm_steps=40, lm_batch=32)}
+TOWER = CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=64, patch_size=8)
+TOWER_FRAMES = 8  # frames of each training video the tower pretrains on
+NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_queries), and the LM's keyword slots
+
+
+def demo_defaults(scale: str = "full") -> dict:
+    """TrainConfig values of the demo (the user's own options win): 2560 training videos in windows of 32 make
+    80 steps an epoch, so stage 1 is 160 steps of the projector alone and stage 2 is 320 steps with adapters."""
+    full = scale == "full"
+    return dict(demo_scale=scale, num_frames=SCALES[scale].frames, num_queries=NUM_SLOTS, batch_size=32 if full else 16,
+                grad_accum=1, stage1_epochs=2, stage1_lr=1e-3, stage2_epochs=3 if full else 1, stage2_lr=1e-3,
+                lora_r=16, lora_alpha=32, lora_dropout=0.0, warmup_ratio=0.05, eval_batch_size=100,
+                max_new_tokens=32, num_workers=0, save_every=1000)
+
+
+@dataclass
+class DemoAssets:
+    folder: str
+    clip: str
+    llm: str
+    manifest: str
+
+
+def build_assets(demo_dir, scale: str = "full", seed: int = 42, is_main: bool = True) -> DemoAssets:
+    """The demo's data, tokenizer, vision tower and LM, built once into a folder keyed by scale, seed and VERSION
+    (written under a temporary name and renamed when complete, so an interrupted build is never reused)."""
+    torch.set_flush_denormal(True)  # tiny models hit denormal floats on the CPU; flushing them is 3x faster here
+    folder = Path(demo_dir).resolve() / f"{scale}-seed{seed}-v{VERSION}"
+    assets = DemoAssets(str(folder), str(folder / "clip"), str(folder / "llm"), str(folder / "data/manifest.jsonl"))
+    if folder.is_dir():
+        print(f"demo: reusing the assets in {folder}")
+        return assets
+    if not is_main:  # other processes of a distributed run wait for rank 0's build
+        while not folder.is_dir():
+            time.sleep(2)
+        return assets
+    size, building = SCALES[scale], folder.with_name(folder.name + ".building")
+    shutil.rmtree(building, ignore_errors=True)
+    print(f"demo: building the assets in {folder} (once)")
+    started = clock = time.perf_counter()
+
+    def done(what: str) -> None:
+        nonlocal clock
+        print(f"demo: {what} ({time.perf_counter() - clock:.0f} s)")
+        clock = time.perf_counter()
+
+    manifest = synth_dataset(building / "data", size.num_videos, seed, num_val=size.num_val, num_test=size.num_test,
+                             frames=size.frames)
+    samples = recaption(manifest, seed)
+    done(f"{len(samples)} synthetic videos, {size.frames} frames of 64 x 64, test = unseen combinations")
+    keywords = [word for table in ATTRIBUTES.values() for word in table.values()]
+    train_tokenizer([c for s in samples if s.split == "train" for c in s.captions] + keywords + [DEFAULT_INSTRUCTION],
+                    building / "llm")
+    tokenizer = Tokenizer.from_file(str(building / "llm/tokenizer.json"))
+    done(f"tokenizer: byte-level BPE, {tokenizer.get_vocab_size()} tokens with Qwen3's chat tokens")
+    tower, accuracy = pretrain_tower(samples, size, seed)
+    save_clip(tower, building / "clip")
+    done(f"vision tower: {size.tower_steps} steps x {size.tower_batch} frames; on unseen frames " +
+         ", ".join(f"{name} {value:.2f}" for name, value in accuracy.items()))
+    lm, accuracy = pretrain_lm(samples, tokenizer, size, seed)
+    save_qwen3(lm, building / "llm")
+    done(f"LM: {size.lm_steps} steps x {size.lm_batch} captions; keywords of unseen combinations -> all four "
+         f"attributes right in {accuracy:.0%} of captions")
+    building.rename(folder)
+    print(f"demo: assets built in {time.perf_counter() - started:.0f} s")
+    return assets
 
 
 def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 1000) -> Path:
@@ -28,3 +143,261 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 100
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     return out_dir / "tokenizer.json"
+
+
+def warmup_cosine(step: int, steps: int, peak: float) -> float:
+    warmup = max(1, steps // 20)
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * max(0, step - warmup) / (steps - warmup)))
+
+
+# ---- the vision tower ------------------------------------------------------------------------------------------
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """2-D sin-cos codes (MAE's get_2d_sincos_pos_embed) of a grid x grid patch grid: (grid², width)."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angles = [axis.flatten()[:, None].float() * omega for axis in (rows, cols)]  # (P, D/4) each
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (P, D)
+
+
+def frame_targets(frames: np.ndarray, patch: int) -> dict[str, torch.Tensor]:
+    """Where the object is in each uint8 frame (N, H, W, 3): the pixels far from the frame's median colour (the
+    background covers > 90% of it) are the object; their centroid gives its patch and its x / y patch column."""
+    pixels = torch.from_numpy(frames).flatten(1, 2).short()  # (N, H·W, 3)
+    background = pixels.median(dim=1, keepdim=True).values  # (N, 1, 3)
+    mask = ((pixels - background).abs().amax(-1) > 40).float()  # (N, H·W)
+    if mask.sum(1).min() < 10:
+        raise RuntimeError("demo: a generated frame shows no object; the generator and frame_targets disagree")
+    height, width = frames.shape[1:3]
+    ys, xs = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)  # (H·W,) each
+    y = torch.div(mask @ ys.float() / mask.sum(1), patch, rounding_mode="floor").long()  # (N,) patch row
+    x = torch.div(mask @ xs.float() / mask.sum(1), patch, rounding_mode="floor").long()  # (N,) patch column
+    return {"x": x, "y": y, "centre": y * (width // patch) + x}
+
+
+class TowerHeads(nn.Module):
+    """Supervised heads used only to pretrain the tower; CLIP's pooled output (post_layernorm of the last CLS)
+    names colour, shape, background and position; the tokens of the feature layer kovlm reads (hidden_states[-2])
+    say which patch holds the object (a softmax over patches) and what it is. Shape is the hard attribute: weight 3."""
+    SHAPE_WEIGHT = 3.0
+
+    def __init__(self, width: int, grid: int):
+        super().__init__()
+        sizes = {name: len(ATTRIBUTES[name]) for name in ("colour", "shape", "background")} | {"x": grid, "y": grid}
+        self.pooled = nn.ModuleDict({name: nn.Linear(width, n) for name, n in sizes.items()})
+        self.centre = nn.Linear(width, 1)
+        self.at_centre = nn.ModuleDict({name: nn.Linear(width, sizes[name]) for name in ("colour", "shape")})
+        self.max_pooled = nn.ModuleDict({name: nn.Linear(width, sizes[name]) for name in ("colour", "shape")})
+
+    def forward(self, tower: CLIPVision, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        states = tower(pixels, layer=-2)  # (N, 1+P, D): hidden_states[-2], the features the VLM reads
+        pooled = tower.post_layernorm(tower.encoder.layers[-1](states)[:, 0])  # (N, D): CLIP's pooled output
+        tokens = states[:, 1:]  # (N, P, D)
+        logits = {name: head(pooled) for name, head in self.pooled.items()}
+        logits["centre"] = self.centre(tokens).squeeze(-1)  # (N, P)
+        logits |= {f"max_{name}": head(tokens.amax(1)) for name, head in self.max_pooled.items()}
+        return logits | {"tokens": tokens}
+
+    def loss(self, logits: dict, targets: dict) -> torch.Tensor:
+        centre_token = logits["tokens"][torch.arange(len(targets["centre"])), targets["centre"]]  # (N, D)
+        logits = logits | {f"at_{name}": head(centre_token) for name, head in self.at_centre.items()}
+        return sum(F.cross_entropy(value, targets[name.removeprefix("max_").removeprefix("at_")]) *
+                   (self.SHAPE_WEIGHT if name.endswith("shape") else 1.0)
+                   for name, value in logits.items() if name != "tokens")
+
+
+def load_frames(samples) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """Every frame of the samples' videos (N, H, W, 3) and its labels: the video's attributes, the object's place."""
+    frames = [read_frames(s.video, num_frames=TOWER_FRAMES) for s in samples]  # (F, H, W, 3) each
+    places = [frame_targets(video, TOWER.patch_size) for video in frames]
+    labels = {name: torch.tensor([list(ATTRIBUTES[name]).index(s.attributes[name]) for s in samples
+                                  for _ in range(TOWER_FRAMES)]) for name in ("colour", "shape", "background")}
+    return np.concatenate(frames), labels | {name: torch.cat([p[name] for p in places]) for name in places[0]}
+
+
+def pretrain_tower(samples, size: DemoScale, seed: int) -> tuple[CLIPVision, dict[str, float]]:
+    """A CLIP vision tower trained on the training videos' frames; accuracy of its heads on the val videos' frames."""
+    torch.manual_seed(seed)
+    tower, grid = CLIPVision(TOWER), TOWER.image_size // TOWER.patch_size
+    with torch.no_grad():  # learned positions, started from 2-D sin-cos codes at half a token's scale
+        tower.embeddings.position_embedding.weight[1:] = 0.5 * sincos_positions(grid, TOWER.hidden_size)
+    heads = TowerHeads(TOWER.hidden_size, grid)
+    frames, targets = load_frames([s for s in samples if s.split == "train"])
+    parameters = [*tower.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(size.tower_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, size.tower_steps, 2e-3)
+        batch = torch.randint(len(frames), (size.tower_batch,), generator=generator)
+        loss = heads.loss(heads(tower, preprocess(frames[batch.numpy()], TOWER.image_size)),
+                          {name: value[batch] for name, value in targets.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+    frames, targets = load_frames([s for s in samples if s.split == "val"])
+    with torch.no_grad():
+        logits = heads(tower, preprocess(frames, TOWER.image_size))
+    accuracy = {name: float((logits[name].argmax(-1) == targets[name]).float().mean())
+                for name in ("colour", "shape", "background", "centre")}
+    return tower.requires_grad_(False).eval(), accuracy
+
+
+def save_clip(tower: CLIPVision, folder: Path) -> None:
+    """A transformers-style CLIPVisionModel folder: config.json + model.safetensors (bare keys, as transformers 5)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_act": "quick_gelu",
+              "hidden_size": TOWER.hidden_size, "intermediate_size": TOWER.intermediate_size,
+              "num_hidden_layers": TOWER.num_hidden_layers, "num_attention_heads": TOWER.num_attention_heads,
+              "image_size": TOWER.image_size, "patch_size": TOWER.patch_size, "num_channels": TOWER.num_channels,
+              "layer_norm_eps": TOWER.layer_norm_eps, "attention_dropout": 0.0, "dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+# ---- the language model ----------------------------------------------------------------------------------------
+def qwen3_config(tokenizer: Tokenizer) -> dict:
+    """config.json of the demo LM, as transformers writes a Qwen3ForCausalLM's."""
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": tokenizer.get_vocab_size(),
+            "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "tie_word_embeddings": True, "attention_bias": False, "attention_dropout": 0.0, "use_cache": True,
+            "use_sliding_window": False, "layer_types": ["full_attention"] * 4, "dtype": "float32",
+            "pad_token_id": tokenizer.token_to_id("<|endoftext|>"), "eos_token_id": tokenizer.token_to_id("<|im_end|>")}
+
+
+def plain_caption(attributes: dict, template: str) -> str:
+    """A caption of data.py's grammar that names each attribute by one word (the first of its synonyms)."""
+    return make_caption(template, {slot: words[0] for slot, words in caption_choices(attributes).items()})
+
+
+def recaption(manifest: Path, seed: int) -> list:
+    """Give every video 2-5 plain captions in different templates (see DemoScale / the README for why)."""
+    rng, samples = random.Random(seed), read_manifest(manifest)
+    for sample in samples:
+        templates = rng.sample(CAPTION_TEMPLATES, rng.randint(2, 5))
+        sample.captions = [plain_caption(sample.attributes, template) for template in templates]
+    write_manifest(samples, manifest)
+    return samples
+
+
+def keyword_prompt(template: ChatTemplate, attributes: dict, rng: random.Random) -> list[int]:
+    """vlm.py's prompt with the attribute words, in random order and at random places, in the NUM_SLOTS video slots
+    (the rest stay <|video_pad|>): the LM learns to describe whatever the video slots hold."""
+    keywords = [template.encode(ATTRIBUTES[name][value]) for name, value in attributes.items()]
+    pads = [[template.video_pad_id]] * (NUM_SLOTS - sum(map(len, keywords)))
+    pieces = rng.sample(keywords + pads, len(keywords) + len(pads))
+    return template.before_video + [token for piece in pieces for token in piece] + template.after_video
+
+
+def pretrain_lm(samples, tokenizer: Tokenizer, size: DemoScale, seed: int) -> tuple[Qwen3, float]:
+    """A Qwen3 trained on keyword prompts -> captions of the training combinations, loss on the caption only;
+    returns it and the share of unseen (test) combinations it captions with all four attributes right."""
+    torch.manual_seed(seed)
+    rng, template = random.Random(seed), ChatTemplate(tokenizer, DEFAULT_INSTRUCTION)
+    model = Qwen3(Qwen3Config.from_hf(qwen3_config(tokenizer)))
+    for module in model.modules():  # transformers' init: N(0, 0.02) for every linear and the embedding
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+    combinations = [dict(t) for t in {tuple(s.attributes.items()) for s in samples if s.split == "train"}]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    for step in range(size.lm_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, size.lm_steps, 2e-3)
+        rows = []
+        for attributes in rng.choices(combinations, k=size.lm_batch):
+            prompt = keyword_prompt(template, attributes, rng)
+            caption = template.caption_ids(plain_caption(attributes, rng.choice(CAPTION_TEMPLATES)))
+            rows.append((prompt + caption, [IGNORE_INDEX] * len(prompt) + caption))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.tensor([ids + [template.end_of_text_id] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in rows])
+        hidden = model.hidden_states(input_ids)[:, :-1]  # (B, T-1, C): position t predicts token t + 1
+        supervised = labels[:, 1:] != IGNORE_INDEX
+        loss = F.cross_entropy(model.logits_from_hidden(hidden[supervised]), labels[:, 1:][supervised])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    unseen = [s.attributes for s in samples if s.split == "test"]
+    prompts = torch.tensor([keyword_prompt(template, attributes, rng) for attributes in unseen])
+    captions = greedy_captions(model.eval(), template, prompts)
+    right = [parse_caption_attributes(c) == a for c, a in zip(captions, unseen)]
+    return model.requires_grad_(False), sum(right) / len(right)
+
+
+@torch.no_grad()
+def greedy_captions(model: Qwen3, template: ChatTemplate, prompts: torch.Tensor, max_new: int = 32) -> list[str]:
+    """Greedy decoding with the KV cache of prompts of one length (B, T)."""
+    cache = model.new_kv_cache(len(prompts), prompts.shape[1] + max_new)
+    tokens = [model(prompts, kv_cache=cache)[:, -1].argmax(-1)]  # (B,)
+    for _ in range(max_new - 1):
+        tokens.append(model(tokens[-1][:, None], kv_cache=cache)[:, -1].argmax(-1))
+    return [template.decode(row) for row in torch.stack(tokens, 1).tolist()]
+
+
+def save_qwen3(model: Qwen3, folder: Path) -> None:
+    """A transformers-style Qwen3ForCausalLM folder (config.json + model.safetensors) next to tokenizer.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps(qwen3_config(tokenizer), indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+# ---- the final table -------------------------------------------------------------------------------------------
+class OtherVideosFeatures:
+    """A feature cache whose load(video) returns another video's features (one random cycle through all videos,
+    so none keeps its own): the blind baseline sees real features, only not those of the video it describes."""
+
+    def __init__(self, cache, videos: list, seed: int):
+        order = random.Random(seed).sample([str(v) for v in videos], len(videos))
+        self.other = {video: order[(i + 1) % len(order)] for i, video in enumerate(order)}
+        self.cache, self.root = cache, cache.root
+
+    def load(self, video):
+        return self.cache.load(self.other[str(video)])
+
+
+def blind_baseline(checkpoint_path) -> dict:
+    """evaluate_split on the test split with each video's features replaced by another video's."""
+    from checkpoint import load_checkpoint
+    from evaluate import evaluate_split, rebuild_model
+    from features import FeatureCache
+    from train import TrainConfig, compute_dtype, load_splits
+    checkpoint = load_checkpoint(checkpoint_path)
+    train_config, device = TrainConfig(**checkpoint["train_config"]), torch.device("cpu")
+    model = rebuild_model(checkpoint, clip=None, llm=None, device=device, dtype=compute_dtype(train_config, device))
+    cache = FeatureCache(train_config.cache_dir, tower=model.vision.fingerprint, num_frames=model.config.num_frames,
+                         image_size=model.vision.config.image_size, layer=model.config.vision_layer)
+    samples = load_splits(train_config)["test"]
+    others = OtherVideosFeatures(cache, [s.video for s in samples], train_config.seed)
+    return evaluate_split(model, samples, others,
+                          batch_size=train_config.eval_batch_size, max_new_tokens=train_config.max_new_tokens)
+
+
+def caption_scores(results: dict, attributes: dict[str, dict]) -> dict[str, float]:
+    """METEOR, CIDEr-D, and the share of captions that name each attribute right (and all four)."""
+    parsed = [(parse_caption_attributes(p["prediction"]), attributes[p["id"]]) for p in results["predictions"]]
+    scores = {"METEOR": results["metrics"]["meteor"]["value"], "CIDEr-D": results["metrics"]["cider_d"]["value"]}
+    scores |= {name: float(np.mean([found[name] == true[name] for found, true in parsed])) for name in ATTRIBUTES}
+    return scores | {"all four": float(np.mean([found == true for found, true in parsed]))}
+
+
+def report(results: dict, assets: DemoAssets) -> dict:
+    """Print the test table (the model vs the blind baseline) and five captions; return the numbers."""
+    started = time.perf_counter()
+    attributes = {s.id: s.attributes for s in read_manifest(assets.manifest)}
+    table = {"model": caption_scores(results, attributes),
+             "blind": caption_scores(blind_baseline(results["checkpoint"]), attributes)}
+    print(f"\nthe embedded demo, test split: {len(results['predictions'])} videos, attribute combinations never seen "
+          f"in training\n  blind = the same model given another video's features ({time.perf_counter() - started:.0f}"
+          f" s)\n\n  {'':<12}{'model':>8}{'blind':>8}")
+    for name in table["model"]:
+        print(f"  {name:<12}{table['model'][name]:>8.3f}{table['blind'][name]:>8.3f}")
+    print("\n  five test captions and their references:")
+    for p in results["predictions"][:5]:
+        print(f"  {p['prediction']}\n      refs: {' | '.join(p['references'])}")
+    return table

@@ -1,0 +1,145 @@
+"""The embedded demo: its snapshot folders load in transformers with our numbers, its pieces do what they say, and
+the shrunken default (scale "ci") runs end to end through train.main, evaluate.py reloading its checkpoint."""
+import csv
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+import demo
+from clip import CLIPVision, load_clip_vision
+from data import ATTRIBUTES
+from qwen3 import Qwen3, Qwen3Config, load_qwen3
+from train import TrainConfig
+from vlm import DEFAULT_INSTRUCTION, ChatTemplate
+
+
+def test_saved_tower_loads_in_transformers_with_our_features(tmp_path):
+    from transformers import CLIPVisionModel
+    torch.manual_seed(0)
+    tower = CLIPVision(demo.TOWER)
+    demo.save_clip(tower, tmp_path / "clip")
+    ours = load_clip_vision(tmp_path / "clip")
+    reference = CLIPVisionModel.from_pretrained(tmp_path / "clip").eval()
+    pixels = torch.randn(2, 3, demo.TOWER.image_size, demo.TOWER.image_size)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states
+        for layer in (-1, -2):
+            torch.testing.assert_close(ours(pixels, layer=layer), expected[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_saved_lm_loads_in_transformers_with_our_logits(tmp_path, tokenizer_dir):
+    from transformers import Qwen3ForCausalLM
+    (tmp_path / "llm").mkdir()
+    shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path / "llm" / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tmp_path / "llm" / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = Qwen3(Qwen3Config.from_hf(demo.qwen3_config(tokenizer)))
+    for module in model.modules():  # a random model at the scale of trained weights, not nn defaults
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    demo.save_qwen3(model, tmp_path / "llm")
+    ours = load_qwen3(tmp_path / "llm", dtype=torch.float32)
+    reference = Qwen3ForCausalLM.from_pretrained(tmp_path / "llm").eval()
+    assert reference.config.tie_word_embeddings and reference.config.vocab_size == tokenizer.get_vocab_size()
+    ids = torch.randint(tokenizer.get_vocab_size(), (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_frame_targets_find_the_object_patch():
+    frames = np.full((2, 64, 64, 3), 128, np.uint8)
+    frames[0, 40:50, 8:18] = (220, 40, 40)   # centre (y 44.5, x 12.5): patch row 5, column 1
+    frames[1, 2:12, 50:60] = (40, 80, 225)   # centre (y 6.5, x 54.5): patch row 0, column 6
+    targets = demo.frame_targets(frames, patch=8)
+    assert targets["y"].tolist() == [5, 0] and targets["x"].tolist() == [1, 6]
+    assert targets["centre"].tolist() == [5 * 8 + 1, 6]
+    with pytest.raises(RuntimeError, match="no object"):
+        demo.frame_targets(np.full((1, 64, 64, 3), 128, np.uint8), patch=8)
+
+
+def test_keyword_prompt_is_the_vlm_prompt_with_the_keywords_in_the_video_slots(tokenizer_dir):
+    template = ChatTemplate(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), DEFAULT_INSTRUCTION)
+    attributes = {"colour": "red", "shape": "circle", "motion": "left", "background": "white"}
+    prompt = demo.keyword_prompt(template, attributes, random.Random(0))
+    reference = template.prompt_ids(demo.NUM_SLOTS)
+    slots = slice(len(template.before_video), len(template.before_video) + demo.NUM_SLOTS)
+    assert len(prompt) == len(reference) and prompt[:slots.start] == reference[:slots.start]
+    assert prompt[slots.stop:] == reference[slots.stop:]
+    words = template.tokenizer.decode([t for t in prompt[slots] if t != template.video_pad_id])
+    assert sorted(words) == sorted("".join(ATTRIBUTES[name][value] for name, value in attributes.items()))
+
+
+def test_other_videos_features_never_returns_a_videos_own():
+    class Cache:
+        root = "cache"
+
+        def load(self, video):
+            return video
+
+    videos = [f"v{i}.mp4" for i in range(50)]
+    others = demo.OtherVideosFeatures(Cache(), videos, seed=3)
+    assert sorted(others.load(v) for v in videos) == sorted(videos)  # a permutation ...
+    assert all(others.load(v) != v for v in videos)          # ... with no fixed point
+
+
+def test_caption_scores_read_the_attributes_back_from_the_captions():
+    truth = {"a": {"colour": "red", "shape": "circle", "motion": "left", "background": "white"},
+             "b": {"colour": "blue", "shape": "star", "motion": "up", "background": "black"}}
+    predictions = [{"id": "a", "prediction": "빨간 원이 흰 배경 위에서 왼쪽으로 움직인다."},
+                   {"id": "b", "prediction": "노란 별이 검은 배경 위에서 위로 움직인다."}]  # colour wrong
+    results = {"predictions": predictions, "metrics": {"meteor": {"value": 0.5}, "cider_d": {"value": 1.5}}}
+    scores = demo.caption_scores(results, truth)
+    assert scores == {"METEOR": 0.5, "CIDEr-D": 1.5, "colour": 0.5, "shape": 1.0, "motion": 1.0,
+                      "background": 1.0, "all four": 0.5}
+
+
+@pytest.mark.parametrize("scale", sorted(demo.SCALES))
+def test_demo_defaults_are_train_options(scale):
+    config = TrainConfig(**demo.demo_defaults(scale))
+    assert config.demo_scale == scale and config.num_frames == demo.SCALES[scale].frames
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads that wait for each other
+    ran this test 5x slower (300 s against 60 s measured); on an idle machine one thread costs less than 2x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ci_demo_runs_end_to_end_and_evaluate_reloads_it(tmp_path, capsys, one_thread):
+    from evaluate import evaluate_checkpoint
+    from train import main
+    config = TrainConfig(**demo.demo_defaults("ci") | dict(demo_dir=str(tmp_path / "demo"),
+                                                            output_dir=str(tmp_path / "run"),
+                                                            cache_dir=str(tmp_path / "features")))
+    results = main(config)
+    run = tmp_path / "run"
+    printed = capsys.readouterr().out
+    assert "demo: building the assets" in printed and "blind" in printed
+    rows = list(csv.DictReader(open(run / "logs" / "training_log.csv")))
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    assert np.mean(losses[-5:]) < 0.85 * losses[0], losses  # the projector learns to address the frozen LM
+    for name in ("best_model.pt", "final_model.pt", "stage1_projector.pt"):
+        assert (run / "checkpoints" / name).is_file()
+    assert (run / "logs" / "training_curves.png").stat().st_size > 0
+    metrics = json.loads((run / "logs" / "final_metrics.json").read_text())
+    predictions = json.loads((run / "samples" / "predictions.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_videos"] == len(predictions) == demo.SCALES["ci"].num_test
+    assert all(p["prediction"] and p["references"] for p in predictions)
+    again = evaluate_checkpoint(run / "checkpoints" / "best_model.pt", output_dir=tmp_path / "again", show=False)
+    assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in results["predictions"]]
+    assets = demo.build_assets(tmp_path / "demo", scale="ci", seed=config.seed)
+    assert "reusing" in capsys.readouterr().out and config.clip == assets.clip
+    table = demo.report(results, assets)
+    assert set(table["model"]) == {"METEOR", "CIDEr-D", *ATTRIBUTES, "all four"}
+    assert table["model"]["METEOR"] == pytest.approx(results["metrics"]["meteor"]["value"])
+    assert set(table["blind"]) == set(table["model"])
+    assert table["model"]["all four"] <= min(table["model"][name] for name in ATTRIBUTES) <= 1
