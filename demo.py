@@ -35,6 +35,7 @@ from clip import CLIPConfig, CLIPVision
 from data import (ATTRIBUTES, CAPTION_TEMPLATES, caption_choices, make_caption, parse_caption_attributes,
                   preprocess, read_frames, read_manifest, synth_dataset, write_manifest)
 from qwen3 import Qwen3, Qwen3Config
+from train import get_lr
 from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
 
 # The special tokens of Qwen3's tokenizer that kovlm's prompt uses. `<think>` / `</think>` are ordinary added
@@ -64,6 +65,7 @@ SCALES = {"full": DemoScale(num_videos=3060, num_val=100, num_test=400, frames=8
 TOWER = CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    image_size=64, patch_size=8)
 TOWER_FRAMES = 8  # frames of each training video the tower pretrains on
+TOWER_LR = LM_LR = 2e-3  # AdamW peaks; slower (1e-3) or faster (4e-3) left shape at 0.3-0.6 in the feasibility probe
 NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_queries), and the LM's keyword slots
 
 
@@ -145,11 +147,6 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 100
     return out_dir / "tokenizer.json"
 
 
-def warmup_cosine(step: int, steps: int, peak: float) -> float:
-    warmup = max(1, steps // 20)
-    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * max(0, step - warmup) / (steps - warmup)))
-
-
 # ---- the vision tower ------------------------------------------------------------------------------------------
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
     """2-D sin-cos codes (MAE's get_2d_sincos_pos_embed) of a grid x grid patch grid: (grid², width)."""
@@ -175,9 +172,10 @@ def frame_targets(frames: np.ndarray, patch: int) -> dict[str, torch.Tensor]:
 
 
 class TowerHeads(nn.Module):
-    """Supervised heads used only to pretrain the tower; CLIP's pooled output (post_layernorm of the last CLS)
-    names colour, shape, background and position; the tokens of the feature layer kovlm reads (hidden_states[-2])
-    say which patch holds the object (a softmax over patches) and what it is. Shape is the hard attribute: weight 3."""
+    """Supervised heads used only to pretrain the tower. CLIP's pooled output (post_layernorm of the last CLS)
+    names colour, shape, background and the object's patch column and row; the tokens of the layer kovlm reads
+    (hidden_states[-2]) say which patch holds the object (a softmax over patches), and that token and the max over
+    tokens name its colour and shape, so the features themselves carry them. Shape is the hard attribute: x3."""
     SHAPE_WEIGHT = 3.0
 
     def __init__(self, width: int, grid: int):
@@ -188,21 +186,27 @@ class TowerHeads(nn.Module):
         self.at_centre = nn.ModuleDict({name: nn.Linear(width, sizes[name]) for name in ("colour", "shape")})
         self.max_pooled = nn.ModuleDict({name: nn.Linear(width, sizes[name]) for name in ("colour", "shape")})
 
-    def forward(self, tower: CLIPVision, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def read(self, tower: CLIPVision, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         states = tower(pixels, layer=-2)  # (N, 1+P, D): hidden_states[-2], the features the VLM reads
         pooled = tower.post_layernorm(tower.encoder.layers[-1](states)[:, 0])  # (N, D): CLIP's pooled output
-        tokens = states[:, 1:]  # (N, P, D)
-        logits = {name: head(pooled) for name, head in self.pooled.items()}
-        logits["centre"] = self.centre(tokens).squeeze(-1)  # (N, P)
-        logits |= {f"max_{name}": head(tokens.amax(1)) for name, head in self.max_pooled.items()}
-        return logits | {"tokens": tokens}
+        return pooled, states[:, 1:]  # (N, D), (N, P, D)
 
-    def loss(self, logits: dict, targets: dict) -> torch.Tensor:
-        centre_token = logits["tokens"][torch.arange(len(targets["centre"])), targets["centre"]]  # (N, D)
-        logits = logits | {f"at_{name}": head(centre_token) for name, head in self.at_centre.items()}
-        return sum(F.cross_entropy(value, targets[name.removeprefix("max_").removeprefix("at_")]) *
-                   (self.SHAPE_WEIGHT if name.endswith("shape") else 1.0)
-                   for name, value in logits.items() if name != "tokens")
+    def loss(self, tower: CLIPVision, pixels: torch.Tensor, targets: dict) -> torch.Tensor:
+        pooled, tokens = self.read(tower, pixels)
+        object_token = tokens[torch.arange(len(tokens)), targets["centre"]]  # (N, D)
+        predictions = [(head(pooled), name) for name, head in self.pooled.items()]
+        predictions.append((self.centre(tokens).squeeze(-1), "centre"))  # (N, P, 1) -> (N, P)
+        predictions += [(head(object_token), name) for name, head in self.at_centre.items()]
+        predictions += [(head(tokens.amax(1)), name) for name, head in self.max_pooled.items()]  # (N, D)
+        return sum(F.cross_entropy(logits, targets[name]) * (self.SHAPE_WEIGHT if name == "shape" else 1.0)
+                   for logits, name in predictions)
+
+    @torch.no_grad()
+    def accuracy(self, tower: CLIPVision, pixels: torch.Tensor, targets: dict) -> dict[str, float]:
+        pooled, tokens = self.read(tower, pixels)
+        predicted = {name: self.pooled[name](pooled).argmax(-1) for name in ("colour", "shape", "background")}
+        predicted["centre"] = self.centre(tokens).squeeze(-1).argmax(-1)
+        return {name: float((value == targets[name]).float().mean()) for name, value in predicted.items()}
 
 
 def load_frames(samples) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
@@ -223,23 +227,20 @@ def pretrain_tower(samples, size: DemoScale, seed: int) -> tuple[CLIPVision, dic
     heads = TowerHeads(TOWER.hidden_size, grid)
     frames, targets = load_frames([s for s in samples if s.split == "train"])
     parameters = [*tower.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(parameters, lr=TOWER_LR, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     for step in range(size.tower_steps):
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, size.tower_steps, 2e-3)
+            group["lr"] = get_lr(step, size.tower_steps, max(1, size.tower_steps // 20), TOWER_LR)
         batch = torch.randint(len(frames), (size.tower_batch,), generator=generator)
-        loss = heads.loss(heads(tower, preprocess(frames[batch.numpy()], TOWER.image_size)),
+        loss = heads.loss(tower, preprocess(frames[batch.numpy()], TOWER.image_size),
                           {name: value[batch] for name, value in targets.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
     frames, targets = load_frames([s for s in samples if s.split == "val"])
-    with torch.no_grad():
-        logits = heads(tower, preprocess(frames, TOWER.image_size))
-    accuracy = {name: float((logits[name].argmax(-1) == targets[name]).float().mean())
-                for name in ("colour", "shape", "background", "centre")}
+    accuracy = heads.accuracy(tower, preprocess(frames, TOWER.image_size), targets)
     return tower.requires_grad_(False).eval(), accuracy
 
 
@@ -292,6 +293,18 @@ def keyword_prompt(template: ChatTemplate, attributes: dict, rng: random.Random)
     return template.before_video + [token for piece in pieces for token in piece] + template.after_video
 
 
+def keyword_batch(template: ChatTemplate, combinations: list[dict], rng: random.Random):
+    """input_ids (B, T), right-padded, and labels (B, T): IGNORE_INDEX except on the caption and its <|im_end|>."""
+    rows = []
+    for attributes in combinations:
+        prompt = keyword_prompt(template, attributes, rng)
+        caption = template.caption_ids(plain_caption(attributes, rng.choice(CAPTION_TEMPLATES)))
+        rows.append((prompt + caption, [IGNORE_INDEX] * len(prompt) + caption))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [template.end_of_text_id] * (width - len(ids)) for ids, _ in rows])
+    return input_ids, torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in rows])
+
+
 def pretrain_lm(samples, tokenizer: Tokenizer, size: DemoScale, seed: int) -> tuple[Qwen3, float]:
     """A Qwen3 trained on keyword prompts -> captions of the training combinations, loss on the caption only;
     returns it and the share of unseen (test) combinations it captions with all four attributes right."""
@@ -302,18 +315,11 @@ def pretrain_lm(samples, tokenizer: Tokenizer, size: DemoScale, seed: int) -> tu
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
     combinations = [dict(t) for t in {tuple(s.attributes.items()) for s in samples if s.split == "train"}]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=0.01)
     for step in range(size.lm_steps):
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, size.lm_steps, 2e-3)
-        rows = []
-        for attributes in rng.choices(combinations, k=size.lm_batch):
-            prompt = keyword_prompt(template, attributes, rng)
-            caption = template.caption_ids(plain_caption(attributes, rng.choice(CAPTION_TEMPLATES)))
-            rows.append((prompt + caption, [IGNORE_INDEX] * len(prompt) + caption))
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.tensor([ids + [template.end_of_text_id] * (width - len(ids)) for ids, _ in rows])
-        labels = torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in rows])
+            group["lr"] = get_lr(step, size.lm_steps, max(1, size.lm_steps // 20), LM_LR)
+        input_ids, labels = keyword_batch(template, rng.choices(combinations, k=size.lm_batch), rng)
         hidden = model.hidden_states(input_ids)[:, :-1]  # (B, T-1, C): position t predicts token t + 1
         supervised = labels[:, 1:] != IGNORE_INDEX
         loss = F.cross_entropy(model.logits_from_hidden(hidden[supervised]), labels[:, 1:][supervised])
@@ -362,20 +368,21 @@ class OtherVideosFeatures:
 
 
 def blind_baseline(checkpoint_path) -> dict:
-    """evaluate_split on the test split with each video's features replaced by another video's."""
+    """evaluate_split on the test split with each video's features replaced by another video's (the test features
+    go through the feature cache here even in a run without one, since they are swapped there)."""
     from checkpoint import load_checkpoint
     from evaluate import evaluate_split, rebuild_model
-    from features import FeatureCache
+    from features import prepare_splits
     from train import TrainConfig, compute_dtype, load_splits
     checkpoint = load_checkpoint(checkpoint_path)
-    train_config, device = TrainConfig(**checkpoint["train_config"]), torch.device("cpu")
-    model = rebuild_model(checkpoint, clip=None, llm=None, device=device, dtype=compute_dtype(train_config, device))
-    cache = FeatureCache(train_config.cache_dir, tower=model.vision.fingerprint, num_frames=model.config.num_frames,
-                         image_size=model.vision.config.image_size, layer=model.config.vision_layer)
-    samples = load_splits(train_config)["test"]
-    others = OtherVideosFeatures(cache, [s.video for s in samples], train_config.seed)
-    return evaluate_split(model, samples, others,
-                          batch_size=train_config.eval_batch_size, max_new_tokens=train_config.max_new_tokens)
+    config = TrainConfig(**checkpoint["train_config"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = rebuild_model(checkpoint, clip=None, llm=None, device=device, dtype=compute_dtype(config, device))
+    splits, cache = prepare_splits(model, {"test": load_splits(config)["test"]}, cache_dir=config.cache_dir,
+                                   skip_bad=config.skip_bad, show_progress=False)
+    others = OtherVideosFeatures(cache, [s.video for s in splits["test"]], config.seed)
+    return evaluate_split(model, splits["test"], others, batch_size=config.eval_batch_size,
+                          max_new_tokens=config.max_new_tokens)
 
 
 def caption_scores(results: dict, attributes: dict[str, dict]) -> dict[str, float]:
