@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from clip import load_clip_vision
-from data import preprocess, read_frames
+from data import preprocess, read_frames, read_manifest, synth_dataset
 from features import CachedFeatureDataset, FeatureCache, fill_feature_cache
 from lora import QWEN3_LINEARS, LoRALinear, apply_adapters, dequantized_weight
 from projectors import build_projector
@@ -298,7 +298,7 @@ def write_random_weights(folder: Path, shapes: dict, dtype: torch.dtype, device,
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def write_snapshots(preset: Preset, root: Path, device) -> dict[str, Path]:
+def write_snapshots(preset: Preset, root: Path, device, shard_bytes: int = 2 << 30) -> dict[str, Path]:
     """The preset's random Qwen3 (bf16, with tokenizer.json) and CLIP vision tower (fp32) as snapshot folders,
     written once; a root already holding this preset's folders is reused."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
@@ -321,7 +321,7 @@ def write_snapshots(preset: Preset, root: Path, device) -> dict[str, Path]:
         config.save_pretrained(folder)
         with torch.device("meta"):
             shapes = {name: t.shape for name, t in model_class(config).state_dict().items()}
-        write_random_weights(folder, shapes, dtype, device)
+        write_random_weights(folder, shapes, dtype, device, shard_bytes)
     marker.write_text(json.dumps(asdict(preset)))
     return folders
 
@@ -629,7 +629,8 @@ def generate_worker(args, preset: Preset, folders, device) -> dict:
         first = timed_repeats(preset, device, lambda: generate(1))
         full = timed_repeats(preset, device, lambda: generate(preset.new_tokens), warmup=0)  # warm already
     return {**checked, "captions_per_s": preset.generate_batch / full["median_s"],
-            "first_token_s": first["median_s"], "peak_mib": full["peak_mib"], "seconds": full["seconds"]}
+            "first_token_s": first["median_s"], "peak_mib": full["peak_mib"], "seconds": full["seconds"],
+            "decode_step_s": (full["median_s"] - first["median_s"]) / max(1, preset.new_tokens - 1)}
 
 
 def label_only_loss(llm, hidden: torch.Tensor, labels: torch.Tensor, per_label: bool = False) -> torch.Tensor:
@@ -686,39 +687,37 @@ def loss_worker(args, preset: Preset, folders, device) -> dict:
 def vision_worker(args, preset: Preset, folders, device) -> dict:
     """Two epochs over preset.videos videos: with the feature cache (the tower runs in epoch 1 only) and
     re-encoding every epoch (decode, preprocess, tower), as a pipeline without a cache does."""
-    from data import read_manifest, synth_dataset
-    root = Path(args.root)
-    samples = read_manifest(synth_dataset(root / "videos", preset.videos, num_val=0, num_test=0, size=64,
-                                          frames=2 * preset.frames))
     vision = load_clip_vision(folders["clip"], dtype=torch.bfloat16, device=device)
     vlm = VLM(vision, None, None, Tokenizer.from_file(str(folders["llm"] / "tokenizer.json")),
               VLMConfig(clip_path=str(folders["clip"]), llm_path=str(folders["llm"]), projector={},
                         num_frames=preset.frames))
-    calls = []
-    vision.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))  # frames
+    frames_encoded = []
+    vision.register_forward_hook(lambda module, inputs, output: frames_encoded.append(inputs[0].shape[0]))
+    with tempfile.TemporaryDirectory(prefix="vision-", dir=args.root) as folder:  # an empty cache every run
+        samples = read_manifest(synth_dataset(Path(folder) / "videos", preset.videos, num_val=0, num_test=0,
+                                              size=64, frames=2 * preset.frames))
+        cache = FeatureCache(Path(folder) / "features", tower=vision.fingerprint, num_frames=preset.frames,
+                             image_size=preset.image_size, layer=vlm.config.vision_layer)
 
-    def re_encode():
-        for start in range(0, len(samples), 8):
-            batch = samples[start:start + 8]
-            frames = [preprocess(read_frames(s.video, preset.frames), preset.image_size) for s in batch]
-            vlm.encode_video(torch.stack(frames).to(device))  # (B, F, 3, S, S) -> (B, F, P, Dv)
+        def re_encode():
+            for start in range(0, len(samples), 8):
+                batch = samples[start:start + 8]
+                frames = [preprocess(read_frames(s.video, preset.frames), preset.image_size) for s in batch]
+                vlm.encode_video(torch.stack(frames).to(device))  # (B, F, 3, S, S) -> (B, F, P, Dv)
 
-    def from_cache():
-        fill_feature_cache(vlm, samples, cache, image_size=preset.image_size, show_progress=False)
-        for item in CachedFeatureDataset(samples, cache):
-            item["features"].to(device)
-    cache = FeatureCache(root / "features", tower=vision.fingerprint, num_frames=preset.frames,
-                         image_size=preset.image_size, layer=vlm.config.vision_layer)
-    result = {}
-    for name, epoch in (("re-encode", re_encode), ("cache", from_cache)):
-        seconds, frames = [], []
-        for _ in range(2):
-            calls.clear()
-            start = now(device)
-            epoch()
-            seconds.append(now(device) - start)
-            frames.append(sum(calls))
-        result[name] = {"seconds": seconds, "tower_frames": frames}
+        def from_cache():
+            fill_feature_cache(vlm, samples, cache, image_size=preset.image_size, show_progress=False)
+            for item in CachedFeatureDataset(samples, cache):
+                item["features"].to(device)
+        result = {}
+        for name, epoch in (("re-encode", re_encode), ("cache", from_cache)):
+            result[name] = {"seconds": [], "tower_frames": []}
+            for _ in range(2):
+                frames_encoded.clear()
+                start = now(device)
+                epoch()
+                result[name]["seconds"].append(now(device) - start)
+                result[name]["tower_frames"].append(sum(frames_encoded))
     return result
 
 
@@ -806,9 +805,9 @@ def run_measurements(args, tasks: list[str]) -> dict:
     run_worker(args, "snapshot")
     results = {}
     if "train" in tasks:
-        results["train"] = {shape: {method: {} for method in METHODS} for shape in SHAPES}
-        for shape in SHAPES:
-            for method in METHODS:
+        results["train"] = {shape: {method: {} for method in args.methods} for shape in args.shapes}
+        for shape in args.shapes:
+            for method in args.methods:
                 runs = results["train"][shape][method]
                 runs["ours"] = run_worker(args, "train", stack="ours", method=method, shape=shape)
                 expect = expectation(args, runs["ours"], f"train-{shape}-{method}")
@@ -817,7 +816,7 @@ def run_measurements(args, tasks: list[str]) -> dict:
                     runs[stack].pop("label_losses")
     if "generate" in tasks:
         results["generate"] = {}
-        for method in METHODS:
+        for method in args.methods:
             ours = run_worker(args, "generate", stack="ours", method=method)
             reference = run_worker(args, "generate", stack="reference", method=method,
                                    expect=expectation(args, ours, f"generate-{method}"))
@@ -852,7 +851,7 @@ def verdict(met: bool) -> str:
 
 
 def train_rows(preset: Preset, shape: str, methods: dict, device) -> list[dict]:
-    first = methods["lora"]["ours"]
+    first = next(iter(methods.values()))["ours"]
     label, rows = f"{shape}: B {first['batch']} x T {first['length']}", []
     row = partial(ratio_row, preset.name, label)
     for method, runs in methods.items():
@@ -867,6 +866,8 @@ def train_rows(preset: Preset, shape: str, methods: dict, device) -> list[dict]:
                             {k: peak[k] - v["libraries_mib"] for k, v in runs.items()}, memory_target))
         if device.type == "cuda" and method == "lora":
             rows.append(row("LoRA MFU (%)", {k: 100 * v["mfu"] for k, v in runs.items() if v["mfu"]}, fmt="{:.1f}"))
+    if set(methods) != set(METHODS):
+        return rows
     dora_over_lora = {k: methods["dora"][k]["median_s"] / methods["lora"][k]["median_s"] for k in methods["lora"]}
     return rows + [row("DoRA step / LoRA step", dora_over_lora, fmt="{:.2f}") |
                    {"target": "ours <= 1.15", "verdict": verdict(dora_over_lora["ours"] <= 1.15)}]
@@ -877,7 +878,7 @@ def parity_rows(row, M: str, runs: dict) -> list[dict]:
     the tolerance), and in ours' column how far the adapters move the per-label losses (must be well above)."""
     difference = {k: v.get("mean_difference") for k, v in runs.items()} | {"ours": runs["ours"]["adapter_effect"]}
     return [row(f"{M} loss, dropout off", {k: v["loss"] for k, v in runs.items()}, fmt="{:.4f}"),
-            row(f"{M} per-label loss: mean |Δ| vs ours (ours: adapters on vs off)", difference, fmt="{:.4f}") |
+            row(f"{M} per-label loss, mean abs. difference from ours (ours: adapters on vs off)", difference, fmt="{:.4f}") |
             {"ours/reference": None, "ours/tuned": None, "target": f"<= {LABEL_LOSS_TOLERANCE}",
              "verdict": verdict(all(d <= LABEL_LOSS_TOLERANCE for k, d in difference.items() if k != "ours"))}]
 
@@ -890,6 +891,8 @@ def generate_rows(preset: Preset, methods: dict) -> list[dict]:
         rows += parity_rows(row, M, runs)
         rows.append(row(f"{M} captions/s", {k: v["captions_per_s"] for k, v in runs.items()}, (">=", 1.5), "{:.2f}"))
         rows.append(row(f"{M} time to first token (ms)", {k: 1000 * v["first_token_s"] for k, v in runs.items()}))
+        rows.append(row(f"{M} decode step (ms), (all - first token) / (new tokens - 1)",
+                        {k: 1000 * v["decode_step_s"] for k, v in runs.items()}, fmt="{:.1f}"))
         rows.append(row(f"{M} peak memory (MiB)", {k: v["peak_mib"] for k, v in runs.items()}))
     return rows
 
@@ -940,6 +943,13 @@ def print_model_table(rows: list[dict], judged: bool) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def worker_results(results: dict) -> list[dict]:
+    """Every worker's result dict inside the nested results."""
+    if "load_average" in results:
+        return [results]
+    return [found for value in results.values() if isinstance(value, dict) for found in worker_results(value)]
+
+
 def describe_device(device, threads: int | None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -959,6 +969,9 @@ def bench_model(args) -> dict:
         results = run_measurements(args, args.tasks.split(","))
     rows = model_rows(preset, results, device)
     print_model_table(rows, judged=not args.quick)
+    loads = sorted(value["load_average"][0] for value in worker_results(results))
+    print(f"{describe_device(device, args.threads)}; 1-minute load average at the end of each measurement "
+          f"{loads[0]:.1f} to {loads[-1]:.1f}; {time.time() - started:.0f} s")
     memory = "CUDA max_memory_allocated" if device.type == "cuda" else \
         "peak RSS (VmHWM, reset before the timed repeats) of the measurement's own process"
     versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")}
@@ -991,6 +1004,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "ours vs transformers + PEFT + bitsandbytes (the default command)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     model.add_argument("--tasks", default="train,generate,loss,vision", help="comma-separated subset to run")
+    model.add_argument("--shapes", type=lambda text: text.split(","), default=list(SHAPES),
+                       help="training shapes, comma-separated: resampler,per-patch")
+    model.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS),
+                       help="adapters, comma-separated: lora,dora")
     model.add_argument("--snapshot-dir", type=Path, help="keep the random snapshot folders here and reuse them "
                                                           "(default: a temporary folder, removed at the end)")
     model.add_argument("--inline", action="store_true", help="run every measurement in this process (tests)")

@@ -39,7 +39,7 @@ def test_model_benchmark_runs_every_measurement_at_toy_sizes(snapshot_dir, tmp_p
     rows = rows_by_measure(result)
     for shape in bench.SHAPES:
         for method in ("LoRA", "DoRA"):
-            parity = rows[(shape, f"{method} per-label loss: mean |Δ| vs ours (ours: adapters on vs off)")]
+            parity = rows[(shape, f"{method} per-label loss, mean abs. difference from ours (ours: adapters on vs off)")]
             for stack in ("reference", "tuned"):  # the workers refuse to time otherwise; the table shows it
                 assert parity[stack] <= bench.LABEL_LOSS_TOLERANCE
             # the adapters move the losses far more than the stacks differ: the check tells their presence
@@ -90,6 +90,22 @@ def test_label_only_loss_is_vlm_forward_and_equals_full_logits(tiny_bases):
     torch.testing.assert_close(ours, model(features, captions), rtol=0, atol=0)
     torch.testing.assert_close(bench.label_only_loss(model.llm, hidden, labels, per_label=True).mean(), ours)
     torch.testing.assert_close(ours, bench.full_logits_loss(model.llm, hidden, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_both_stacks_load_the_written_snapshot_alike(tmp_path):
+    """Sharded random weights + index + tokenizer.json: kovlm's loader and transformers' read the same model."""
+    from transformers import Qwen3ForCausalLM
+    from qwen3 import load_qwen3
+    preset = bench.preset_for("cpu-small", quick=True)
+    folders = bench.write_snapshots(preset, tmp_path, torch.device("cpu"), shard_bytes=1 << 16)
+    assert len(list(folders["llm"].glob("model-*.safetensors"))) > 1
+    ids = torch.randint(0, preset.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_qwen3(folders["llm"], dtype=torch.float32)(ids)
+        reference = Qwen3ForCausalLM.from_pretrained(folders["llm"], dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    assert bench.Tokenizer.from_file(str(folders["llm"] / "tokenizer.json")).get_vocab_size() == preset.vocab_size
+    assert bench.load_clip_vision(folders["clip"]).config.num_patches == preset.patches
 
 
 def test_adapters_benchmark_quick(capsys):
