@@ -3,7 +3,10 @@
 Real CLIP / Qwen3 weights and real datasets cannot be fetched offline, so the demo builds its own with our own code,
 once per (scale, seed, VERSION), into .cache/demo/{scale}-seed{seed}-v{VERSION}/:
 
-    data/   synthetic Korean videos (data.synth_dataset): val and test hold attribute combinations never trained on
+    data/   synthetic Korean videos (data.synth_dataset): val and test hold attribute combinations never trained on;
+            each video has 2-5 captions in different templates of data.py's grammar, each attribute named by one
+            word (plain_caption; with data.py's synonyms even a perfect captioner scores METEOR ~0.45, because
+            METEOR counts a synonym as a miss)
     clip/   a CLIP-architecture vision tower (ViT, 64 px, patch 8, width 128, 3 layers), pretrained on the training
             frames with supervised heads (colour, shape, background, position; per token: which patch holds the
             object and what it is), heads discarded: a tower that "knows" these images, as CLIP knows photos
@@ -43,7 +46,7 @@ from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
 QWEN3_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                         "<|video_pad|>"]
 QWEN3_THINK_TOKENS = ["<think>", "</think>"]
-VERSION = 2  # part of the asset folder's name: bump it when the builder changes, so old assets are not reused
+VERSION = 3  # part of the asset folder's name: bump it when the builder changes, so old assets are not reused
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,16 @@ NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_qu
 
 
 def demo_defaults(scale: str = "full") -> dict:
-    """TrainConfig values of the demo (the user's own options win): 2560 training videos in windows of 32 make
-    80 steps an epoch, so stage 1 is 160 steps of the projector alone and stage 2 is 320 steps with adapters."""
+    """TrainConfig values of the demo (options given on the command line win). 2560 training videos in windows of
+    32 make 80 steps an epoch: stage 1 trains the projector alone for 160 steps, stage 2 the projector and the
+    adapters for 240; lr 1e-3 in both (a tiny LM moves less per step than Qwen3-8B, whose default is 5e-5).
+    NUM_SLOTS visual tokens: the slots the LM learned to read. Captions are ~10 tokens: 32 new tokens at most.
+    No activation checkpointing: the tiny LM's activations fit even with the per-patch projectors' 512 tokens."""
     full = scale == "full"
     return dict(demo_scale=scale, num_frames=SCALES[scale].frames, num_queries=NUM_SLOTS, batch_size=32 if full else 16,
                 grad_accum=1, stage1_epochs=2, stage1_lr=1e-3, stage2_epochs=3 if full else 1, stage2_lr=1e-3,
                 lora_r=16, lora_alpha=32, lora_dropout=0.0, warmup_ratio=0.05, eval_batch_size=100,
-                max_new_tokens=32, num_workers=0, save_every=1000)
+                max_new_tokens=32, num_workers=0, save_every=1000, grad_checkpointing="off")
 
 
 @dataclass
@@ -314,7 +320,8 @@ def pretrain_lm(samples, tokenizer: Tokenizer, size: DemoScale, seed: int) -> tu
     for module in model.modules():  # transformers' init: N(0, 0.02) for every linear and the embedding
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
-    combinations = [dict(t) for t in {tuple(s.attributes.items()) for s in samples if s.split == "train"}]
+    # sorted: a set's order follows Python's string hashing, which is salted per process
+    combinations = [dict(t) for t in sorted({tuple(s.attributes.items()) for s in samples if s.split == "train"})]
     optimizer = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=0.01)
     for step in range(size.lm_steps):
         for group in optimizer.param_groups:
