@@ -252,6 +252,7 @@ QUICK = dict(hidden_size=64, intermediate_size=128, layers=1, heads=2, kv_heads=
              queries=4, short_batch=2, caption_tokens=8, loss_patches=4, generate_batch=2, new_tokens=3, videos=2,
              warmup=0, step_repeats=1, repeats=1)  # toy sizes: every code path once, in seconds
 SHAPES = {"resampler": "perceiver", "per-patch": "mlp"}  # shape -> the projector that makes it
+TASKS = ("train", "generate", "loss", "vision")
 METHODS = ("lora", "dora")
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
 STEP_TARGETS = {"lora": ("<=", 0.8), "dora": ("<=", 0.5)}  # ours / the best reference, median step time
@@ -963,11 +964,14 @@ def bench_model(args) -> dict:
     """kovlm against transformers + PEFT + bitsandbytes on the preset's random Qwen3 / CLIP, with ratios."""
     preset = preset_for(args.preset, args.quick)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preset.name == "qwen3-8b" and device.type != "cuda":
+        raise SystemExit("bench: the qwen3-8b preset needs a CUDA GPU (16 GB of weights, hours on a CPU); "
+                         "use --preset cpu-small here")
     load_start, started = os.getloadavg(), time.time()
     with tempfile.TemporaryDirectory(prefix="kovlm-bench-") as temporary:
         args.root = Path(args.snapshot_dir or temporary)
         args.root.mkdir(parents=True, exist_ok=True)
-        results = run_measurements(args, args.tasks.split(","))
+        results = run_measurements(args, args.tasks)
     rows = model_rows(preset, results, device)
     print_model_table(rows, judged=not args.quick)
     loads = sorted(value["load_average"][0] for value in worker_results(results))
@@ -982,6 +986,16 @@ def bench_model(args) -> dict:
             "isolation": "inline (one process)" if args.inline else "one process per measurement",
             "load_average": {"start": load_start, "end": os.getloadavg()}, "seconds": round(time.time() - started),
             "rows": rows, "results": results}
+
+
+def comma_list(choices):
+    """An argparse type: a comma-separated subset of `choices`, refused by name otherwise."""
+    def parse(text: str) -> list[str]:
+        unknown = [item for item in text.split(",") if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: choose from {', '.join(choices)}")
+        return text.split(",")
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1004,11 +1018,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", parents=[common], help="training step, generation, loss, vision side: "
                                 "ours vs transformers + PEFT + bitsandbytes (the default command)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    model.add_argument("--tasks", default="train,generate,loss,vision", help="comma-separated subset to run")
-    model.add_argument("--shapes", type=lambda text: text.split(","), default=list(SHAPES),
-                       help="training shapes, comma-separated: resampler,per-patch")
-    model.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS),
-                       help="adapters, comma-separated: lora,dora")
+    model.add_argument("--tasks", type=comma_list(TASKS), default=list(TASKS), help="a subset, comma-separated: "
+                       + ",".join(TASKS))
+    model.add_argument("--shapes", type=comma_list(SHAPES), default=list(SHAPES),
+                       help="training shapes, comma-separated: " + ",".join(SHAPES))
+    model.add_argument("--methods", type=comma_list(METHODS), default=list(METHODS),
+                       help="adapters, comma-separated: " + ",".join(METHODS))
     model.add_argument("--snapshot-dir", type=Path, help="keep the random snapshot folders here and reuse them "
                                                           "(default: a temporary folder, removed at the end)")
     model.add_argument("--inline", action="store_true", help="run every measurement in this process (tests)")
