@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+from bench_adapters import QUICK_SHAPES
 from vlm import VLMConfig, build_vlm
 
 
@@ -110,7 +111,7 @@ def test_both_stacks_load_the_written_snapshot_alike(tmp_path):
 
 def test_adapters_benchmark_quick(capsys):
     result = bench.main(["adapters", "--quick", "--threads", "1"])
-    assert [row["shape"] for row in result["rows"]] == [f"{i}x{o}" for i, o in bench.QUICK_SHAPES]
+    assert [row["shape"] for row in result["rows"]] == [f"{i}x{o}" for i, o in QUICK_SHAPES]
     for row in result["rows"]:
         assert all(ms > 0 for ms in row["ms"].values())
         assert max(row["max_relative_difference"].values()) < 2e-2  # bf16 compute, same NF4 weights
