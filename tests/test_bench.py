@@ -1,12 +1,16 @@
-"""bench.py keeps working: every measurement of the model benchmark once at toy sizes, the adapters benchmark's
-quick path, and the pieces the figures rest on (the parity check, the label-only loss being vlm.py's)."""
+"""bench.py and its bench_*.py modules keep working: every measurement of the model benchmark once at toy sizes,
+the adapters benchmark's quick path, and the pieces the figures rest on (the parity check, the snapshot both stacks
+read, the label-only loss being vlm.py's)."""
 import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 import bench
 from bench_adapters import QUICK_SHAPES
+from bench_stacks import LABEL_LOSS_TOLERANCE, METHODS, SHAPES
+from clip import load_clip_vision
 from vlm import VLMConfig, build_vlm
 
 
@@ -38,16 +42,16 @@ def test_model_benchmark_runs_every_measurement_at_toy_sizes(snapshot_dir, tmp_p
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(result["versions"])
     rows = rows_by_measure(result)
-    for shape in bench.SHAPES:
+    for shape in SHAPES:
         for method in ("LoRA", "DoRA"):
             parity = rows[(shape, f"{method} per-label loss, mean abs. difference from ours (ours: adapters on vs off)")]
             for stack in ("reference", "tuned"):  # the workers refuse to time otherwise; the table shows it
-                assert parity[stack] <= bench.LABEL_LOSS_TOLERANCE
+                assert parity[stack] <= LABEL_LOSS_TOLERANCE
             # the adapters move the losses far more than the stacks differ: the check tells their presence
             assert parity["ours"] > 10 * max(parity["reference"], parity["tuned"])
             step = rows[(shape, f"{method} step (ms)")]
             assert all(step[stack] > 0 for stack in ("ours", "reference", "tuned"))
-    for method in bench.METHODS:  # transformers' generate is checked to emit exactly new_tokens in the worker
+    for method in METHODS:  # transformers' generate is checked to emit exactly new_tokens in the worker
         assert result["results"]["generate"][method]["reference"]["captions_per_s"] > 0
     for mode in ("forward", "forward+backward"):  # the worker checked that both variants give the same loss
         assert rows[("caption loss", f"{mode} (ms), label-only vs full logits")]["reference"] > 0
@@ -73,7 +77,7 @@ def test_a_reference_that_disagrees_is_not_timed(snapshot_dir, tmp_path):
     expect = tmp_path / "expect.json"
     expect.write_text(json.dumps(losses))
     assert bench.main(worker + ["--expect", str(expect)])["max_difference"] == 0  # deterministic on the CPU
-    losses = [loss + 2 * bench.LABEL_LOSS_TOLERANCE for loss in losses]
+    losses = [loss + 2 * LABEL_LOSS_TOLERANCE for loss in losses]
     expect.write_text(json.dumps(losses))
     with pytest.raises(SystemExit, match="differ from ours"):
         bench.main(worker + ["--expect", str(expect)])
@@ -105,8 +109,8 @@ def test_both_stacks_load_the_written_snapshot_alike(tmp_path):
         ours = load_qwen3(folders["llm"], dtype=torch.float32)(ids)
         reference = Qwen3ForCausalLM.from_pretrained(folders["llm"], dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
-    assert bench.Tokenizer.from_file(str(folders["llm"] / "tokenizer.json")).get_vocab_size() == preset.vocab_size
-    assert bench.load_clip_vision(folders["clip"]).config.num_patches == preset.patches
+    assert Tokenizer.from_file(str(folders["llm"] / "tokenizer.json")).get_vocab_size() == preset.vocab_size
+    assert load_clip_vision(folders["clip"]).config.num_patches == preset.patches
 
 
 def test_adapters_benchmark_quick(capsys):

@@ -1,0 +1,130 @@
+"""The model benchmark's table: one row per measure, ours beside the reference and the tuned reference, the
+ratios, and the targets each ratio is judged against (not judged at --quick's toy sizes).
+"""
+from functools import partial
+
+from bench_snapshots import Preset
+from bench_stacks import LABEL_LOSS_TOLERANCE, METHODS
+
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
+# ours / the best reference; a target (op, bound) is judged on the ratio that holds against both references
+STEP_TARGETS = {"lora": ("<=", 0.8), "dora": ("<=", 0.5)}  # median training step time
+MEMORY_TARGET = ("<=", 0.6)  # peak training memory (CPU: above the libraries' own resident memory)
+CAPTIONS_PER_S_TARGET = (">=", 1.5)  # batched greedy generation
+DORA_OVER_LORA_TARGET = 1.15  # ours' DoRA step / ours' LoRA step
+
+
+def ratio_row(preset, shape, measure, values: dict, target: tuple | None = None, fmt="{:.0f}") -> dict:
+    """A table row: ours, reference, tuned reference and ours / each. A target (op, value) is judged against
+    the better of the two references, so a met target holds against the best the reference can do."""
+    ours = values["ours"]
+    ratios = {stack: ours / values[stack] for stack in ("reference", "tuned") if values.get(stack)}
+    row = {"preset": preset, "shape": shape, "measure": measure,
+           **{stack: values.get(stack) for stack in ("ours", "reference", "tuned")},
+           "ours/reference": ratios.get("reference"), "ours/tuned": ratios.get("tuned"), "format": fmt}
+    if target:
+        op, bound = target
+        judged = (max if op == "<=" else min)(ratios.values())
+        row |= {"target": f"ours/best {op} {bound}", "verdict": verdict(judged <= bound if op == "<=" else
+                                                                         judged >= bound)}
+    return row
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def train_rows(preset: Preset, shape: str, methods: dict, device) -> list[dict]:
+    first = next(iter(methods.values()))["ours"]
+    label, rows = f"{shape}: B {first['batch']} x T {first['length']}", []
+    row = partial(ratio_row, preset.name, label)
+    for method, runs in methods.items():
+        name = METHOD_NAMES[method]
+        rows += parity_rows(row, name, runs)
+        rows.append(row(f"{name} step (ms)", {k: 1000 * v["median_s"] for k, v in runs.items()}, STEP_TARGETS[method]))
+        rows.append(row(f"{name} tokens/s", {k: v["tokens_per_s"] for k, v in runs.items()}))
+        peak = {k: v["peak_mib"] for k, v in runs.items()}
+        rows.append(row(f"{name} peak memory (MiB)", peak, MEMORY_TARGET if device.type == "cuda" else None))
+        if device.type == "cpu":  # what max_memory_allocated counts on a GPU: the tensors, not the libraries' code
+            rows.append(row(f"{name} peak memory above the libraries (MiB)",
+                            {k: peak[k] - v["libraries_mib"] for k, v in runs.items()}, MEMORY_TARGET))
+        if device.type == "cuda" and method == "lora":
+            rows.append(row("LoRA MFU (%)", {k: 100 * v["mfu"] for k, v in runs.items() if v["mfu"]}, fmt="{:.1f}"))
+    if set(methods) != set(METHODS):
+        return rows
+    dora_over_lora = {k: methods["dora"][k]["median_s"] / methods["lora"][k]["median_s"] for k in methods["lora"]}
+    return rows + [row("DoRA step / LoRA step", dora_over_lora, fmt="{:.2f}") |
+                   {"target": f"ours <= {DORA_OVER_LORA_TARGET}",
+                    "verdict": verdict(dora_over_lora["ours"] <= DORA_OVER_LORA_TARGET)}]
+
+
+def parity_rows(row, name: str, runs: dict) -> list[dict]:
+    """The check before timing: mean loss (dropout off), the mean per-label |difference| from ours (must stay under
+    the tolerance), and in ours' column how far the adapters move the per-label losses (must be well above)."""
+    difference = {k: v.get("mean_difference") for k, v in runs.items()} | {"ours": runs["ours"]["adapter_effect"]}
+    return [row(f"{name} loss, dropout off", {k: v["loss"] for k, v in runs.items()}, fmt="{:.4f}"),
+            row(f"{name} per-label loss, mean abs. difference from ours (ours: adapters on vs off)", difference,
+                fmt="{:.4f}") |
+            {"ours/reference": None, "ours/tuned": None, "target": f"<= {LABEL_LOSS_TOLERANCE}",
+             "verdict": verdict(all(d <= LABEL_LOSS_TOLERANCE for k, d in difference.items() if k != "ours"))}]
+
+
+def generate_rows(preset: Preset, methods: dict) -> list[dict]:
+    label, rows = f"generation: B {preset.generate_batch}, {preset.new_tokens} new tokens", []
+    row = partial(ratio_row, preset.name, label)
+    for method, runs in methods.items():
+        name = METHOD_NAMES[method]
+        rows += parity_rows(row, name, runs)
+        rows.append(row(f"{name} captions/s", {k: v["captions_per_s"] for k, v in runs.items()}, CAPTIONS_PER_S_TARGET,
+                        "{:.2f}"))
+        rows.append(row(f"{name} time to first token (ms)", {k: 1000 * v["first_token_s"] for k, v in runs.items()}))
+        rows.append(row(f"{name} decode step (ms), (all - first token) / (new tokens - 1)",
+                        {k: 1000 * v["decode_step_s"] for k, v in runs.items()}, fmt="{:.1f}"))
+        rows.append(row(f"{name} peak memory (MiB)", {k: v["peak_mib"] for k, v in runs.items()}))
+    return rows
+
+
+def loss_rows(preset: Preset, variants: dict) -> list[dict]:
+    ours, full = variants["label-only"], variants["full-logits"]
+    label = f"caption loss: T {ours['length']}, C {preset.hidden_size}, V {preset.vocab_size}, " \
+            f"{ours['label_tokens']} labels"
+    return [ratio_row(preset.name, label, measure, {"ours": pick(ours[mode]), "reference": pick(full[mode])})
+            for mode in ("forward", "forward+backward")
+            for measure, pick in ((f"{mode} (ms), label-only vs full logits", lambda r: 1000 * r["median_s"]),
+                                  (f"{mode}: memory above the model (MiB)", lambda r: r["extra_mib"]))]
+
+
+def vision_rows(preset: Preset, runs: dict) -> list[dict]:
+    label = f"vision: {preset.videos} videos x {preset.frames} frames, 2 epochs"
+    seconds = {"ours": sum(runs["cache"]["seconds"]), "reference": sum(runs["re-encode"]["seconds"])}
+    frames = {"ours": runs["cache"]["tower_frames"], "reference": runs["re-encode"]["tower_frames"]}
+    return [ratio_row(preset.name, label, "2 epochs (s), feature cache vs re-encoding", seconds, fmt="{:.2f}"),
+            {"preset": preset.name, "shape": label, "measure": "frames through the tower, epoch 1 / epoch 2",
+             **{k: " / ".join(map(str, v)) for k, v in frames.items()},
+             "target": "epoch 2: 0", "verdict": verdict(frames["ours"][1] == 0)}]
+
+
+def model_rows(preset: Preset, results: dict, device) -> list[dict]:
+    rows = [row for shape, methods in results.get("train", {}).items()
+            for row in train_rows(preset, shape, methods, device)]
+    rows += generate_rows(preset, results["generate"]) if "generate" in results else []
+    rows += loss_rows(preset, results["loss"]) if "loss" in results else []
+    return rows + (vision_rows(preset, results["vision"]) if "vision" in results else [])
+
+
+def print_model_table(rows: list[dict], judged: bool) -> None:
+    columns = ["preset", "shape", "measure", "ours", "reference", "tuned", "ours/reference", "ours/tuned", "target"]
+    print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if value is None:
+                cells.append("")
+            elif column.startswith("ours/"):
+                cells.append(f"{value:.2f}")
+            elif column == "target":
+                cells.append(f"{value}: {row['verdict'] if judged else '(toy sizes, not judged)'}")
+            else:
+                cells.append(row.get("format", "{}").format(value) if isinstance(value, float) else str(value))
+        print("| " + " | ".join(cells) + " |")
