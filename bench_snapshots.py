@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+
 @dataclass(frozen=True)
 class Preset:
     """One benchmark size: the shapes of the random Qwen3 and CLIP written to disk, and the workloads run on them."""
