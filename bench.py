@@ -33,10 +33,13 @@ import torch
 
 from bench_adapters import DTYPES, bench_adapters
 from bench_snapshots import PRESETS, preset_for, write_snapshots
-from bench_stacks import METHODS, SHAPES, full_logits_loss, label_only_loss
+from bench_stacks import METHODS, SHAPES, STACKS, full_logits_loss, label_only_loss
 from bench_table import model_rows, print_model_table
 from bench_workers import WORKERS, measure_one
 
+# bench.py is the command line and the worker processes; the parts live beside it: bench_adapters.py (the adapters
+# subcommand), bench_snapshots.py (presets, random snapshot folders), bench_stacks.py (ours and the reference, the
+# parity check), bench_workers.py (one measurement each), bench_table.py (rows, ratios, targets).
 __all__ = ["main", "PRESETS", "preset_for", "write_snapshots", "label_only_loss", "full_logits_loss"]  # bench.<name>
 TASKS = ("train", "generate", "loss", "vision")
 
@@ -93,34 +96,36 @@ def run_measurements(args, tasks: list[str]) -> dict:
     """Ours first, then the reference stacks given ours' per-label losses: each checks that its own agree before
     it times anything."""
     run_worker(args, "snapshot")
-    results = {}
+    results, root = {}, Path(args.root)
     if "train" in tasks:
         results["train"] = {shape: {method: {} for method in args.methods} for shape in args.shapes}
         for shape in args.shapes:  # ours' LoRA and DoRA back to back: their ratio's target is the tightest
-            for stack in ("ours", "reference", "tuned"):
+            for stack in STACKS:
                 for method in args.methods:
-                    expect = Path(args.root) / f"expect-train-{shape}-{method}.json"
-                    run = run_worker(args, "train", stack=stack, method=method, shape=shape,
-                                     expect=None if stack == "ours" else expect)
-                    losses = run.pop("label_losses")
-                    if stack == "ours":
-                        expect.write_text(json.dumps(losses))
-                    results["train"][shape][method][stack] = run
+                    expect = root / f"expect-train-{shape}-{method}.json"
+                    results["train"][shape][method][stack] = run_stack(args, "train", stack, expect, method=method,
+                                                                       shape=shape)
     if "generate" in tasks:
-        results["generate"] = {}
-        for method in args.methods:
-            expect = Path(args.root) / f"expect-generate-{method}.json"
-            ours = run_worker(args, "generate", stack="ours", method=method)
-            expect.write_text(json.dumps(ours.pop("label_losses")))
-            reference = run_worker(args, "generate", stack="reference", method=method, expect=expect)
-            reference.pop("label_losses")
-            results["generate"][method] = {"ours": ours, "reference": reference}
+        results["generate"] = {method: {stack: run_stack(args, "generate", stack,
+                                                         root / f"expect-generate-{method}.json", method=method)
+                                        for stack in ("ours", "reference")}
+                               for method in args.methods}
     if "loss" in tasks:
         results["loss"] = {variant: run_worker(args, "loss", variant=variant)
                            for variant in ("label-only", "full-logits")}
     if "vision" in tasks:
         results["vision"] = run_worker(args, "vision")
     return results
+
+
+def run_stack(args, task: str, stack: str, expect: Path, **options) -> dict:
+    """One stack's measurement: ours writes its per-label losses to `expect`, a reference stack is checked
+    against them there."""
+    result = run_worker(args, task, stack=stack, **options, expect=None if stack == "ours" else expect)
+    losses = result.pop("label_losses")
+    if stack == "ours":
+        expect.write_text(json.dumps(losses))
+    return result
 
 
 def worker_results(results: dict) -> list[dict]:
@@ -131,6 +136,7 @@ def worker_results(results: dict) -> list[dict]:
 
 
 def describe_device(device, threads: int | None) -> str:
+    """The GPU's name, or the CPU's model, its cores and the torch threads used."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -177,6 +183,7 @@ def comma_list(choices):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`adapters`, `model` (the default command) and the internal `_one` (one measurement, run by `model`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes
     common.add_argument("--quick", action="store_true", help="toy sizes, one round: keeps the script working")
@@ -210,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--task", choices=sorted(WORKERS), required=True)
     one.add_argument("--preset", choices=sorted(PRESETS), required=True)
     one.add_argument("--root", required=True, help="the folder holding llm/ and clip/")
-    one.add_argument("--stack", choices=["ours", "reference", "tuned"], default="ours")
+    one.add_argument("--stack", choices=STACKS, default="ours")
     one.add_argument("--method", choices=METHODS, default="lora")
     one.add_argument("--shape", choices=sorted(SHAPES), default="resampler")
     one.add_argument("--variant", choices=["label-only", "full-logits"], default="label-only")

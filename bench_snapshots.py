@@ -61,8 +61,10 @@ QUICK = dict(hidden_size=64, intermediate_size=128, layers=1, heads=2, kv_heads=
              queries=4, short_batch=2, caption_tokens=8, loss_patches=4, generate_batch=2, new_tokens=3, videos=2,
              warmup=0, step_repeats=1, repeats=1)  # toy sizes: every code path once, in seconds
 # the tokenizer is trained on these, and the benchmark's captions are drawn from their words
-CAPTION_TEXTS = ["빨간 원이 파란 배경 위에서 왼쪽으로 천천히 움직인다.", "초록색 사각형이 흰 배경 위를 오른쪽으로 지나간다.",
-                 "노란 삼각형이 검은 배경에서 위로 빠르게 올라간다.", "작은 보라색 별이 회색 바닥 근처에서 빙글빙글 돈다."]
+CAPTION_TEXTS = ["빨간 원이 파란 배경 위에서 왼쪽으로 천천히 움직인다.",
+                 "초록색 사각형이 흰 배경 위를 오른쪽으로 지나간다.",
+                 "노란 삼각형이 검은 배경에서 위로 빠르게 올라간다.",
+                 "작은 보라색 별이 회색 바닥 근처에서 빙글빙글 돈다."]
 
 
 def preset_for(name: str, quick: bool) -> Preset:

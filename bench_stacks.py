@@ -24,6 +24,9 @@ from vlm import IGNORE_INDEX, VLM, VLMConfig
 
 SHAPES = {"resampler": "perceiver", "per-patch": "mlp"}  # training shape -> the projector that makes it
 METHODS = ("lora", "dora")
+# ours: kovlm; reference: transformers + PEFT as the QLoRA recipe sets them up (prepare_model_for_kbit_training
+# while training); tuned: the same libraries in their fastest form (bf16 weights, non-reentrant checkpointing)
+STACKS = ("ours", "reference", "tuned")
 ADAPTER = dict(r=16, alpha=32, dropout=0.05)  # the project's stage-2 adapters, on all 7 linears of every layer
 LABEL_LOSS_TOLERANCE = 0.05  # mean |per-label loss - ours'| in nats: the kbit-prepared reference's fp32 norms and
 # embeddings move it by ~0.006 at cpu-small, the seeded adapters by ~0.3-0.5 (both in the table)
@@ -106,6 +109,12 @@ def build_stack(args, preset: Preset, folders, device, shape: str, training: boo
     return vlm, reference_llm(folders, device, args.method, training=training, prepared=args.stack == "reference")
 
 
+def stack_modules(vlm: VLM, reference) -> list[nn.Module]:
+    """What a stack switches between train and eval mode and trains: the VLM (its projector and, for ours, the
+    LLM), and for a reference stack the PEFT model too."""
+    return [vlm] if reference is None else [vlm, reference]
+
+
 # ---- the batch both stacks see ----------------------------------------------------------------------------------
 def captions_of(vlm: VLM, count: int, tokens: int) -> list[str]:
     """`count` Korean captions of about `tokens` supervised tokens each (caption + <|im_end|>), seeded."""
@@ -186,7 +195,7 @@ def check_label_losses(args, per_label_losses, vlm: VLM, reference=None) -> dict
     (args.expect) and refuses to be timed when they differ by more than LABEL_LOSS_TOLERANCE on average. Ours
     (reference None) also measures how far its adapters move them: the check must tell a stack with our adapters
     from one without."""
-    modules = [vlm] if reference is None else [vlm, reference]
+    modules = stack_modules(vlm, reference)
     losses = eval_losses(per_label_losses, modules)
     result = {"loss": losses.mean().item(), "label_losses": losses.tolist()}
     if args.expect:

@@ -4,7 +4,7 @@ ratios, and the targets each ratio is judged against (not judged at --quick's to
 from functools import partial
 
 from bench_snapshots import Preset
-from bench_stacks import LABEL_LOSS_TOLERANCE, METHODS
+from bench_stacks import LABEL_LOSS_TOLERANCE, METHODS, STACKS
 
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
 # ours / the best reference; a target (op, bound) is judged on the ratio that holds against both references
@@ -18,15 +18,15 @@ def ratio_row(preset, shape, measure, values: dict, target: tuple | None = None,
     """A table row: ours, reference, tuned reference and ours / each. A target (op, value) is judged against
     the better of the two references, so a met target holds against the best the reference can do."""
     ours = values["ours"]
-    ratios = {stack: ours / values[stack] for stack in ("reference", "tuned") if values.get(stack)}
+    ratios = {stack: ours / values[stack] for stack in STACKS[1:] if values.get(stack)}
     row = {"preset": preset, "shape": shape, "measure": measure,
-           **{stack: values.get(stack) for stack in ("ours", "reference", "tuned")},
+           **{stack: values.get(stack) for stack in STACKS},
            "ours/reference": ratios.get("reference"), "ours/tuned": ratios.get("tuned"), "format": fmt}
     if target:
         op, bound = target
-        judged = (max if op == "<=" else min)(ratios.values())
-        row |= {"target": f"ours/best {op} {bound}", "verdict": verdict(judged <= bound if op == "<=" else
-                                                                         judged >= bound)}
+        judged = (max if op == "<=" else min)(ratios.values())  # the ratio against the better reference
+        met = judged <= bound if op == "<=" else judged >= bound
+        row |= {"target": f"ours/best {op} {bound}", "verdict": verdict(met)}
     return row
 
 
@@ -35,6 +35,8 @@ def verdict(met: bool) -> str:
 
 
 def train_rows(preset: Preset, shape: str, methods: dict, device) -> list[dict]:
+    """One training shape: per method the parity rows, step time, tokens/s, peak memory (on a GPU, LoRA's MFU);
+    with both methods measured, ours' DoRA step over its LoRA step."""
     first = next(iter(methods.values()))["ours"]
     label, rows = f"{shape}: B {first['batch']} x T {first['length']}", []
     row = partial(ratio_row, preset.name, label)
@@ -70,6 +72,7 @@ def parity_rows(row, name: str, runs: dict) -> list[dict]:
 
 
 def generate_rows(preset: Preset, methods: dict) -> list[dict]:
+    """Per method: the parity rows, captions/s, time to first token, one decode step, peak memory."""
     label, rows = f"generation: B {preset.generate_batch}, {preset.new_tokens} new tokens", []
     row = partial(ratio_row, preset.name, label)
     for method, runs in methods.items():
@@ -85,6 +88,7 @@ def generate_rows(preset: Preset, methods: dict) -> list[dict]:
 
 
 def loss_rows(preset: Preset, variants: dict) -> list[dict]:
+    """Time and memory above the model, forward and forward + backward: label-only (ours) vs full logits."""
     ours, full = variants["label-only"], variants["full-logits"]
     label = f"caption loss: T {ours['length']}, C {preset.hidden_size}, V {preset.vocab_size}, " \
             f"{ours['label_tokens']} labels"
@@ -95,6 +99,7 @@ def loss_rows(preset: Preset, variants: dict) -> list[dict]:
 
 
 def vision_rows(preset: Preset, runs: dict) -> list[dict]:
+    """Two epochs with the feature cache (ours) vs re-encoding, and the frames each sends through the tower."""
     label = f"vision: {preset.videos} videos x {preset.frames} frames, 2 epochs"
     seconds = {"ours": sum(runs["cache"]["seconds"]), "reference": sum(runs["re-encode"]["seconds"])}
     frames = {"ours": runs["cache"]["tower_frames"], "reference": runs["re-encode"]["tower_frames"]}
@@ -105,6 +110,7 @@ def vision_rows(preset: Preset, runs: dict) -> list[dict]:
 
 
 def model_rows(preset: Preset, results: dict, device) -> list[dict]:
+    """Every row of the measured tasks, in the order they ran."""
     rows = [row for shape, methods in results.get("train", {}).items()
             for row in train_rows(preset, shape, methods, device)]
     rows += generate_rows(preset, results["generate"]) if "generate" in results else []
@@ -113,6 +119,7 @@ def model_rows(preset: Preset, results: dict, device) -> list[dict]:
 
 
 def print_model_table(rows: list[dict], judged: bool) -> None:
+    """The rows as a markdown table, each value in its row's format, ratios to two decimals."""
     columns = ["preset", "shape", "measure", "ours", "reference", "tuned", "ours/reference", "ours/tuned", "target"]
     print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for row in rows:

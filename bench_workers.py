@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 
 from bench_snapshots import Preset, preset_for, write_snapshots
 from bench_stacks import (batch_ids, build_stack, caption_loss, captions_of, check_label_losses, features_of,
-                          full_logits_loss, label_losses, label_only_loss, ours_llm, reference_embeds, stage2_vlm)
+                          full_logits_loss, label_losses, label_only_loss, ours_llm, reference_embeds,
+                          stack_modules, stage2_vlm)
 from clip import load_clip_vision
 from data import preprocess, read_frames, read_manifest, synth_dataset
 from features import CachedFeatureDataset, FeatureCache, fill_feature_cache
@@ -95,7 +96,7 @@ def train_worker(args, preset: Preset, folders, device) -> dict:
     """Median time, tokens/s and peak memory of a stage-2 step: forward + backward + AdamW step, bf16 autocast."""
     batch = preset.short_batch if args.shape == "resampler" else preset.long_batch
     vlm, reference = build_stack(args, preset, folders, device, args.shape, training=True)
-    modules = [vlm] if reference is None else [vlm, reference]
+    modules = stack_modules(vlm, reference)
     features = features_of(preset, batch, preset.patches, device)
     captions = captions_of(vlm, batch, preset.caption_tokens)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -130,7 +131,7 @@ def generate_worker(args, preset: Preset, folders, device) -> dict:
     check_features = features_of(preset, preset.short_batch, preset.patches, device)
     captions = captions_of(vlm, preset.short_batch, preset.caption_tokens)
     checked = check_label_losses(args, lambda: label_losses(vlm, reference, check_features, captions), vlm, reference)
-    for module in [vlm] if reference is None else [vlm, reference]:
+    for module in stack_modules(vlm, reference):
         module.eval()
     features = features_of(preset, preset.generate_batch, preset.patches, device)
     if reference is None:

@@ -44,7 +44,8 @@ def test_model_benchmark_runs_every_measurement_at_toy_sizes(snapshot_dir, tmp_p
     rows = rows_by_measure(result)
     for shape in SHAPES:
         for method in ("LoRA", "DoRA"):
-            parity = rows[(shape, f"{method} per-label loss, mean abs. difference from ours (ours: adapters on vs off)")]
+            measure = f"{method} per-label loss, mean abs. difference from ours (ours: adapters on vs off)"
+            parity = rows[(shape, measure)]
             for stack in ("reference", "tuned"):  # the workers refuse to time otherwise; the table shows it
                 assert parity[stack] <= LABEL_LOSS_TOLERANCE
             # the adapters move the losses far more than the stacks differ: the check tells their presence
