@@ -22,7 +22,7 @@ ADAPTER_TARGETS = [("ours DoRA / ours LoRA", "<=", 1.15), ("PEFT DoRA / ours DoR
                    ("ours LoRA / PEFT LoRA", "<=", 1.0)]  # (ratio name prefix, op, bound)
 
 
-def nf4_linear(in_features: int, out_features: int, compute_dtype: torch.dtype, seed: int = 0) -> nn.Module:
+def nf4_linear(in_features: int, out_features: int, compute_dtype: torch.dtype, device, seed: int = 0) -> nn.Module:
     """A frozen NF4 Linear4bit as qwen3.load_qwen3 builds them (double-quantized statistics), random weights."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=g) * in_features ** -0.5  # (out, in)
@@ -30,7 +30,7 @@ def nf4_linear(in_features: int, out_features: int, compute_dtype: torch.dtype, 
                               compress_statistics=True, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
     layer.support_avx512bf16_for_cpu = False  # one weight layout for both stacks (see lora.LoRALinear)
-    return layer.to("cpu")
+    return layer.to(device)  # Params4bit.to quantizes
 
 
 class OneLinearModel(nn.Module):
@@ -60,22 +60,29 @@ def peft_adapter(base: nn.Module, ours: LoRALinear, dropout: float) -> nn.Module
     return model
 
 
+def now(device: torch.device) -> float:
+    """The wall clock once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def training_step_seconds(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> float:
     """One forward + backward of one micro-batch under autocast, timed; gradients are cleared outside the timing."""
     for p in [x, *module.parameters()]:
         p.grad = None
-    start = time.perf_counter()
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    start = now(x.device)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         y = module(x)  # (T, out)
     y.backward(grad_out.to(y.dtype))  # PEFT's DoRA returns fp32 under autocast, ours the compute dtype
-    return time.perf_counter() - start
+    return now(x.device) - start
 
 
 def max_relative_difference(ours: nn.Module, reference: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> float:
     """max |ours - reference| / max |reference| of one eval-mode forward (dropout off, so both are exact DoRA)."""
     ours.eval()
     reference.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         a, b = ours(x).float(), reference(x).float()
     ours.train()
     reference.train()
@@ -84,17 +91,17 @@ def max_relative_difference(ours: nn.Module, reference: nn.Module, x: torch.Tens
 
 def bench_adapter_shape(in_features: int, out_features: int, args) -> dict:
     """One table row: the parity check, then args.warmup + args.repeats round-robin rounds of every method."""
-    dtype = DTYPES[args.dtype]
-    base = nf4_linear(in_features, out_features, dtype)
-    lora = LoRALinear(base, args.r, 2 * args.r, dropout=args.dropout)
+    dtype, device = DTYPES[args.dtype], torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = nf4_linear(in_features, out_features, dtype, device)
+    lora = LoRALinear(base, args.r, 2 * args.r, dropout=args.dropout)  # on the base's device
     dora = LoRALinear(base, args.r, 2 * args.r, dropout=args.dropout, dora=True)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B away from zero, so DoRA's m / ||W + sBA|| is not 1
         for layer in (lora, dora):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 1e-3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g).to(device) * 1e-3)
     peft_lora, peft_dora = peft_adapter(base, lora, args.dropout), peft_adapter(base, dora, args.dropout)
-    x = torch.randn(args.tokens, in_features, generator=g).to(dtype).requires_grad_()  # (T, in)
-    grad_out = torch.randn(args.tokens, out_features, generator=g).to(dtype)  # (T, out)
+    x = torch.randn(args.tokens, in_features, generator=g).to(device, dtype).requires_grad_()  # (T, in)
+    grad_out = torch.randn(args.tokens, out_features, generator=g).to(device, dtype)  # (T, out)
     probe = x.detach()[: min(args.tokens, 256)]  # parity first: the timing rounds below step our DoRA's weights
     differences = {"LoRA": max_relative_difference(lora, peft_lora, probe, dtype),
                    "DoRA": max_relative_difference(dora, peft_dora, probe, dtype)}
@@ -162,7 +169,8 @@ def bench_adapters(args) -> dict:
     setup = {"quick": args.quick, "tokens": args.tokens, "dtype": args.dtype, "r": args.r, "dropout": args.dropout,
              "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
              "peft": peft.__version__, "bitsandbytes": bnb.__version__,
-             "cpu": platform.processor() or platform.machine()}
+             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+             platform.processor() or platform.machine()}
     shapes = QUICK_SHAPES if args.quick else ADAPTER_SHAPES
     result = {"setup": setup, "rows": [bench_adapter_shape(i, o, args) for i, o in shapes]}
     print_adapter_table(result)

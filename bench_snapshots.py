@@ -67,9 +67,14 @@ CAPTION_TEXTS = ["빨간 원이 파란 배경 위에서 왼쪽으로 천천히 �
                  "작은 보라색 별이 회색 바닥 근처에서 빙글빙글 돈다."]
 
 
-def preset_for(name: str, quick: bool) -> Preset:
-    """The preset `name`, or with quick its toy-size variant (the same workloads, every code path once)."""
-    return replace(PRESETS[name], name=f"{name} (quick)", **QUICK) if quick else PRESETS[name]
+def preset_for(name: str, quick: bool, layers: int | None = None) -> Preset:
+    """The preset `name`, or with quick its toy-size variant (the same workloads, every code path once); layers
+    keeps the first `layers` decoder layers of its Qwen3 (same widths: per-layer costs and ratios stay, in less
+    time; the name says so)."""
+    preset = replace(PRESETS[name], name=f"{name} (quick)", **QUICK) if quick else PRESETS[name]
+    if layers and layers != preset.layers:
+        preset = replace(preset, name=f"{preset.name}, {layers} of {preset.layers} layers", layers=layers)
+    return preset
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:

@@ -72,7 +72,7 @@ def reference_llm(folders, device, method: str, *, training: bool, prepared: boo
     if training and prepared:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     elif training:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = not training
     config = LoraConfig(r=ADAPTER["r"], lora_alpha=ADAPTER["alpha"], lora_dropout=ADAPTER["dropout"],
                         target_modules=list(QWEN3_LINEARS), use_dora=method == "dora", task_type="CAUSAL_LM")

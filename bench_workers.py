@@ -244,7 +244,7 @@ def measure_one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random tiny weights hit denormal floats on the CPU (10x slower there)
-    preset = preset_for(args.preset, args.quick)
+    preset = preset_for(args.preset, args.quick, args.layers)
     folders = {"llm": Path(args.root) / "llm", "clip": Path(args.root) / "clip"}
     if args.stack != "ours" or args.variant == "full-logits":
         import peft  # noqa: F401  the reference's libraries belong to its baseline, as torch does to ours

@@ -114,8 +114,17 @@ def test_both_stacks_load_the_written_snapshot_alike(tmp_path):
     assert load_clip_vision(folders["clip"]).config.num_patches == preset.patches
 
 
-def test_adapters_benchmark_quick(capsys):
+def test_layers_keeps_the_widths_and_says_so():
+    preset = bench.preset_for("qwen3-8b", quick=False, layers=8)
+    assert (preset.layers, preset.hidden_size, preset.intermediate_size) == (8, 4096, 12288)
+    assert preset.name == "qwen3-8b, 8 of 36 layers"
+    assert bench.preset_for("qwen3-8b", quick=False, layers=36) == bench.PRESETS["qwen3-8b"]
+
+
+def test_adapters_benchmark_quick(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = bench.main(["adapters", "--quick", "--threads", "1"])
+    assert not (tmp_path / "bench_results.json").exists()  # only `model` writes it by default
     assert [row["shape"] for row in result["rows"]] == [f"{i}x{o}" for i, o in QUICK_SHAPES]
     for row in result["rows"]:
         assert all(ms > 0 for ms in row["ms"].values())
