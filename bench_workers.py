@@ -18,8 +18,9 @@ from bench_stacks import (batch_ids, build_stack, caption_loss, captions_of, che
                           full_logits_loss, label_losses, label_only_loss, ours_llm, reference_embeds,
                           stack_modules, stage2_vlm)
 from clip import load_clip_vision
-from data import preprocess, read_frames, read_manifest, synth_dataset
+from data import preprocess, read_frames, read_manifest
 from features import CachedFeatureDataset, FeatureCache, fill_feature_cache
+from synth import synth_dataset
 from vlm import IGNORE_INDEX, VLM, VLMConfig
 
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity

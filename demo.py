@@ -35,9 +35,9 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from clip import CLIPConfig, CLIPVision
-from data import (ATTRIBUTES, CAPTION_TEMPLATES, caption_choices, make_caption, parse_caption_attributes,
-                  preprocess, read_frames, read_manifest, synth_dataset, write_manifest)
+from data import preprocess, read_frames, read_manifest, write_manifest
 from qwen3 import Qwen3, Qwen3Config
+from synth import ATTRIBUTES, CAPTION_TEMPLATES, caption_choices, make_caption, parse_caption_attributes, synth_dataset
 from train import get_lr
 from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
 

@@ -9,10 +9,10 @@ import PIL
 import pytest
 import torch
 
-from data import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, CLIP_MEAN, CLIP_STD, ManifestError, Sample,
-                  VideoCaptionDataset, VideoError, attribute_combinations, caption_choices, check_videos, collate,
-                  main, make_caption, parse_caption_attributes, preprocess, read_frames, read_manifest,
-                  sample_indices, split_samples, synth_dataset, write_manifest, write_video)
+from data import (CLIP_MEAN, CLIP_STD, ManifestError, Sample, VideoCaptionDataset, VideoError, check_videos, collate,
+                  main, preprocess, read_frames, read_manifest, sample_indices, split_samples, write_manifest)
+from synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices, make_caption,
+                   parse_caption_attributes, synth_dataset, write_video)
 
 BITS = 8  # a frame's index is written as 8 black / white bars (8 px wide each) in its lower half
 

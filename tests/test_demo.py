@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 import demo
 from clip import CLIPVision, load_clip_vision
-from data import ATTRIBUTES
+from synth import ATTRIBUTES
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
 from train import TrainConfig
 from vlm import DEFAULT_INSTRUCTION, ChatTemplate
