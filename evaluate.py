@@ -38,8 +38,8 @@ def gather(rows: list, run) -> list:
 
 
 @torch.no_grad()
-def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: int = 16, max_new_tokens: int = 64, run=None,
-                   with_loss: bool = False, decoding: dict | None = None) -> dict:
+def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: int = 16, max_new_tokens: int = 64,
+                   run=None, with_loss: bool = False, decoding: dict | None = None) -> dict:
     """Captions for every sample (and the teacher-forced loss on each first reference when with_loss), scored.
     Without a cache, the vision tower encodes each batch's frames."""
     from train import Distributed

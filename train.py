@@ -15,6 +15,7 @@ split. Run without model or data paths, it trains the embedded demo (demo.py).
     torchrun --nproc-per-node 4 train.py ...                               # DDP, one process per GPU
 """
 import argparse
+import json
 import math
 import os
 import random
@@ -356,7 +357,8 @@ def main(cfg: TrainConfig) -> dict | None:
                                       max_new_tokens=cfg.max_new_tokens, run=run)
         if demo_assets is not None and run.is_main:
             import demo
-            demo.report(results, demo_assets)
+            table = demo.report(results, demo_assets)  # also kept beside the run's other metrics
+            (Path(cfg.output_dir) / "logs" / "demo_table.json").write_text(json.dumps(table, indent=2))
     if run.world > 1:
         dist.destroy_process_group()
     return results
