@@ -3,9 +3,9 @@
 Real CLIP / Qwen3 weights and real datasets cannot be fetched offline, so the demo builds its own with our own code,
 once per (scale, seed, VERSION), into .cache/demo/{scale}-seed{seed}-v{VERSION}/:
 
-    data/   synthetic Korean videos (data.synth_dataset): val and test hold attribute combinations never trained on;
-            each video has 2-5 captions in different templates of data.py's grammar, each attribute named by one
-            word (plain_caption; with data.py's synonyms even a perfect captioner scores METEOR ~0.45, because
+    data/   synthetic Korean videos (synth.synth_dataset): val and test hold attribute combinations never trained on;
+            each video has 2-5 captions in different templates of synth.py's grammar, each attribute named by one
+            word (plain_caption; with synth.py's synonyms even a perfect captioner scores METEOR ~0.45, because
             METEOR counts a synonym as a miss)
     clip/   a CLIP-architecture vision tower (ViT, 64 px, patch 8, width 128, 3 layers), pretrained on the training
             frames with supervised heads (colour, shape, background, position; per token: which patch holds the
@@ -278,7 +278,7 @@ def qwen3_config(tokenizer: Tokenizer) -> dict:
 
 
 def plain_caption(attributes: dict, template: str) -> str:
-    """A caption of data.py's grammar that names each attribute by one word (the first of its synonyms)."""
+    """A caption of synth.py's grammar that names each attribute by one word (the first of its synonyms)."""
     return make_caption(template, {slot: words[0] for slot, words in caption_choices(attributes).items()})
 
 
