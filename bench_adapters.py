@@ -7,12 +7,12 @@ of each pair is compared (max |ours - PEFT| / max |PEFT|).
 """
 import platform
 import statistics
-import time
 
 import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 
+from bench_workers import now
 from lora import LoRALinear
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -58,13 +58,6 @@ def peft_adapter(base: nn.Module, ours: LoRALinear, dropout: float) -> nn.Module
         if ours.dora:
             layer.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
     return model
-
-
-def now(device: torch.device) -> float:
-    """The wall clock once the device's queued work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def training_step_seconds(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> float:
