@@ -11,9 +11,10 @@ import torch
 from tokenizers import Tokenizer
 
 import demo
+import demo_tower
 from clip import CLIPVision, load_clip_vision
-from synth import ATTRIBUTES
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
+from synth import ATTRIBUTES
 from train import TrainConfig
 from vlm import DEFAULT_INSTRUCTION, ChatTemplate
 
@@ -21,11 +22,11 @@ from vlm import DEFAULT_INSTRUCTION, ChatTemplate
 def test_saved_tower_loads_in_transformers_with_our_features(tmp_path):
     from transformers import CLIPVisionModel
     torch.manual_seed(0)
-    tower = CLIPVision(demo.TOWER)
-    demo.save_clip(tower, tmp_path / "clip")
+    tower = CLIPVision(demo_tower.TOWER)
+    demo_tower.save_clip(tower, tmp_path / "clip")
     ours = load_clip_vision(tmp_path / "clip")
     reference = CLIPVisionModel.from_pretrained(tmp_path / "clip").eval()
-    pixels = torch.randn(2, 3, demo.TOWER.image_size, demo.TOWER.image_size)
+    pixels = torch.randn(2, 3, demo_tower.TOWER.image_size, demo_tower.TOWER.image_size)
     with torch.no_grad():
         expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states
         for layer in (-1, -2):
@@ -55,11 +56,11 @@ def test_frame_targets_find_the_object_patch():
     frames = np.full((2, 64, 64, 3), 128, np.uint8)
     frames[0, 40:50, 8:18] = (220, 40, 40)   # centre (y 44.5, x 12.5): patch row 5, column 1
     frames[1, 2:12, 50:60] = (40, 80, 225)   # centre (y 6.5, x 54.5): patch row 0, column 6
-    targets = demo.frame_targets(frames, patch=8)
+    targets = demo_tower.frame_targets(frames, patch=8)
     assert targets["y"].tolist() == [5, 0] and targets["x"].tolist() == [1, 6]
     assert targets["centre"].tolist() == [5 * 8 + 1, 6]
     with pytest.raises(RuntimeError, match="no object"):
-        demo.frame_targets(np.full((1, 64, 64, 3), 128, np.uint8), patch=8)
+        demo_tower.frame_targets(np.full((1, 64, 64, 3), 128, np.uint8), patch=8)
 
 
 def test_keyword_prompt_is_the_vlm_prompt_with_the_keywords_in_the_video_slots(tokenizer_dir):
