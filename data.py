@@ -306,6 +306,20 @@ def split_samples(samples: list[Sample], seed: int = 42, val_fraction: float = 0
     return {name: [replace(sample, split=name) for sample in parts[name]] for name in SPLITS}
 
 
+def load_splits(train_manifest, *, val_manifest=None, test_manifest=None, seed: int = 42, val_fraction: float = 0.1,
+                test_fraction: float = 0.1) -> dict[str, list[Sample]]:
+    """The run's splits: the train manifest's own (or a seeded split of it), with val / test replaced by separate
+    manifests where given."""
+    splits = split_samples(read_manifest(train_manifest), seed=seed, val_fraction=val_fraction,
+                           test_fraction=test_fraction)
+    for name, manifest in (("val", val_manifest), ("test", test_manifest)):
+        if manifest:
+            splits[name] = read_manifest(manifest)
+    if not splits["train"]:
+        raise ValueError(f"{train_manifest}: no training samples")
+    return splits
+
+
 def check_videos(samples: list[Sample], num_frames: int = 8, *, skip_bad: bool = False,
                  max_bad_fraction: float = 0.05) -> list[Sample]:
     """Decode each video once. A bad one raises VideoError, or with skip_bad is logged with its path and dropped;

@@ -35,11 +35,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from checkpoint import load_checkpoint
 from data import read_manifest, write_manifest
 from demo_tower import pretrain_tower, save_clip
+from distributed import compute_dtype, default_device
+from evaluate import evaluate_split, rebuild_model, run_splits
+from features import prepare_splits
 from qwen3 import Qwen3, Qwen3Config
+from schedule import get_lr
 from synth import ATTRIBUTES, CAPTION_TEMPLATES, caption_choices, make_caption, parse_caption_attributes, synth_dataset
-from train import get_lr
 from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
 
 # The special tokens of Qwen3's tokenizer that kovlm's prompt uses. `<think>` / `</think>` are ordinary added
@@ -267,19 +271,15 @@ class OtherVideosFeatures:
 def blind_baseline(checkpoint_path) -> dict:
     """evaluate_split on the test split with each video's features replaced by another video's (the test features
     go through the feature cache here even in a run without one, since they are swapped there)."""
-    from checkpoint import load_checkpoint
-    from evaluate import evaluate_split, rebuild_model
-    from features import prepare_splits
-    from train import TrainConfig, compute_dtype, load_splits
     checkpoint = load_checkpoint(checkpoint_path)
-    config = TrainConfig(**checkpoint["train_config"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = rebuild_model(checkpoint, clip=None, llm=None, device=device, dtype=compute_dtype(config, device))
-    splits, cache = prepare_splits(model, {"test": load_splits(config)["test"]}, cache_dir=config.cache_dir,
-                                   skip_bad=config.skip_bad, show_progress=False)
-    others = OtherVideosFeatures(cache, [s.video for s in splits["test"]], config.seed)
-    return evaluate_split(model, splits["test"], others, batch_size=config.eval_batch_size,
-                          max_new_tokens=config.max_new_tokens)
+    config = checkpoint["train_config"]
+    device = default_device()
+    model = rebuild_model(checkpoint, clip=None, llm=None, device=device, dtype=compute_dtype(config["dtype"], device))
+    splits, cache = prepare_splits(model, {"test": run_splits(config)["test"]}, cache_dir=config["cache_dir"],
+                                   skip_bad=config["skip_bad"], show_progress=False)
+    others = OtherVideosFeatures(cache, [s.video for s in splits["test"]], config["seed"])
+    return evaluate_split(model, splits["test"], others, batch_size=config["eval_batch_size"],
+                          max_new_tokens=config["max_new_tokens"])
 
 
 def caption_scores(results: dict, attributes: dict[str, dict]) -> dict[str, float]:

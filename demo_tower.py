@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from clip import CLIPConfig, CLIPVision
 from data import preprocess, read_frames
 from synth import ATTRIBUTES
-from train import get_lr
+from schedule import get_lr
 
 TOWER = CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    image_size=64, patch_size=8)

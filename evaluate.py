@@ -13,28 +13,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from checkpoint import load_checkpoint, peak_memory
+from data import load_splits
+from distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
+    teardown_distributed
 from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
 from metrics import evaluate_captions, meteor_sentence
 from vlm import VLMConfig, build_vlm, describe_mismatch
-
-
-def shard(items: list, rank: int, world: int) -> list[tuple[int, object]]:
-    """This rank's (index, item) pairs, round-robin; ranks with one item fewer repeat their last one, so every rank
-    runs the same number of batches. The gather drops the repeats by index."""
-    mine = list(enumerate(items))[rank::world]
-    per_rank = -(-len(items) // world)
-    return mine + mine[-1:] * (per_rank - len(mine)) if mine else []
-
-
-def gather(rows: list, run) -> list:
-    if run.world == 1:
-        return rows
-    everything = [None] * run.world
-    dist.all_gather_object(everything, rows)
-    return [row for part in everything for row in part]
 
 
 @torch.no_grad()
@@ -42,7 +28,6 @@ def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: in
                    run=None, with_loss: bool = False, decoding: dict | None = None) -> dict:
     """Captions for every sample (and the teacher-forced loss on each first reference when with_loss), scored.
     Without a cache, the vision tower encodes each batch's frames."""
-    from train import Distributed
     run = run or Distributed()
     was_training = model.training
     model.eval()
@@ -96,15 +81,14 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
 
 def evaluate_checkpoint(path, *, split: str = "test", batch_size: int = 16, max_new_tokens: int = 64, run=None,
                         clip=None, llm=None, output_dir=None, decoding=None, show: bool = True) -> dict:
-    from train import Distributed, TrainConfig, compute_dtype, load_splits
-    run = run or Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    run = run or Distributed(device=default_device())
     checkpoint = load_checkpoint(path)
-    train_config = TrainConfig(**checkpoint["train_config"])
+    train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
     model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
-                          dtype=compute_dtype(train_config, run.device))
-    cache_dir = train_config.cache_dir if train_config.feature_cache else None
-    splits, cache = prepare_splits(model, {split: load_splits(train_config)[split]}, cache_dir=cache_dir,
-                                   skip_bad=train_config.skip_bad, run=run, show_progress=show and run.is_main)
+                          dtype=compute_dtype(train_config["dtype"], run.device))
+    cache_dir = train_config["cache_dir"] if train_config["feature_cache"] else None
+    splits, cache = prepare_splits(model, {split: run_splits(train_config)[split]}, cache_dir=cache_dir,
+                                   skip_bad=train_config["skip_bad"], run=run, show_progress=show and run.is_main)
     samples = splits[split]
     results = evaluate_split(model, samples, cache, batch_size=batch_size, max_new_tokens=max_new_tokens, run=run,
                              decoding=decoding)
@@ -115,6 +99,13 @@ def evaluate_checkpoint(path, *, split: str = "test", batch_size: int = 16, max_
         if show:
             print_report(results)
     return results
+
+
+def run_splits(train_config: dict) -> dict[str, list]:
+    """The splits a checkpoint's run trained and validated on, from its saved options."""
+    return load_splits(train_config["train_manifest"], val_manifest=train_config["val_manifest"],
+                       test_manifest=train_config["test_manifest"], seed=train_config["seed"],
+                       val_fraction=train_config["val_fraction"], test_fraction=train_config["test_fraction"])
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -154,7 +145,6 @@ def main() -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
     args = parser.parse_args()
-    from train import setup_distributed
     run = setup_distributed()
     decoding = {"do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p,
                 "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
@@ -164,8 +154,7 @@ def main() -> None:
                             output_dir=args.output_dir, decoding=decoding)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
-    if run.world > 1:
-        dist.destroy_process_group()
+    teardown_distributed(run)
 
 
 if __name__ == "__main__":

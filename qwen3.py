@@ -381,26 +381,3 @@ def load_tensor(model: Qwen3, name: str, tensor: torch.Tensor, *, dtype, device)
     else:
         # copy=True: a tensor read from safetensors may alias the file's memory map; a copy lets the map close.
         setattr(module, param_name, nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False))
-
-
-if __name__ == "__main__":  # python qwen3.py SNAPSHOT [--quant nf4] [--device cuda]: load once, report memory
-    import argparse
-    import resource
-    import time
-    parser = argparse.ArgumentParser(description="Load a Qwen3 snapshot folder once; print its size, time, memory.")
-    parser.add_argument("path")
-    parser.add_argument("--quant", choices=["nf4"], default=None)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    peak_rss_mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    rss_before, start = peak_rss_mib(), time.time()
-    model = load_qwen3(args.path, quant=args.quant, device=args.device)
-    seconds, rss_peak = time.time() - start, peak_rss_mib()
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in Qwen3(model.config).parameters())
-    in_memory = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(f"{parameters:,} parameters ({parameters * 2 / 2**20:,.0f} MiB in bf16), quant={args.quant}: "
-          f"{in_memory:,.0f} MiB of weights (NF4 block scales not counted), loaded in {seconds:.1f} s")
-    print(f"peak RSS {rss_peak:,.0f} MiB ({rss_before:,.0f} MiB before loading: Python, torch, bitsandbytes)")
-    if args.device.startswith("cuda"):
-        print(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")

@@ -16,26 +16,23 @@ split. Run without model or data paths, it trains the embedded demo (demo.py).
 """
 import argparse
 import json
-import math
-import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
+from data import load_splits
+from distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
+    teardown_distributed, wrap_ddp
 from evaluate import evaluate_checkpoint, evaluate_split
-from data import read_manifest, split_samples
 from features import batch_features, collate_features, prepare_splits, video_dataset
 from lora import AdapterConfig, parameter_report
 from projectors import PROJECTORS
+from schedule import epoch_caption_choice, epoch_windows, get_lr
 from vlm import VLMConfig, build_vlm
 
 
@@ -109,60 +106,7 @@ def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
     return TrainConfig(**explicit), set(explicit)
 
 
-# ---- schedule, data order ----------------------------------------------------------------------------------------
-def get_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warmup to peak_lr, then cosine decay to 0 at total_steps."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def epoch_windows(num_samples: int, window_size: int, seed: int, stage: int, epoch: int) -> list[list[int]]:
-    """The epoch's shuffled sample indices cut into optimizer-step windows (an incomplete tail is dropped,
-    unless the whole epoch is smaller than one window)."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1000 + stage * 100 + epoch))
-    count = max(1, num_samples // window_size)
-    return [order[i * window_size:(i + 1) * window_size].tolist() for i in range(count)]
-
-
-def epoch_caption_choice(captions_per_sample: list[int], seed: int, stage: int, epoch: int) -> list[int]:
-    """Which reference caption each video trains on this epoch: drawn per epoch, the same on every process."""
-    rng = np.random.default_rng([seed, stage, epoch])
-    return [int(rng.integers(count)) for count in captions_per_sample]
-
-
-# ---- distributed -------------------------------------------------------------------------------------------------
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Distributed:
-    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: NCCL on GPUs, gloo on the CPU; each rank on its own device."""
-    cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Distributed(dist.get_rank(), dist.get_world_size(), device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
+# ---- setup -------------------------------------------------------------------------------------------------------
 def ensure_finite(value: torch.Tensor, what: str, step: int, sample_ids: list) -> None:
     """Stop on a NaN / inf before it reaches the weights; the last good checkpoint stays as it is."""
     if not torch.isfinite(value).all():
@@ -170,44 +114,9 @@ def ensure_finite(value: torch.Tensor, what: str, step: int, sample_ids: list) -
                                  "stopping without saving. Lower the learning rate or check these samples")
 
 
-def wrap_ddp(model) -> DistributedDataParallel:
-    """DDP over the trainable weights only: the frozen bases (identical on every rank, 4-bit in part) are neither
-    broadcast at start nor reduced."""
-    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    frozen += [name for name, _ in model.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    return DistributedDataParallel(model)
-
-
-def all_reduce_mean(value: float, run: Distributed) -> float:
-    if run.world == 1:
-        return value
-    total = torch.tensor([value], device=run.device)
-    dist.all_reduce(total)
-    return float(total) / run.world
-
-
-# ---- setup -------------------------------------------------------------------------------------------------------
-def load_splits(cfg: TrainConfig) -> dict[str, list]:
-    samples = read_manifest(cfg.train_manifest)
-    splits = split_samples(samples, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-    for name, manifest in (("val", cfg.val_manifest), ("test", cfg.test_manifest)):
-        if manifest:
-            splits[name] = read_manifest(manifest)
-    if not splits["train"]:
-        raise ValueError(f"{cfg.train_manifest}: no training samples")
-    return splits
-
-
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
-
-
 def prepare(cfg: TrainConfig, run: Distributed):
     """Bases, projector, and the splits with every video encoded into the feature cache."""
-    dtype = compute_dtype(cfg, run.device)
+    dtype = compute_dtype(cfg.dtype, run.device)
     projector = {"name": cfg.projector, "num_queries": cfg.num_queries}
     vlm_config = VLMConfig(clip_path=cfg.clip, llm_path=cfg.llm, projector=projector, num_frames=cfg.num_frames,
                            quant=None if cfg.quant == "none" else cfg.quant)
@@ -217,7 +126,7 @@ def prepare(cfg: TrainConfig, run: Distributed):
                                                                            and long_inputs)
     if run.is_main and not cfg.feature_cache:
         print("feature cache off: the vision tower encodes every batch")
-    splits, cache = prepare_splits(model, load_splits(cfg), cache_dir=cfg.cache_dir if cfg.feature_cache else None,
+    splits, cache = prepare_splits(model, load_splits(cfg.train_manifest, val_manifest=cfg.val_manifest, test_manifest=cfg.test_manifest, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction), cache_dir=cfg.cache_dir if cfg.feature_cache else None,
                                    skip_bad=cfg.skip_bad, max_bad_fraction=cfg.max_bad_fraction,
                                    batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, run=run,
                                    show_progress=run.is_main)
@@ -253,7 +162,7 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
             model.to(run.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         autocast = torch.autocast(run.device.type, dtype=torch.bfloat16,
-                                  enabled=compute_dtype(cfg, run.device) == torch.bfloat16)
+                                  enabled=compute_dtype(cfg.dtype, run.device) == torch.bfloat16)
         optimizer = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=cfg.weight_decay)
         wrapped = wrap_ddp(model) if run.world > 1 else model
         start_epoch, start_step = 0, 0
@@ -359,8 +268,7 @@ def main(cfg: TrainConfig) -> dict | None:
             import demo
             table = demo.report(results, demo_assets)  # also kept beside the run's other metrics
             (Path(cfg.output_dir) / "logs" / "demo_table.json").write_text(json.dumps(table, indent=2))
-    if run.world > 1:
-        dist.destroy_process_group()
+    teardown_distributed(run)
     return results
 
 

@@ -1,4 +1,4 @@
-"""bench.py and its bench_*.py modules keep working: every measurement of the model benchmark once at toy sizes,
+"""The bench package keeps working: every measurement of the model benchmark once at toy sizes,
 the adapters benchmark's quick path, and the pieces the figures rest on (the parity check, the snapshot both stacks
 read, the label-only loss being vlm.py's)."""
 import json
@@ -8,8 +8,8 @@ import torch
 from tokenizers import Tokenizer
 
 import bench
-from bench_adapters import QUICK_SHAPES
-from bench_stacks import LABEL_LOSS_TOLERANCE, METHODS, SHAPES
+from bench.adapters import QUICK_SHAPES
+from bench.stacks import LABEL_LOSS_TOLERANCE, METHODS, SHAPES
 from clip import load_clip_vision
 from vlm import VLMConfig, build_vlm
 
@@ -67,7 +67,7 @@ def test_default_command_runs_a_measurement_in_its_own_process(snapshot_dir, tmp
     result = bench.main(["--quick", "--threads", "1", "--tasks", "vision", "--snapshot-dir", str(snapshot_dir),
                          "--json", str(out)])
     assert result["isolation"] == "one process per measurement"
-    assert result["command"].startswith("python bench.py model")  # the default command
+    assert result["command"].startswith("python -m bench model")  # the default command
     assert result["results"]["vision"]["cache"]["tower_frames"][1] == 0
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import save_tiny_clip
 from evaluate import evaluate_checkpoint
-from train import TrainConfig, train, setup_distributed
+from distributed import setup_distributed
+from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import checkpoint
-from train import TrainConfig, main, train, setup_distributed
+from distributed import setup_distributed
+from train import TrainConfig, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

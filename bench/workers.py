@@ -1,4 +1,4 @@
-"""The model benchmark's measurements, one per process (`bench.py _one --task ...`): how each is taken.
+"""The model benchmark's measurements, one per process (`python -m bench _one --task ...`): how each is taken.
 
 train: a stage-2 training step (forward + backward + AdamW step, bf16 autocast). generate: batched greedy
 captions. loss: one caption-loss computation, label-only vs full logits. vision: two epochs of the vision side,
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from bench_snapshots import Preset, preset_for, write_snapshots
-from bench_stacks import (batch_ids, build_stack, caption_loss, captions_of, check_label_losses, features_of,
+from bench.snapshots import Preset, preset_for, write_snapshots
+from bench.stacks import (batch_ids, build_stack, caption_loss, captions_of, check_label_losses, features_of,
                           full_logits_loss, label_losses, label_only_loss, ours_llm, reference_embeds,
                           stack_modules, stage2_vlm)
 from clip import load_clip_vision

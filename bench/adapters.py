@@ -1,4 +1,4 @@
-"""`python bench.py adapters`: one adapted NF4 linear at Qwen3-8B's layer shapes, our LoRA / DoRA against PEFT's.
+"""`python -m bench adapters`: one adapted NF4 linear at Qwen3-8B's layer shapes, our LoRA / DoRA against PEFT's.
 
 Both hold the same frozen bitsandbytes Linear4bit and the same A, B (and DoRA magnitude); one training step
 (forward + backward under autocast) of each is timed. The machine is shared and noisy, so every method runs once
@@ -12,7 +12,7 @@ import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 
-from bench_workers import now
+from bench.workers import now
 from lora import LoRALinear
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from bench_snapshots import CAPTION_TEXTS, Preset
+from bench.snapshots import CAPTION_TEXTS, Preset
 from lora import QWEN3_LINEARS, LoRALinear, apply_adapters, dequantized_weight
 from projectors import build_projector
 from qwen3 import load_qwen3

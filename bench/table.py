@@ -3,8 +3,8 @@ ratios, and the targets each ratio is judged against (not judged at --quick's to
 """
 from functools import partial
 
-from bench_snapshots import Preset
-from bench_stacks import LABEL_LOSS_TOLERANCE, METHODS, STACKS
+from bench.snapshots import Preset
+from bench.stacks import LABEL_LOSS_TOLERANCE, METHODS, STACKS
 
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
 # ours / the best reference; a target (op, bound) is judged on the ratio that holds against both references

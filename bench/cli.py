@@ -1,8 +1,9 @@
 """Side-by-side benchmarks: kovlm against the transformers + PEFT + bitsandbytes stack, with ratios.
 
-    python bench.py --preset cpu-small        # = python bench.py model --preset cpu-small; qwen3-8b on a GPU
-    python bench.py model [--preset cpu-small|qwen3-8b] [--tasks train,generate,loss,vision] [--quick] [--json PATH]
-    python bench.py adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
+    python -m bench --preset cpu-small        # = python -m bench model --preset cpu-small; qwen3-8b on a GPU
+    python -m bench model [--preset cpu-small|qwen3-8b] [--tasks train,generate,loss,vision] [--quick] [--json PATH]
+    python -m bench memory SNAPSHOT [--quant nf4] [--device cuda]
+    python -m bench adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
 
 `model` writes random weights with the preset's Qwen3 / CLIP shapes once to a temporary snapshot folder, so both
 stacks load the same files the normal way, then measures, each in its own process (peak memory is per process):
@@ -31,16 +32,16 @@ from pathlib import Path
 
 import torch
 
-from bench_adapters import DTYPES, bench_adapters
-from bench_snapshots import PRESETS, preset_for, write_snapshots
-from bench_stacks import METHODS, SHAPES, STACKS, full_logits_loss, label_only_loss
-from bench_table import model_rows, print_model_table
-from bench_workers import WORKERS, measure_one
+from bench.adapters import DTYPES, bench_adapters
+from bench.memory import bench_memory
+from bench.snapshots import PRESETS, preset_for
+from bench.stacks import METHODS, SHAPES, STACKS
+from bench.table import model_rows, print_model_table
+from bench.workers import WORKERS, measure_one
 
-# bench.py is the command line and the worker processes; the parts live beside it: bench_adapters.py (the adapters
-# subcommand), bench_snapshots.py (presets, random snapshot folders), bench_stacks.py (ours and the reference, the
-# parity check), bench_workers.py (one measurement each), bench_table.py (rows, ratios, targets).
-__all__ = ["main", "PRESETS", "preset_for", "write_snapshots", "label_only_loss", "full_logits_loss"]  # bench.<name>
+# cli.py is the command line and the worker processes; the parts live beside it: adapters.py (the adapters
+# subcommand), snapshots.py (presets, random snapshot folders), stacks.py (ours and the reference, the parity
+# check), workers.py (one measurement each), table.py (rows, ratios, targets), memory.py (one snapshot's load).
 TASKS = ("train", "generate", "loss", "vision")
 
 
@@ -62,7 +63,7 @@ def run_worker(args, task: str, **options) -> dict:
     print(f"bench: {task} {' '.join(str(v) for v in options.values() if v is not None and len(str(v)) < 12)}",
           flush=True)
     context = multiprocessing.get_context("spawn" if torch.cuda.is_available() else "forkserver")
-    context.set_forkserver_preload([Path(__file__).stem])
+    context.set_forkserver_preload([__name__])
     receiver, sender = context.Pipe(duplex=False)
     log = Path(args.root) / "workers.log"
     process = context.Process(target=worker_process, args=(flags, sender, log))
@@ -74,7 +75,7 @@ def run_worker(args, task: str, **options) -> dict:
         result = {"error": f"the process died (exit code {process.join() or process.exitcode})"}
     process.join()
     if "error" in result:
-        raise SystemExit(f"bench: `bench.py _one {' '.join(flags)}` failed: {result['error']}\n"
+        raise SystemExit(f"bench: `python -m bench _one {' '.join(flags)}` failed: {result['error']}\n"
                          f"the end of its output:\n{log.read_text()[-3000:]}")
     brief = {key: value for key, value in result.items() if not isinstance(value, list)}
     print(f"bench:   {json.dumps(brief)[:400]}", flush=True)  # each result as it comes: a long run cut short keeps them
@@ -167,7 +168,7 @@ def bench_model(args) -> dict:
     memory = "CUDA max_memory_allocated" if device.type == "cuda" else \
         "peak RSS (VmHWM, reset before the timed repeats) of the measurement's own process"
     versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")}
-    return {"command": "python bench.py " + " ".join(args.argv), "device": describe_device(device, args.threads),
+    return {"command": "python -m bench " + " ".join(args.argv), "device": describe_device(device, args.threads),
             "versions": versions | {"python": platform.python_version()}, "preset": asdict(preset),
             "dtype": args.dtype, "memory": memory,
             "isolation": "inline (one process)" if args.inline else "one process per measurement",
@@ -218,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default: a temporary folder, removed at the end)")
     model.add_argument("--inline", action="store_true", help="run every measurement in this process (tests)")
     model.set_defaults(run=bench_model)
+    memory = commands.add_parser("memory", help="load one Qwen3 snapshot folder; its size, load time, peak memory")
+    memory.add_argument("path", help="a Qwen3 snapshot folder")
+    memory.add_argument("--quant", choices=["nf4"], default=None)
+    memory.add_argument("--device", default="cpu")
+    memory.set_defaults(run=bench_memory)
     one = commands.add_parser("_one", parents=[common], help="internal: one measurement, printed as JSON")
     one.add_argument("--task", choices=sorted(WORKERS), required=True)
     one.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -234,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["model", *argv]  # `python bench.py --preset cpu-small` is `python bench.py model --preset cpu-small`
+        argv = ["model", *argv]  # `python -m bench --preset cpu-small` is `python -m bench model --preset cpu-small`
     args = build_parser().parse_args(argv)
     args.argv = argv
     if args.command == "model" and args.json is None:
@@ -247,6 +253,3 @@ def main(argv=None) -> dict:
         print(f"wrote {args.json}")
     return result
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,14 @@
+"""kovlm's side-by-side benchmark, off the teaching path: ours against transformers + PEFT + bitsandbytes.
+
+    python -m bench --preset cpu-small         # = python -m bench model --preset cpu-small
+    python -m bench adapters | memory SNAPSHOT | model ...
+
+cli.py holds the command line and the worker processes; snapshots.py the presets and random snapshot folders;
+stacks.py ours and the reference stack; workers.py one measurement each; table.py rows, ratios and targets;
+adapters.py the layer-level adapters benchmark; memory.py one snapshot's load.
+"""
+from bench.cli import main
+from bench.snapshots import PRESETS, preset_for, write_snapshots
+from bench.stacks import full_logits_loss, label_only_loss
+
+__all__ = ["main", "PRESETS", "preset_for", "write_snapshots", "label_only_loss", "full_logits_loss"]

@@ -1,0 +1,56 @@
+"""One line for every error a user can fix, a traceback only for our own bugs.
+
+Each command (train.py, evaluate.py, caption.py, export.py, metrics.py, data.py) runs its main inside
+`user_errors()`: bad input raises ValueError / FileNotFoundError with a message that names the file or flag, and
+the operating system's refusals (a full disk, a read-only folder, a folder where a file was expected) become one
+line naming the file and what to do. Anything else is a programming error and keeps its traceback.
+"""
+import errno
+import json
+import sys
+from contextlib import contextmanager
+
+from safetensors import SafetensorError
+
+OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space (or choose another folder) and run again",
+    errno.EDQUOT: "the disk quota is exhausted: free space (or choose another folder) and run again",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "operation not permitted: choose a folder you can write to",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EISDIR: "this is a folder, a file was expected",
+    errno.ENOTDIR: "a file stands where a folder was expected",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    where = error.filename or "?"
+    advice = OS_ADVICE.get(error.errno, error.strerror or str(error))
+    return f"{where}: {advice}"
+
+
+def describe(error: BaseException) -> str | None:
+    """The one-line message for an error a user can act on; None for anything else."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return describe_os_error(error)
+    if isinstance(error, (ValueError, FileNotFoundError, FloatingPointError, KeyError, SafetensorError)):
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        return text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, RuntimeError) and "unexpected pos" in str(error):  # torch.save's zip writer on a full disk
+        return "a file could not be written completely (torch.save: 'unexpected pos'): the disk is probably full"
+    return None
+
+
+@contextmanager
+def user_errors():
+    """Turn user-fixable errors into `error: ...` on stderr and exit status 1."""
+    try:
+        yield
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        sys.exit(f"error: {error}")
+    except Exception as error:
+        message = describe(error)
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")
