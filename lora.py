@@ -32,19 +32,6 @@ import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
-
-# torch.optim's fused kernels (fused=True) update parameters without bumping their version counters, so the DoRA
-# norm cache also keys on this count of optimizer steps, kept by torch's global optimizer step hook.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
 
 QWEN3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,15 +51,6 @@ class AdapterConfig:
         if self.r < 1 or not 0 <= self.dropout < 1 or not self.targets:
             raise ValueError(f"AdapterConfig: need r >= 1, 0 <= dropout < 1 and some targets; got r={self.r}, "
                              f"dropout={self.dropout}, targets={self.targets}")
-
-    @classmethod
-    def from_hf(cls, d: dict) -> "AdapterConfig":
-        """Read a PEFT adapter_config.json dict; refuse the options whose math this file does not implement."""
-        if d.get("use_rslora") or d.get("bias", "none") != "none" or isinstance(d.get("target_modules"), str):
-            raise ValueError("adapter_config.json: use_rslora, bias != 'none' and regex target_modules are not "
-                             "supported; kovlm's adapters are plain LoRA / DoRA on a list of module names")
-        return cls(method="dora" if d.get("use_dora") else "lora", r=d["r"], alpha=d["lora_alpha"],
-                   dropout=d.get("lora_dropout", 0.0), targets=tuple(d["target_modules"]))
 
 
 def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
@@ -99,7 +77,7 @@ class LoRALinear(nn.Module):
     and runs W a second time, on the dropped input: F.linear(x', W) with the dequantized W, and its backward:
         y = W x + b + (m / n - 1) * W x' + m / n * s B A x'
     Both are m / n * (W x + s B A x) + b when the dropout is the identity, and agree in expectation over the mask
-    (both are linear in x'); `forward_like_peft` computes PEFT's form, for the parity tests.
+    (both are linear in x'); tests/test_lora.py computes PEFT's form, for the parity tests.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False):
@@ -135,12 +113,13 @@ class LoRALinear(nn.Module):
         """base(x) (T, out) and ||W + sBA||_row (out,) in fp32, detached; the norm is cached until A or B change.
         On a cache miss A's r rows ride along with the tokens through the same base pass: one pass either way.
 
-        The cache key: torch.optim steps taken (fused kernels bump no version counter), the parameters' version
-        counters (bumped by in-place updates: foreach / for-loop optimizers, load_state_dict's copy_), storage
-        addresses (a `.data = ...` swap), and inference mode (a norm made under torch.inference_mode cannot enter
-        autograd). Writes through `p.data.copy_` are invisible to all of these: call `forget_weight_norm()`."""
+        The cache key: the parameters' version counters (bumped by in-place updates: foreach / for-loop
+        optimizers, load_state_dict's copy_), storage addresses (a `.data = ...` swap), and inference mode (a norm
+        made under torch.inference_mode cannot enter autograd). torch.optim's fused kernels (fused=True) and writes
+        through `p.data.copy_` bump no counter: the training loop calls `after_optimizer_step(model)`, which
+        forgets every cached norm, after each optimizer.step()."""
         A, B = self.lora_A, self.lora_B
-        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), torch.is_inference_mode_enabled())
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), torch.is_inference_mode_enabled())
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self.base(x), self._norm_cache[1]
         if self.weight_sq_norm.is_meta:
@@ -177,21 +156,6 @@ class LoRALinear(nn.Module):
         if self.base.bias is None:
             return out
         return out + ((1 - scale) * self.base.bias).to(out.dtype)  # (T, out) + (out,)
-
-    def forward_like_peft(self, x: torch.Tensor) -> torch.Tensor:
-        """PEFT 0.21's arithmetic (see the class docstring): with an active dropout, DoRA runs W a second time, on
-        dropout(x). For parity tests only; the same dropout mask as PEFT's for the same RNG state."""
-        dropped = self.dropout(x)
-        lora_out = self.lora_branch(dropped)  # (T, out)
-        if not self.dora:
-            base_out = self.base(x)  # (T, out)
-            return base_out + lora_out.to(base_out.dtype)
-        base_out, norm = self.base_and_norm(x)  # (T, out), (out,)
-        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
-        wx = self.without_bias(self.base(dropped) if dropout_active else base_out)  # (T, out): W dropout(x)
-        scale = self.magnitude / norm  # (out,)
-        dt = base_out.dtype
-        return base_out + (scale - 1).to(dt) * wx + scale.to(dt) * lora_out.to(dt)  # PEFT's dora.py, line for line
 
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA)), computed in fp32.
@@ -238,6 +202,15 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **opti
         _replace(model, name, LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout,
                                          dora=config.method == "dora"))
     return names
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """Call right after every optimizer.step(): DoRA's cached row norms ||W + sBA|| belong to the adapters before
+    the step (a fused optimizer changes A and B without a trace the cache could see). A no-op for LoRA and for a
+    model without adapters. Explicit, not an optimizer hook registered at import: no process-global state."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.forget_weight_norm()
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -12,8 +12,8 @@ import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
 from conftest import save_tiny_qwen3
-from lora import (AdapterConfig, LoRALinear, adapter_state_dict, apply_adapters, dequantized_weight,
-                  load_adapter_state_dict, merge_adapters, parameter_counts, parameter_report)
+from lora import (AdapterConfig, LoRALinear, adapter_state_dict, after_optimizer_step, apply_adapters,
+                  dequantized_weight, load_adapter_state_dict, merge_adapters, parameter_counts, parameter_report)
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
 
 IN, OUT, R, ALPHA = 64, 48, 4, 8
@@ -85,6 +85,28 @@ def peft_twin(ours, kind, bias, dropout=0.0, copy_adapters=True):
 
 def materialised_weight(layer):
     return dequantized_weight(layer.base) + layer.scaling * layer.lora_B @ layer.lora_A  # (out, in): W + sBA
+
+
+def forward_like_peft(layer, x):
+    """PEFT 0.21's arithmetic (lora/variants.py DoraLinearVariant.forward, lora/dora.py): with an active dropout,
+    DoRA runs W a second time, on dropout(x); the same dropout mask as PEFT's for the same RNG state."""
+    dropped = layer.dropout(x)
+    lora_out = layer.lora_branch(dropped)  # (T, out)
+    if not layer.dora:
+        base_out = layer.base(x)  # (T, out)
+        return base_out + lora_out.to(base_out.dtype)
+    base_out, norm = layer.base_and_norm(x)  # (T, out), (out,)
+    dropout_active = layer.training and isinstance(layer.dropout, nn.Dropout)
+    wx = layer.without_bias(layer.base(dropped) if dropout_active else base_out)  # (T, out): W dropout(x)
+    scale = layer.magnitude / norm  # (out,)
+    dt = base_out.dtype
+    return base_out + (scale - 1).to(dt) * wx + scale.to(dt) * lora_out.to(dt)  # PEFT's dora.py, line for line
+
+
+def adapter_config_from_peft(d: dict) -> AdapterConfig:
+    """A PEFT adapter_config.json dict as an AdapterConfig (the options whose math lora.py implements)."""
+    return AdapterConfig(method="dora" if d.get("use_dora") else "lora", r=d["r"], alpha=d["lora_alpha"],
+                         dropout=d.get("lora_dropout", 0.0), targets=tuple(d["target_modules"]))
 
 
 def reference_dora(layer, x):
@@ -292,9 +314,35 @@ def test_dora_norm_cache_is_fresh_after_optimizer_step(kind, optimizer):
     with torch.no_grad():
         old_norm = materialised_weight(layer).norm(dim=1)
         opt.step()
+        after_optimizer_step(layer)
         new_norm = materialised_weight(layer).norm(dim=1)
         assert (new_norm - old_norm).abs().max() > 1e-3  # the step moved the norm: a stale cache would show
         assert_rel(layer(x), reference_dora(layer, x), 1e-4, "output after the step")
+
+
+def test_fused_step_without_after_optimizer_step_keeps_the_stale_norm():
+    """Why the training loop must call after_optimizer_step: a fused AdamW step leaves no trace the cache sees."""
+    torch.manual_seed(0)
+    layer = randomize(LoRALinear(make_base("linear", False), R, ALPHA, dora=True))
+    opt = torch.optim.AdamW(list(layer.parameters()), lr=0.05, fused=True)
+    x = torch.randn(6, IN)
+    layer(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        stale = layer(x)
+        after_optimizer_step(layer)
+        fresh = layer(x)
+    assert (stale - fresh).abs().max() > 1e-4
+    assert_rel(fresh, reference_dora(layer, x), 1e-4, "output after after_optimizer_step")
+
+
+def test_after_optimizer_step_is_a_no_op_for_lora_and_plain_models():
+    after_optimizer_step(nn.Linear(3, 3))
+    layer = randomize(LoRALinear(make_base("linear", False), R, ALPHA))
+    x = torch.randn(2, IN)
+    before = layer(x)
+    after_optimizer_step(layer)
+    assert torch.equal(layer(x), before)
 
 
 def test_dora_norm_cache_is_fresh_after_load_adapter_state_dict():
@@ -336,7 +384,7 @@ def test_dropout_runs_the_base_once_per_forward_and_reuses_the_norm():
     assert calls.shapes == [(2 * 5 + R, IN)]  # one pass: the tokens, with A's r rows for the norm (cache miss)
     layer(x).sum().backward()  # the next micro-batch: A and B unchanged, the norm is reused
     assert calls.shapes[1:] == [(2, 5, IN)]
-    layer.forward_like_peft(x)  # PEFT's form runs the base on x and again on dropout(x)
+    forward_like_peft(layer, x)  # PEFT's form runs the base on x and again on dropout(x)
     assert calls.shapes[2:] == [(2, 5, IN), (2, 5, IN)]
 
 
@@ -347,7 +395,7 @@ def test_peft_exact_form_equals_peft_with_dropout(kind):
     model, _ = peft_twin(ours, kind, True, dropout=0.3)
     x = torch.randn(4, IN)
     torch.manual_seed(7)
-    y_ours = ours.forward_like_peft(x)
+    y_ours = forward_like_peft(ours, x)
     torch.manual_seed(7)
     y_peft = model(x)
     assert_rel(y_ours, y_peft, 1e-4, "PEFT-exact form with dropout")
@@ -365,12 +413,12 @@ def test_dropout_forms_agree_without_mask_and_in_expectation(kind):
     model.eval()
     with torch.no_grad():
         expected = layer(x)
-        assert_rel(layer.forward_like_peft(x), expected, 1e-6, "PEFT-exact form in eval mode")
+        assert_rel(forward_like_peft(layer, x), expected, 1e-6, "PEFT-exact form in eval mode")
         assert_rel(model(x), expected, 1e-4, "PEFT in eval mode")
         layer.train()
         many = x.repeat(10000, 1, 1)  # (10000, 3, IN): 10000 masks at once
-        for form in (layer.forward, layer.forward_like_peft):
-            assert_rel(form(many).mean(dim=0), expected, 2e-2, f"{form.__name__}: mean over dropout masks")
+        for name, form in (("ours", layer.forward), ("PEFT's form", lambda v: forward_like_peft(layer, v))):
+            assert_rel(form(many).mean(dim=0), expected, 2e-2, f"{name}: mean over dropout masks")
 
 
 def test_adapter_config_validation_and_from_peft_json():
@@ -380,8 +428,6 @@ def test_adapter_config_validation_and_from_peft_json():
         AdapterConfig(r=0)
     peft_json = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
                            use_dora=True).to_dict()
-    config = AdapterConfig.from_hf(peft_json)
+    config = adapter_config_from_peft(peft_json)
     assert (config.method, config.r, config.alpha, config.dropout) == ("dora", 8, 16, 0.1)
     assert set(config.targets) == {"q_proj", "v_proj"}
-    with pytest.raises(ValueError, match="use_rslora"):
-        AdapterConfig.from_hf({**peft_json, "use_rslora": True})
