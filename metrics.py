@@ -225,3 +225,42 @@ def evaluate_captions(hyps: list[str], refs: list[list[str]]) -> dict:
     report = {name: {"value": value, "reference": METRIC_REFERENCES[name]} for name, value in values.items()}
     report["bleu4"]["signature"], report["chrf"]["signature"] = bleu_signature, chrf_signature
     return report
+
+
+def bertscore(candidates: list[str], references: list[list[str]], model_path, num_layers: int, idf: bool = False,
+              batch_size: int = 64, baseline=None) -> dict[str, list[float]]:
+    raise ValueError("BERTScore is not built yet: score without --bertscore-model")
+
+
+BERTSCORE_REFERENCE = ("bert-score 0.3 (score with model_type=FOLDER, num_layers={layer}, idf={idf}{baseline}): "
+                       "greedy cosine matching of layer-{layer} token embeddings, mean over captions")
+
+
+def score_captions(hyps: list[str], refs: list[list[str]], *, bertscore_model=None, bertscore_layer: int = 9,
+                   bertscore_idf: bool = False, bertscore_baseline=None,
+                   batch_size: int = 64) -> tuple[dict, list[dict]]:
+    """(corpus metrics, one dict per caption): `evaluate_captions`' report, plus "bertscore_p" / "_r" / "_f1"
+    (the mean over captions) when a BERT folder is given; per caption its "meteor" (`meteor_sentence`), its
+    "cider_d" within this corpus (`cider_scores`) and, with BERT, its own BERTScore P / R / F1."""
+    report = evaluate_captions(hyps, refs)
+    per_caption = [{"meteor": meteor_sentence(hyp, references), "cider_d": cider}
+                   for hyp, references, cider in zip(hyps, refs, cider_scores(hyps, refs))]
+    if bertscore_model is None:
+        return report, per_caption
+    scores = bertscore(hyps, refs, bertscore_model, bertscore_layer, idf=bertscore_idf, batch_size=batch_size,
+                       baseline=bertscore_baseline)
+    reference = BERTSCORE_REFERENCE.format(layer=bertscore_layer, idf=bertscore_idf,
+                                           baseline=", rescaled with a baseline" if bertscore_baseline else "")
+    for short, name in (("p", "precision"), ("r", "recall"), ("f1", "f1")):
+        report[f"bertscore_{short}"] = {"value": float(np.mean(scores[name])), "reference": reference}
+        for row, value in zip(per_caption, scores[name]):
+            row[f"bertscore_{short}"] = value
+    return report, per_caption
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """One line per metric (name, value, the reference it equals); without BERTScore, a last line on enabling it."""
+    lines = [f"  {name:<12} {metric['value']:.4f}   {metric['reference']}" for name, metric in metrics.items()]
+    if "bertscore_f1" not in metrics:
+        lines.append("  (BERTScore off: add --bertscore-model DIR, a bert-base-multilingual-cased snapshot folder)")
+    return "\n".join(lines)

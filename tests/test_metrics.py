@@ -175,3 +175,22 @@ def test_meteor_sentence_checks_its_input():
         metrics.meteor_sentence("가", "가")
     with pytest.raises(ValueError, match="refs is empty"):
         metrics.meteor_sentence("가", [])
+
+
+def test_score_captions_gives_the_corpus_report_and_each_captions_own_scores():
+    hyps, refs = korean_like_corpus(seed=6, videos=9)
+    report, per_caption = metrics.score_captions(hyps, refs)
+    assert report == metrics.evaluate_captions(hyps, refs)
+    assert [row["meteor"] for row in per_caption] == [metrics.meteor_sentence(h, r) for h, r in zip(hyps, refs)]
+    assert [row["cider_d"] for row in per_caption] == metrics.cider_scores(hyps, refs)
+    assert all(set(row) == {"meteor", "cider_d"} for row in per_caption)
+
+
+def test_format_metrics_table_prints_one_line_per_metric_and_how_to_enable_bertscore():
+    report = metrics.evaluate_captions(["고양이가 잔다", "개가 달린다"], [["고양이가 잔다"], ["개 한 마리가 달린다"]])
+    lines = metrics.format_metrics_table(report).splitlines()
+    assert lines[:5] == [f"  {name:<12} {m['value']:.4f}   {m['reference']}" for name, m in report.items()]
+    assert len(lines) == 6 and "--bertscore-model DIR" in lines[5] and "bert-base-multilingual-cased" in lines[5]
+    with_bert = {**report, "bertscore_f1": {"value": 0.5, "reference": "bert-score"}}
+    table = metrics.format_metrics_table(with_bert)
+    assert table.splitlines()[-1] == "  bertscore_f1 0.5000   bert-score" and "--bertscore-model" not in table
