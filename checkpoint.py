@@ -1,17 +1,26 @@
-"""What a run keeps on disk: model checkpoints, the resumable training state, and the training log.
+"""What a run keeps on disk: model checkpoints, the resumable training state, the training log, and the run
+folder's lock.
 
-Every file is written to a temporary name, fsynced and renamed (atomic on POSIX), so a crash mid-save leaves the
-previous file loadable. Everything is loaded with `torch.load(..., weights_only=True)`: tensors, numbers, strings,
+Every file is written to a temporary name unique to its writer (pid + random), fsynced and renamed (atomic on
+POSIX), so a crash or a full disk mid-save leaves the previous file loadable and a reader never sees a partial file.
+A run folder belongs to one run: a second writer is refused while the first holds the lock, and a folder that
+already holds a run is continued (--resume auto) or moved aside (--start-over), never overwritten. Everything is loaded with `torch.load(..., weights_only=True)`: tensors, numbers, strings,
 lists and dicts only, never pickled code. A checkpoint holds only trainable weights (projector + adapters), the
 configs that rebuild the model, and the bases' fingerprints, never the frozen bases.
 """
 import csv
+import errno
+import fcntl
+import io
 import json
 import os
 import random
 import resource
+import secrets
+import shutil
 import statistics
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,23 +31,51 @@ MODEL_FORMAT = "kovlm-model-1"
 STATE_FORMAT = "kovlm-training-state-1"
 STATE_FILE = "training_state.pt"
 # Options that may change between an interrupted run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"resume", "max_steps", "num_workers", "eval_batch_size", "save_every", "output_dir"}
+RESUMABLE_CHANGES = {"resume", "start_over", "max_steps", "num_workers", "eval_batch_size", "save_every",
+                     "output_dir"}
+LOCK_FILE = "run.lock"
 
 
-def atomic_save(obj, path: Path) -> None:
+def temporary_name(path: Path) -> Path:
+    """A temporary file beside `path`, unique to this writer: two writers never share one."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file, fsync, rename over `path`; on any failure the temporary file is removed
+    and `path` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    temporary = temporary_name(path)
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except RuntimeError as error:  # torch.save's zip writer reports a short write as "unexpected pos"
+        temporary.unlink(missing_ok=True)
+        if "unexpected pos" not in str(error):
+            raise
+        full = shutil.disk_usage(path.parent).free < 64 * 2**20
+        raise OSError(errno.ENOSPC if full else errno.EIO, "the file could not be written completely",
+                      str(path)) from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def atomic_save(obj, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: str | Path, expected_format: str = MODEL_FORMAT) -> dict:
@@ -47,8 +84,10 @@ def load_checkpoint(path: str | Path, expected_format: str = MODEL_FORMAT) -> di
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable kovlm checkpoint ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # torch's own message may advise weights_only=False, the unsafe path: never repeat it
+        reason = "empty file" if path.stat().st_size == 0 else type(error).__name__
+        raise ValueError(f"{path}: not a readable kovlm checkpoint ({reason}; truncated, or another kind of file)") \
+            from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (MODEL_FORMAT, STATE_FORMAT):
         raise ValueError(f"{path}: not a kovlm checkpoint (no '{expected_format}' format field)")
     return checkpoint
@@ -98,6 +137,9 @@ def check_same_run(state: dict, train_config) -> None:
     """Resuming with other settings would not continue the same run: refuse, naming the first differing option."""
     current = asdict(train_config)
     for key, saved in state["train_config"].items():
+        if key not in current:
+            raise ValueError(f"cannot resume: the saved run has an option this version does not know ({key!r}); "
+                             "resume it with the version that started it")
         if key not in RESUMABLE_CHANGES and current.get(key) != saved:
             raise ValueError(f"cannot resume: --{key.replace('_', '-')} was {saved!r} in the saved run, "
                              f"now {current.get(key)!r}")
@@ -107,6 +149,95 @@ def restore_training_state(state: dict, model, optimizer) -> None:
     model.load_trainable_state_dict(state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_states(state["rng"])
+
+
+# ---- the run folder ---------------------------------------------------------------------------------------------
+def holds_a_run(out: Path) -> bool:
+    return (out / "checkpoints" / STATE_FILE).exists() or (out / "logs" / "training_log.csv").exists()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """run.lock in the run folder, held (flock) for the run's lifetime, with the holder's pid inside. The kernel
+    drops the flock when its process dies, so a lock left by a killed run is taken over (with a note)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise ValueError(f"{out} is in use by another run (pid {holder}); wait for it to finish or choose "
+                             "another --output-dir") from None
+        self.file.seek(0)
+        previous = self.file.read().strip()
+        if previous.isdigit() and int(previous) != os.getpid() and not pid_alive(int(previous)):
+            print(f"note: {self.path} was left by pid {previous}, which is no longer running; taking it over")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing drops the flock; the file stays, naming the last holder
+
+
+def move_aside(out: Path) -> Path:
+    """--start-over: the old run folder is renamed, never deleted."""
+    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    while aside.exists():
+        aside = aside.with_name(aside.name + "-1")
+    out.rename(aside)
+    return aside
+
+
+def claim_run_folder(out: Path, *, resume: str | None, start_over: bool) -> RunLock:
+    """The run folder for this run, locked: refused when another run holds it, or when it holds a finished or
+    interrupted run and neither --resume nor --start-over says what to do with it."""
+    out = Path(out)
+    lock = RunLock(out)
+    if holds_a_run(out) and not resume:
+        if not start_over:
+            lock.release()
+            raise ValueError(f"{out} already holds a run ({STATE_FILE} / training_log.csv): continue it with "
+                             "--resume auto, or start over with --start-over (the old folder is moved aside)")
+        lock.release()
+        print(f"--start-over: the previous run in {out} is now in {move_aside(out)}")
+        lock = RunLock(out)
+    check_writable(out)
+    return lock
+
+
+def write_config(out, config: dict) -> None:
+    """config.json in the run folder: every option the run resolved, defaults included."""
+    atomic_write_text(Path(out) / "config.json", json.dumps(config, indent=1, ensure_ascii=False))
+
+
+def check_writable(out: Path, needed_bytes: int = 0) -> None:
+    """The run folder accepts a file now (a probe written and removed), with `needed_bytes` free for checkpoints."""
+    probe = temporary_name(out / "probe")
+    try:
+        probe.write_bytes(b"kovlm")
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < needed_bytes:
+        raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MiB free, the run's checkpoints need about "
+                      f"{needed_bytes / 2**20:.0f} MiB", str(out))
 
 
 # ---- the training log --------------------------------------------------------------------------------------------
@@ -122,14 +253,12 @@ class TrainingLog:
         self.path, self.enabled = Path(path), enabled
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows() if keep_until is not None and self.path.exists() else []
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(r for r in rows if int(r["step"]) <= keep_until)
+        kept = [r for r in rows if int(r["step"]) <= keep_until] if rows else []
+        atomic_write_text(self.path, csv_text(kept))
 
     def write(self, **row) -> None:
+        """Append one row (a crash mid-append loses at most that row; resume drops the rows after its step)."""
         if self.enabled:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, LOG_COLUMNS).writerow(row)
@@ -150,7 +279,7 @@ class TrainingLog:
                    "median_tokens_per_s": statistics.median(float(r["tokens_per_s"]) for r in last_stage)
                    if last_stage else None,
                    "peak_memory_gib": peak_memory_gib(device), "device": str(device)}
-        path.write_text(json.dumps(summary, indent=1))
+        atomic_write_text(path, json.dumps(summary, indent=1))
 
     def plot(self, path: Path) -> None:
         """logs/training_curves.png: training loss and learning rate per step, validation METEOR per epoch."""
@@ -172,8 +301,16 @@ class TrainingLog:
         axes[2].plot([s for s, _, _ in val], [m for _, _, m in val], "o-")
         axes[2].set(title="val METEOR", xlabel="step")
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
+        atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
         plt.close(figure)
+
+
+def csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, LOG_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 
 OS_ADVICE = {
     errno.ENOSPC: "the disk is full: free space (or choose another folder) and run again",
+    errno.EIO: "a write failed (input/output error): check the disk, then run again",
     errno.EDQUOT: "the disk quota is exhausted: free space (or choose another folder) and run again",
     errno.EACCES: "permission denied: choose a folder you can write to",
     errno.EPERM: "operation not permitted: choose a folder you can write to",
@@ -37,8 +38,6 @@ def describe(error: BaseException) -> str | None:
     if isinstance(error, (ValueError, FileNotFoundError, FloatingPointError, KeyError, SafetensorError)):
         text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         return text.splitlines()[0] if text else type(error).__name__
-    if isinstance(error, RuntimeError) and "unexpected pos" in str(error):  # torch.save's zip writer on a full disk
-        return "a file could not be written completely (torch.save: 'unexpected pos'): the disk is probably full"
     return None
 
 

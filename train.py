@@ -30,7 +30,7 @@ from distributed import Distributed, all_reduce_mean, compute_dtype, seed_everyt
     teardown_distributed, wrap_ddp
 from evaluate import evaluate_checkpoint, evaluate_split
 from features import batch_features, collate_features, prepare_splits, video_dataset
-from lora import AdapterConfig, parameter_report
+from lora import AdapterConfig, after_optimizer_step, parameter_report
 from projectors import PROJECTORS
 from schedule import epoch_caption_choice, epoch_windows, get_lr
 from vlm import VLMConfig, build_vlm
@@ -207,6 +207,7 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 ensure_finite(grad_norm, "gradient norm", global_step, [splits["train"][i].id for i in indices])
                 optimizer.step()
+                after_optimizer_step(model)
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 step_seconds = time.perf_counter() - started

@@ -1,0 +1,63 @@
+"""The house reads top-down: no import circle among the project's own modules, lazy imports inside functions
+included, and the root holds the teaching modules and the user's commands, not the benchmark."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {p.stem: p for p in ROOT.glob("*.py")}
+    modules |= {f"bench.{p.stem}": p for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__"}
+    modules["bench"] = ROOT / "bench" / "__init__.py"
+    return modules
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Every project module named by an import statement anywhere in the file, function bodies included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found & known
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circle_among_the_project_modules():
+    modules = project_modules()
+    graph = {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
+    # a package's submodules reach its __init__ only through the package: an edge to "bench" from bench.x is not
+    # a circle of ours as long as __init__ imports nothing that imports it back, which the graph itself checks
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_planted_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_root_holds_no_benchmark_files():
+    assert not list(ROOT.glob("bench*.py"))
+    assert (ROOT / "bench" / "__main__.py").is_file()
