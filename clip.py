@@ -5,13 +5,13 @@ layer (`hidden_states[-2]`, CLS token dropped; LLaVA `llava/model/multimodal_enc
 `mm_vision_select_layer = -2`). Module names follow transformers' `models/clip/modeling_clip.py`, so loading a
 checkpoint is a prefix strip (`vision_key`) and the numbers match `CLIPVisionModel(..., output_hidden_states=True)`.
 
-Shapes:
-    N   images in a batch (the frames of the videos)
-    C   colour channels (3); H, W image height and width in pixels (both = image_size)
-    p   patch size; P = (image_size // p) ** 2 patches; T = 1 + P tokens (CLS first)
-    D   width (hidden_size); I MLP width (intermediate_size)
-    nh  attention heads; hs head dim (D = nh * hs)
-ViT-L/14-336: p 14, P 576, T 577, D 1024, I 4096, 24 layers, nh 16, hs 64.
+Shapes (the legend of every file):
+    I   images in a batch (the B x F frames of the videos)
+    S   image side in pixels (image_size); 3 colour channels
+    p   patch size; P = (S // p) ** 2 patches; T = 1 + P tokens (CLS first)
+    Dv  width (hidden_size); Dff MLP width (intermediate_size)
+    nh  attention heads; hs head dim (Dv = nh * hs)
+ViT-L/14-336: p 14, P 576, T 577, Dv 1024, Dff 4096, 24 layers, nh 16, hs 64.
 """
 import hashlib
 import json
@@ -80,17 +80,17 @@ class CLIPVisionEmbeddings(nn.Module):
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        D, p = config.hidden_size, config.patch_size
-        self.class_embedding = nn.Parameter(torch.randn(D) * D**-0.5)  # transformers' init; loading replaces it
-        self.patch_embedding = nn.Conv2d(config.num_channels, D, kernel_size=p, stride=p, bias=False)
-        self.position_embedding = nn.Embedding(config.num_positions, D)
+        Dv, p = config.hidden_size, config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(Dv) * Dv**-0.5)  # transformers' init; loading replaces it
+        self.patch_embedding = nn.Conv2d(config.num_channels, Dv, kernel_size=p, stride=p, bias=False)
+        self.position_embedding = nn.Embedding(config.num_positions, Dv)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values)  # (N, C, H, W) -> (N, D, H/p, W/p)
-        patches = patches.flatten(2).transpose(1, 2)  # (N, D, H/p, W/p) -> (N, D, P) -> (N, P, D)
-        cls = self.class_embedding.expand(len(pixel_values), 1, -1)  # (D,) -> (N, 1, D)
-        tokens = torch.cat([cls, patches], dim=1)  # (N, T, D)
-        return tokens + self.position_embedding.weight  # (N, T, D) + (T, D): token t gets position t
+        patches = self.patch_embedding(pixel_values)  # (I, 3, S, S) -> (I, Dv, S/p, S/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (I, Dv, S/p, S/p) -> (I, Dv, P) -> (I, P, Dv)
+        cls = self.class_embedding.expand(len(pixel_values), 1, -1)  # (Dv,) -> (I, 1, Dv)
+        tokens = torch.cat([cls, patches], dim=1)  # (I, T, Dv)
+        return tokens + self.position_embedding.weight  # (I, T, Dv) + (T, Dv): token t gets position t
 
 
 class CLIPAttention(nn.Module):
@@ -98,18 +98,18 @@ class CLIPAttention(nn.Module):
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        D = config.hidden_size
+        Dv = config.hidden_size
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
-        self.out_proj = nn.Linear(D, D)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(Dv, Dv), nn.Linear(Dv, Dv), nn.Linear(Dv, Dv)
+        self.out_proj = nn.Linear(Dv, Dv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, T, D = x.shape
-        q = self.q_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, T, D) -> (N, nh, T, hs)
-        k = self.k_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, T, D) -> (N, nh, T, hs)
-        v = self.v_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, T, D) -> (N, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v: (N, nh, T, hs)
-        y = y.transpose(1, 2).reshape(N, T, D)  # (N, nh, T, hs) -> (N, T, nh, hs) -> (N, T, D)
+        I, T, Dv = x.shape
+        q = self.q_proj(x).view(I, T, self.num_heads, self.head_dim).transpose(1, 2)  # (I, T, Dv) -> (I, nh, T, hs)
+        k = self.k_proj(x).view(I, T, self.num_heads, self.head_dim).transpose(1, 2)  # (I, T, Dv) -> (I, nh, T, hs)
+        v = self.v_proj(x).view(I, T, self.num_heads, self.head_dim).transpose(1, 2)  # (I, T, Dv) -> (I, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v: (I, nh, T, hs)
+        y = y.transpose(1, 2).reshape(I, T, Dv)  # (I, nh, T, hs) -> (I, T, nh, hs) -> (I, T, Dv)
         return self.out_proj(y)
 
 
@@ -121,7 +121,7 @@ class CLIPMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))  # (N, T, D) -> (N, T, I) -> (N, T, D)
+        return self.fc2(self.activation(self.fc1(x)))  # (I, T, Dv) -> (I, T, Dff) -> (I, T, Dv)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -135,8 +135,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))  # (N, T, D)
-        return x + self.mlp(self.layer_norm2(x))  # (N, T, D)
+        x = x + self.self_attn(self.layer_norm1(x))  # (I, T, Dv)
+        return x + self.mlp(self.layer_norm2(x))  # (I, T, Dv)
 
 
 class CLIPEncoder(nn.Module):
@@ -166,7 +166,7 @@ class CLIPVision(nn.Module):
         self.fingerprint: str | None = None
 
     def forward(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        """pixel_values (N, C, H, W), CLIP-normalised -> hidden_states[layer] (N, T, D).
+        """pixel_values (I, 3, S, S), CLIP-normalised -> hidden_states[layer] (I, T, Dv).
 
         hidden_states[0] is the embeddings after pre_layrnorm, hidden_states[i] the output of block i; -1 is the
         last block (transformers' last_hidden_state), -2 the LLaVA feature layer. Blocks after `layer` are not run.
@@ -174,9 +174,9 @@ class CLIPVision(nn.Module):
         self.check_pixel_values(pixel_values)
         num_blocks = self.blocks_up_to(layer)
         weight = self.embeddings.patch_embedding.weight
-        x = self.pre_layrnorm(self.embeddings(pixel_values.to(weight.dtype)))  # (N, T, D) = hidden_states[0]
+        x = self.pre_layrnorm(self.embeddings(pixel_values.to(weight.dtype)))  # (I, T, Dv) = hidden_states[0]
         for block in self.encoder.layers[:num_blocks]:
-            x = block(x)  # (N, T, D)
+            x = block(x)  # (I, T, Dv)
         return x
 
     def blocks_up_to(self, layer: int) -> int:

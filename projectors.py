@@ -1,11 +1,12 @@
 """Vision-to-language projectors: frame-patch features of the frozen tower -> visual tokens in the LLM's space.
 
-Shapes: B batch, F frames, P patches per frame (h = w = sqrt(P)), Dv vision width, C internal width,
-N output tokens, Dllm LLM width, nh heads, hs head dim, T' pooled frames, s pooled grid side.
+Shapes (the legend of every file): B batch, F frames, P patches per frame (h = w = sqrt(P)), Dv vision width,
+Dm a projector's internal width, N visual tokens out, C LLM width, nh heads, hs head dim, M context tokens of an
+attention, F' pooled frames, s pooled grid side.
 
     linear       LLaVA (arXiv 2304.08485)        per-patch Linear                           N = F·P
     mlp          LLaVA-1.5 (arXiv 2310.03744)    per-patch Linear-GELU-Linear               N = F·P
-    cabstractor  Honeybee (arXiv 2312.06742)     conv blocks per frame, pool to (T', s, s)  N = num_queries
+    cabstractor  Honeybee (arXiv 2312.06742)     conv blocks per frame, pool to (F', s, s)  N = num_queries
     crossattn    the experiment plan             queries attend once to all frame tokens    N = num_queries
     perceiver    Flamingo (arXiv 2204.14198)     latents attend to [frame tokens; latents]  N = num_queries
 
@@ -21,52 +22,79 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The options each projector reads, with their defaults (width and heads None: derived in __post_init__). Options a
-# projector does not read stay None, so a saved config states exactly what shaped the module.
-_RESAMPLER = dict(num_queries=64, width=None, heads=None, ffn_mult=4, num_frames=8, temporal_init_std=0.5)
+# The options each projector reads and their defaults: the one table of them. Options a projector does not read
+# stay None in its config, so a saved config states exactly what shaped the module. width None: the tower's width
+# Dv; heads None: Dm // 64 (head dim 64).
 PROJECTOR_OPTIONS = {
     "linear": {},
     "mlp": dict(depth=2),  # LLaVA-1.5 mlp2x_gelu: two Linear layers
     "cabstractor": dict(num_queries=64, pooled_frames=4, depth=3, mlp_depth=2, width=None, num_frames=8,
                         temporal_init_std=0.5),  # Honeybee: 3 blocks per stage, a 2-layer readout
-    "crossattn": dict(_RESAMPLER, depth=1),  # the plan: one cross-attention
-    "perceiver": dict(_RESAMPLER, depth=2),  # Flamingo's resampler, 2 layers
+    "crossattn": dict(num_queries=64, width=None, heads=None, ffn_mult=4, num_frames=8, temporal_init_std=0.5,
+                      depth=1),  # the plan: one cross-attention
+    "perceiver": dict(num_queries=64, width=None, heads=None, ffn_mult=4, num_frames=8, temporal_init_std=0.5,
+                      depth=2),  # Flamingo's resampler, 2 layers
 }
 
 
 @dataclass
 class ProjectorConfig:
+    """Every projector's options, checked here and nowhere else (__post_init__): a name or option a projector does
+    not know, a value for an option it does not read, or a value out of range raises ValueError."""
     name: str
     vision_dim: int                         # Dv: width of the tower's features
-    llm_dim: int                            # Dllm: width of the LLM's embeddings
+    llm_dim: int                            # C: width of the LLM's embeddings
     num_queries: int | None = None          # N of the resamplers (cabstractor: pooled_frames x s x s)
     depth: int | None = None                # mlp: Linear layers; cabstractor: blocks per stage; attention: layers
-    width: int | None = None                # C, the resamplers' internal width (default: vision_dim)
+    width: int | None = None                # Dm, the resamplers' internal width (default: vision_dim)
     heads: int | None = None                # attention heads (default: width // 64, head dim 64)
-    ffn_mult: int | None = None             # FFN hidden width = ffn_mult x C
+    ffn_mult: int | None = None             # FFN hidden width = ffn_mult x Dm
     num_frames: int | None = None           # most frames a video may have: rows of the temporal embedding
     temporal_init_std: float | None = None  # see TemporalEmbedding
-    pooled_frames: int | None = None        # cabstractor: T', time steps left after pooling
+    pooled_frames: int | None = None        # cabstractor: F', time steps left after pooling
     mlp_depth: int | None = None            # cabstractor: Linear layers of the readout MLP
 
     def __post_init__(self):
         if self.name not in PROJECTOR_OPTIONS:
             raise ValueError(f"unknown projector {self.name!r}; choose one of {list(PROJECTOR_OPTIONS)}")
-        defaults = PROJECTOR_OPTIONS[self.name]
-        for option in OPTION_NAMES:
-            if option not in defaults and getattr(self, option) is not None:
+        reads = PROJECTOR_OPTIONS[self.name]
+        for option in self.option_names():
+            if option not in reads and getattr(self, option) is not None:
                 raise ValueError(f"projector {self.name!r} has no option {option!r}; its options: "
-                                 f"{sorted(defaults) or 'none'}")
+                                 f"{sorted(reads) or 'none'}")
             if getattr(self, option) is None:
-                setattr(self, option, defaults.get(option))
-        if "width" in defaults and self.width is None:
+                setattr(self, option, reads.get(option))
+        if "width" in reads and self.width is None:
             self.width = self.vision_dim  # resamplers work at the tower's width unless told otherwise
-        if "heads" in defaults and self.heads is None:
+        if "heads" in reads and self.heads is None:
             self.heads = max(1, self.width // 64)
-        self._validate()
+        self.check_values()
 
-    def _validate(self):
-        for key in ["vision_dim", "llm_dim", *OPTION_NAMES]:
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)][3:]
+
+    @classmethod
+    def create(cls, **config) -> "ProjectorConfig":
+        """From keyword options or a dict a checkpoint saved (dataclasses.asdict); unknown or missing keys raise."""
+        names = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(config) - set(names)), [k for k in names[:3] if k not in config]
+        if unknown or missing:
+            reads = sorted(PROJECTOR_OPTIONS.get(config.get("name"), {})) or "none"
+            raise ValueError(f"projector {config.get('name')!r}: unknown options {unknown}, missing {missing}; "
+                             f"its options: {reads}")
+        return cls(**config)
+
+    @classmethod
+    def requested(cls, name: str, vision_dim: int, llm_dim: int, **requests) -> "ProjectorConfig":
+        """What a run asks of whichever projector it uses (its --num-queries, the video's frames): the requests
+        this projector reads, the others left out (linear reads no num_queries)."""
+        reads = PROJECTOR_OPTIONS.get(name, {})
+        options = {k: v for k, v in requests.items() if k in reads}
+        return cls.create(name=name, vision_dim=vision_dim, llm_dim=llm_dim, **options)
+
+    def check_values(self) -> None:
+        for key in ["vision_dim", "llm_dim", *self.option_names()]:
             value, is_std = getattr(self, key), key == "temporal_init_std"
             valid = (isinstance(value, (int, float)) and value >= 0) if is_std else (type(value) is int and value >= 1)
             if value is not None and not valid:
@@ -81,21 +109,9 @@ class ProjectorConfig:
                 raise ValueError(f"cabstractor: num_queries {self.num_queries} must be pooled_frames "
                                  f"({self.pooled_frames}) x a square number (e.g. 64 = 4 x 4 x 4)")
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "ProjectorConfig":
-        """Rebuild a config saved with dataclasses.asdict (e.g. in a checkpoint); unknown or missing keys raise."""
-        names = [f.name for f in fields(cls)]
-        unknown, missing = sorted(set(config) - set(names)), [k for k in names[:3] if k not in config]
-        if unknown or missing:
-            raise ValueError(f"projector config: unknown keys {unknown}, missing keys {missing}; valid keys: {names}")
-        return cls(**config)
-
     def output_tokens(self, frames: int, patches: int) -> int:
         """N for a video of `frames` frames of `patches` patches."""
         return frames * patches if self.num_queries is None else self.num_queries
-
-
-OPTION_NAMES = [f.name for f in fields(ProjectorConfig)][3:]
 
 
 def check_features(features: torch.Tensor, config: ProjectorConfig) -> None:
@@ -117,12 +133,12 @@ class LinearProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         check_features(features, self.config)
-        x = self.proj(features.to(self.proj.weight.dtype))  # (B, F, P, Dllm)
-        return x.flatten(1, 2)  # (B, F·P, Dllm), frame after frame
+        x = self.proj(features.to(self.proj.weight.dtype))  # (B, F, P, C)
+        return x.flatten(1, 2)  # (B, F·P, C), frame after frame
 
 
 class MLPProjector(nn.Module):
-    """LLaVA-1.5 (arXiv 2310.03744 §3.1) `mlp2x_gelu`: Linear-GELU-Linear per patch, at Dllm. An nn.Sequential
+    """LLaVA-1.5 (arXiv 2310.03744 §3.1) `mlp2x_gelu`: Linear-GELU-Linear per patch, at C. An nn.Sequential
     like LLaVA's `mm_projector`, so the keys (`layers.0`, `layers.2`) line up with LLaVA's."""
 
     def __init__(self, config: ProjectorConfig):
@@ -135,8 +151,8 @@ class MLPProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         check_features(features, self.config)
-        x = self.layers(features.to(self.layers[0].weight.dtype))  # (B, F, P, Dllm)
-        return x.flatten(1, 2)  # (B, F·P, Dllm), frame after frame
+        x = self.layers(features.to(self.layers[0].weight.dtype))  # (B, F, P, C)
+        return x.flatten(1, 2)  # (B, F·P, C), frame after frame
 
 
 class TemporalEmbedding(nn.Module):
@@ -166,11 +182,11 @@ class TemporalEmbedding(nn.Module):
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, h, w) map (timm's LayerNorm2d)."""
+    """LayerNorm over the channels of a (B, Dm, h, w) map (timm's LayerNorm2d)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)  # (B,h,w,C)
-        return x.permute(0, 3, 1, 2)  # (B, C, h, w)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)  # (B,h,w,Dm)
+        return x.permute(0, 3, 1, 2)  # (B, Dm, h, w)
 
 
 class SqueezeExcite(nn.Module):
@@ -181,8 +197,8 @@ class SqueezeExcite(nn.Module):
         self.fc1, self.fc2 = nn.Conv2d(channels, reduced, 1), nn.Conv2d(reduced, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.fc2(F.silu(self.fc1(x.mean((2, 3), keepdim=True))))  # (B, C, 1, 1)
-        return x * torch.sigmoid(gate)  # (B, C, h, w) * (B, C, 1, 1)
+        gate = self.fc2(F.silu(self.fc1(x.mean((2, 3), keepdim=True))))  # (B, Dm, 1, 1)
+        return x * torch.sigmoid(gate)  # (B, Dm, h, w) * (B, Dm, 1, 1)
 
 
 class RegBottleneck(nn.Module):
@@ -200,21 +216,21 @@ class RegBottleneck(nn.Module):
             nn.Conv2d(in_channels, channels, 1, bias=False), LayerNorm2d(channels, eps=1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.silu(self.norm1(self.conv1(x)))  # (B, C, h, w)
-        y = self.se(F.silu(self.norm2(self.conv2(y))))  # (B, C, h, w), each channel sees its 3x3 neighbourhood
-        return F.silu(self.norm3(self.conv3(y)) + self.shortcut(x))  # (B, C, h, w)
+        y = F.silu(self.norm1(self.conv1(x)))  # (B, Dm, h, w)
+        y = self.se(F.silu(self.norm2(self.conv2(y))))  # (B, Dm, h, w), each channel sees its 3x3 neighbourhood
+        return F.silu(self.norm3(self.conv3(y)) + self.shortcut(x))  # (B, Dm, h, w)
 
 
 class CAbstractor(nn.Module):
     """Honeybee's C-Abstractor (arXiv 2312.06742 §3.2; kakaobrain/honeybee projectors.py) in a video form.
 
     Honeybee: blocks on the patch grid, AdaptiveAvgPool2d to sqrt(N) x sqrt(N), blocks, MLP readout. Here the first
-    blocks run on each frame's h x w grid; the pooling is 3-D, over (time, h, w) to (T', s, s), N = T'·s·s
+    blocks run on each frame's h x w grid; the pooling is 3-D, over (time, h, w) to (F', s, s), N = F'·s·s
     (64 = 4 x 4 x 4), averaging neighbouring frames as it averages neighbouring patches; the second blocks run on
     each pooled time step; tokens leave time-major, so frame order reaches the LLM as token order, and the temporal
     embedding keeps the order inside a time bin. Honeybee's 2-D position embedding is left out: P is not fixed at
     construction (576 real, 16-64 in the demo), CLIP features already hold CLIP's, and the zero-padded convs see the
-    grid borders. Fewer frames than T' (or patches than s x s) are stretched by the pooling, so N stays fixed.
+    grid borders. Fewer frames than F' (or patches than s x s) are stretched by the pooling, so N stays fixed.
     """
 
     def __init__(self, config: ProjectorConfig):
@@ -238,12 +254,12 @@ class CAbstractor(nn.Module):
             raise ValueError(f"cabstractor needs a square patch grid per frame, got P={patches}")
         pooled, s, width = self.config.pooled_frames, self.pooled_side, self.config.width
         x = self.temporal(features).transpose(2, 3)  # (B, F, Dv, P)
-        x = self.stage1(x.reshape(batch * frames, -1, side, side))  # (B·F, Dv, h, w) -> (B·F, C, h, w), row-major
-        x = x.reshape(batch, frames, width, side, side).transpose(1, 2)  # (B, C, F, h, w)
-        x = F.adaptive_avg_pool3d(x, (pooled, s, s))  # (B, C, T', s, s)
-        x = self.stage2(x.transpose(1, 2).reshape(batch * pooled, width, s, s))  # (B·T', C, s, s)
-        x = x.reshape(batch, pooled, width, s * s).transpose(2, 3)  # (B, T', s·s, C)
-        return self.readout(x.reshape(batch, pooled * s * s, width))  # (B, N, C) -> (B, N, Dllm)
+        x = self.stage1(x.reshape(batch * frames, -1, side, side))  # (B·F, Dv, h, w) -> (B·F, Dm, h, w), row-major
+        x = x.reshape(batch, frames, width, side, side).transpose(1, 2)  # (B, Dm, F, h, w)
+        x = F.adaptive_avg_pool3d(x, (pooled, s, s))  # (B, Dm, F', s, s)
+        x = self.stage2(x.transpose(1, 2).reshape(batch * pooled, width, s, s))  # (B·F', Dm, s, s)
+        x = x.reshape(batch, pooled, width, s * s).transpose(2, 3)  # (B, F', s·s, Dm)
+        return self.readout(x.reshape(batch, pooled * s * s, width))  # (B, N, Dm) -> (B, N, C)
 
 
 class Attention(nn.Module):
@@ -261,7 +277,7 @@ class Attention(nn.Module):
         k = self.k_proj(context).view(batch, m, self.heads, -1).transpose(1, 2)  # (B, nh, M, hs)
         v = self.v_proj(context).view(batch, m, self.heads, -1).transpose(1, 2)  # (B, nh, M, hs)
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q @ k^T / sqrt(hs)) (B, nh, N, M) @ v -> (B, nh, N, hs)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, n, width))  # (B, N, nh·hs) -> (B, N, C)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, n, width))  # (B, N, nh·hs) -> (B, N, Dm)
 
 
 class CrossAttentionLayer(nn.Module):
@@ -276,11 +292,11 @@ class CrossAttentionLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, width, bias=False))
 
     def attend(self, latents: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        return self.cross_attn(self.latents_layernorm(latents), self.context_layernorm(frames))  # (B, N, C)
+        return self.cross_attn(self.latents_layernorm(latents), self.context_layernorm(frames))  # (B, N, Dm)
 
     def forward(self, latents: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        latents = latents + self.attend(latents, frames)  # (B, N, C)
-        return latents + self.mlp(self.post_attention_layernorm(latents))  # (B, N, C) -> (B, N, 4C) -> (B, N, C)
+        latents = latents + self.attend(latents, frames)  # (B, N, Dm)
+        return latents + self.mlp(self.post_attention_layernorm(latents))  # (B, N, Dm) -> (B, N, 4Dm) -> (B, N, Dm)
 
 
 class PerceiverLayer(CrossAttentionLayer):
@@ -288,22 +304,22 @@ class PerceiverLayer(CrossAttentionLayer):
     latents], so the latents also attend to each other."""
 
     def attend(self, latents: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        normed = self.latents_layernorm(latents)  # (B, N, C)
-        context = torch.cat([self.context_layernorm(frames), normed], dim=1)  # (B, F·P + N, C)
-        return self.cross_attn(normed, context)  # (B, N, C)
+        normed = self.latents_layernorm(latents)  # (B, N, Dm)
+        context = torch.cat([self.context_layernorm(frames), normed], dim=1)  # (B, F·P + N, Dm)
+        return self.cross_attn(normed, context)  # (B, N, Dm)
 
 
 class CrossAttentionAbstractor(nn.Module):
     """The experiment plan's abstractor (the plan calls it "C-Abstractor"; it is not Honeybee's): num_queries
     learned queries attend once to all F·P frame tokens (temporal embeddings added to the keys/values so frame
-    order reaches the LLM), an FFN, a final LayerNorm, then a Linear to Dllm. depth > 1 repeats the layer."""
+    order reaches the LLM), an FFN, a final LayerNorm, then a Linear to C. depth > 1 repeats the layer."""
     layer_type = CrossAttentionLayer
 
     def __init__(self, config: ProjectorConfig):
         super().__init__()
         self.config, width = config, config.width
         self.temporal = TemporalEmbedding(config)
-        # C = Dv by default (Flamingo's resampler runs at its vision width); another C adds a Linear into it.
+        # Dm = Dv by default (Flamingo's resampler runs at its vision width); another Dm adds a Linear into it.
         self.input_proj = nn.Identity() if width == config.vision_dim else nn.Linear(config.vision_dim, width)
         self.latents = nn.Parameter(torch.randn(config.num_queries, width))  # N(0, 1), as flamingo-pytorch
         self.layers = nn.ModuleList([self.layer_type(config) for _ in range(config.depth)])
@@ -311,17 +327,17 @@ class CrossAttentionAbstractor(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         check_features(features, self.config)
-        frames = self.input_proj(self.temporal(features)).flatten(1, 2)  # (B, F, P, C) -> (B, F·P, C)
-        latents = self.latents.expand(features.shape[0], -1, -1)  # (B, N, C)
+        frames = self.input_proj(self.temporal(features)).flatten(1, 2)  # (B, F, P, Dm) -> (B, F·P, Dm)
+        latents = self.latents.expand(features.shape[0], -1, -1)  # (B, N, Dm)
         for layer in self.layers:
-            latents = layer(latents, frames)  # (B, N, C)
-        return self.output_proj(self.norm(latents))  # (B, N, Dllm)
+            latents = layer(latents, frames)  # (B, N, Dm)
+        return self.output_proj(self.norm(latents))  # (B, N, C)
 
 
 class PerceiverResampler(CrossAttentionAbstractor):
     """Flamingo's Perceiver Resampler (arXiv 2204.14198 §2.1, Fig. 4, appendix A.1.1): temporal embeddings added to
     the frame tokens, flattened over time; num_queries latents attend to [frame tokens; latents], then an FFN, for
-    `depth` layers; a final LayerNorm, then a Linear to Dllm. It is the crossattn abstractor with Flamingo's layer:
+    `depth` layers; a final LayerNorm, then a Linear to C. It is the crossattn abstractor with Flamingo's layer:
     only what the keys/values are made of differs."""
     layer_type = PerceiverLayer
 
@@ -331,21 +347,14 @@ PROJECTORS: dict[str, type] = {"linear": LinearProjector, "mlp": MLPProjector, "
 
 
 def build_projector(name: str, vision_dim: int, llm_dim: int, **options) -> nn.Module:
-    """The projector `name`: (B, F, P, vision_dim) features -> (B, N, llm_dim). Its options and their defaults are
-    PROJECTOR_OPTIONS[name]; None means "not set", so `build_projector(**asdict(config))` rebuilds a projector. An
-    unknown name or option, or a value for an option the projector does not read, raises ValueError."""
-    if name not in PROJECTORS:
-        raise ValueError(f"unknown projector {name!r}; choose one of {list(PROJECTORS)}")
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise ValueError(f"projector {name!r} has no option(s) {unknown}; its options: "
-                         f"{sorted(PROJECTOR_OPTIONS[name]) or 'none'}")
-    return projector_from_config(ProjectorConfig(name, vision_dim, llm_dim, **options))
+    """The projector `name`: (B, F, P, vision_dim) features -> (B, N, llm_dim), with the options of
+    PROJECTOR_OPTIONS[name] (None means "not set", so `build_projector(**asdict(config))` rebuilds a projector)."""
+    return projector_from_config(ProjectorConfig.create(name=name, vision_dim=vision_dim, llm_dim=llm_dim, **options))
 
 
 def projector_from_config(config: ProjectorConfig | dict) -> nn.Module:
     """Rebuild a projector from its config, or from the dict a checkpoint saved (dataclasses.asdict)."""
-    config = ProjectorConfig.from_dict(config) if isinstance(config, dict) else config
+    config = ProjectorConfig.create(**config) if isinstance(config, dict) else config
     return PROJECTORS[config.name](config)
 
 
@@ -370,5 +379,5 @@ if __name__ == "__main__":
     for flag, default in [("--vision-dim", 1024), ("--llm-dim", 4096), ("--frames", 8), ("--patches", 576)]:
         parser.add_argument(flag, type=int, default=default)
     args = parser.parse_args()
-    print(f"Dv {args.vision_dim}, Dllm {args.llm_dim}, F {args.frames}, P {args.patches}\n")
+    print(f"Dv {args.vision_dim}, C {args.llm_dim}, F {args.frames}, P {args.patches}\n")
     print(parameter_table(args.vision_dim, args.llm_dim, args.frames, args.patches))

@@ -26,8 +26,12 @@ def relative_change(a, b):
 
 
 def test_every_projector_is_registered_with_its_options():
+    """Each registered projector builds from its own defaults and states every option it reads in its config."""
     assert list(PROJECTORS) == ["linear", "mlp", "cabstractor", "crossattn", "perceiver"]
     assert set(PROJECTORS) == set(PROJECTOR_OPTIONS)
+    for name, reads in PROJECTOR_OPTIONS.items():
+        config = build_projector(name, DV, DLLM).config
+        assert {k for k in ProjectorConfig.option_names() if getattr(config, k) is not None} == set(reads)
 
 
 @pytest.mark.parametrize("name", list(PROJECTORS))
@@ -175,10 +179,21 @@ def test_unused_options_stay_none_in_the_saved_config():
         assert build_projector(**asdict(config)).config == config
 
 
+def test_a_run_asks_every_projector_alike_and_each_reads_its_own_options():
+    """train.py asks for --num-queries and the video's frames whatever the projector: linear reads neither, mlp
+    neither, the resamplers both; a value out of range is refused for a projector that reads it."""
+    assert ProjectorConfig.requested("linear", DV, DLLM, num_queries=16, num_frames=3) == \
+        ProjectorConfig("linear", DV, DLLM)
+    perceiver = ProjectorConfig.requested("perceiver", DV, DLLM, num_queries=16, num_frames=3)
+    assert (perceiver.num_queries, perceiver.num_frames, perceiver.depth) == (16, 3, 2)
+    with pytest.raises(ValueError, match="num_queries=0 must be an integer >= 1"):
+        ProjectorConfig.requested("crossattn", DV, DLLM, num_queries=0)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: build_projector("qformer", DV, DLLM), "unknown projector 'qformer'; choose one of"),
     (lambda: build_projector("perceiver", DV, DLLM, num_latents=16),
-     r"no option\(s\) \['num_latents'\]; its options: \['depth', 'ffn_mult'"),
+     r"unknown options \['num_latents'\], missing \[\]; its options: \['depth', 'ffn_mult'"),
     (lambda: build_projector("linear", DV, DLLM, num_queries=16),
      r"'linear' has no option 'num_queries'; its options: none"),
     (lambda: build_projector("mlp", DV, DLLM, width=64), r"its options: \['depth'\]"),
@@ -186,9 +201,9 @@ def test_unused_options_stay_none_in_the_saved_config():
     (lambda: build_projector("perceiver", DV, DLLM, temporal_init_std=-1.0), "must be a number >= 0"),
     (lambda: build_projector("crossattn", DV, DLLM, width=48, heads=5), "not divisible by heads"),
     (lambda: build_projector("cabstractor", DV, DLLM, num_queries=48), "pooled_frames .4. x a square number"),
-    (lambda: ProjectorConfig.from_dict({"name": "mlp", "vision_dim": 8, "llm_dim": 8, "size": 3}),
-     r"unknown keys \['size'\]"),
-    (lambda: ProjectorConfig.from_dict({"name": "mlp", "vision_dim": 8}), r"missing keys \['llm_dim'\]"),
+    (lambda: ProjectorConfig.create(**{"name": "mlp", "vision_dim": 8, "llm_dim": 8, "size": 3}),
+     r"unknown options \['size'\]"),
+    (lambda: ProjectorConfig.create(**{"name": "mlp", "vision_dim": 8}), r"missing \['llm_dim'\]"),
 ])
 def test_bad_configuration_raises_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
