@@ -1,0 +1,315 @@
+"""The BERT encoder (Devlin et al. 2019, arXiv 1810.04805) that BERTScore reads, loaded from a Hugging Face snapshot.
+
+BERTScore (`metrics.bertscore`) embeds every caption with one hidden layer of a BERT model and matches the token
+vectors of a candidate and a reference. This file gives those vectors: the tokenizer (WordPiece, `[CLS] ... [SEP]`),
+and an encoder equal to transformers' `BertModel` hidden states (reference: transformers/models/bert/
+modeling_bert.py, v5.25). A BERT layer is post-LN, unlike CLIP's and Qwen3's pre-norm blocks:
+x = LN(x + attn(x)), then x = LN(x + mlp(x)). Module names are transformers', so loading is a prefix strip.
+Only the layers BERTScore reads are built and loaded (layer 9 of bert-base-multilingual-cased's 12).
+
+    python bert.py --bench   # captions/s of a random 110M-parameter BERT shape (12 layers, width 768), CPU
+
+Shape legend: B sentences in a batch, T tokens (with [CLS] and [SEP]), C hidden_size, nh heads, hs head dim,
+I intermediate_size, V vocab.
+"""
+import json
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from torch import nn
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "BertConfig":
+        """From a BertModel `config.json`; refuses, by name, what this encoder does not compute."""
+        if config.get("model_type", "bert") != "bert":
+            raise ValueError(f"model_type '{config['model_type']}' is not BERT (expected 'bert')")
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type '{config['position_embedding_type']}' is not supported "
+                             f"(only 'absolute', BERT's learned positions)")
+        if config.get("hidden_act", "gelu") not in ACTIVATIONS:
+            raise ValueError(f"hidden_act '{config['hidden_act']}' is not supported ({', '.join(ACTIVATIONS)})")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [name for name in required if name not in config]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}; a BERT config.json names them all")
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+class BertEmbeddings(nn.Module):
+    """Token + position + token-type (always type 0: one sentence) embeddings, then LayerNorm."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]  # (B, T, C) + (C,)
+        return self.LayerNorm(x + self.position_embeddings.weight[:T])  # (B, T, C) + (T, C): token t, position t
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        C, self.nh = config.hidden_size, config.num_attention_heads
+        self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.query(x).view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        k = self.key(x).view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        v = self.value(x).view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # keep (B, 1, 1, T): no padded key is seen
+        return y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
+
+
+class BertDenseLayerNorm(nn.Module):
+    """transformers' BertSelfOutput / BertOutput: the post-LN residual LN(residual + dense(x))."""
+
+    def __init__(self, in_features: int, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dense(x))  # (B, T, C)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)  # sic: transformers' name, so keys map 1:1
+        self.output = BertDenseLayerNorm(config.hidden_size, config)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, keep), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(x))  # (B, T, C) -> (B, T, I)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertDenseLayerNorm(config.intermediate_size, config)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, keep)  # (B, T, C)
+        return self.output(self.intermediate(x), x)  # (B, T, I) -> (B, T, C)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig, num_layers: int):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(num_layers))
+
+
+class Bert(nn.Module):
+    """`forward(input_ids, attention_mask)` is `BertModel(...).hidden_states[len(self.encoder.layer)]`: the
+    embeddings (num_layers 0) or the output of the last layer built."""
+
+    def __init__(self, config: BertConfig, num_layers: int):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config, num_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) 1 for tokens, 0 for padding -> hidden states (B, T, C)."""
+        keep = attention_mask.bool()[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
+        x = self.embeddings(input_ids)  # (B, T, C)
+        for layer in self.encoder.layer:
+            x = layer(x, keep)
+        return x
+
+
+# ---- loading a Hugging Face snapshot folder ----
+
+def bert_name(key: str, config: BertConfig, num_layers: int) -> str | None:
+    """Our name for a checkpoint key, or None for one BERTScore does not use: the pooler, BertForPreTraining's
+    `cls.*` heads, the `position_ids` / `token_type_ids` buffers, layers past `num_layers`. BertForPreTraining
+    checkpoints prefix the encoder with `bert.`; TF-era ones (bert-base-multilingual-cased's pytorch_model.bin)
+    name LayerNorm parameters gamma / beta, as transformers' loader renames too."""
+    key = key.removeprefix("bert.")
+    if key.startswith(("pooler.", "cls.")) or key.endswith(("position_ids", "token_type_ids")):
+        return None
+    layer = key.split(".")[2] if key.startswith("encoder.layer.") else ""
+    if layer.isdigit() and num_layers <= int(layer) < config.num_hidden_layers:
+        return None
+    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            return sorted({folder / shard for shard in json.loads((folder / index).read_text())["weight_map"].values()})
+    raise FileNotFoundError(f"{folder}: no weights; expected model.safetensors or pytorch_model.bin (or an index "
+                            f"with its shards), as in a Hugging Face BERT snapshot")
+
+
+def read_tensors(file: Path):
+    """(key, tensor) for every tensor of one file; a .bin is read with weights_only (no pickled code runs)."""
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as weights:
+            yield from ((key, weights.get_tensor(key)) for key in weights.keys())
+    else:
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def load_bert(path, num_layers: int, *, dtype: torch.dtype = torch.float32, device="cpu") -> Bert:
+    """A frozen Bert with the embeddings and the first `num_layers` layers of a Hugging Face BERT folder.
+
+    Built on the meta device and filled tensor by tensor (`assign=True`); every kept key must match a parameter in
+    name and shape, and every parameter must be in the checkpoint."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face BERT model folder (config.json, "
+                                f"model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt)")
+    try:
+        config = BertConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    except ValueError as error:
+        raise ValueError(f"{folder / 'config.json'}: {error}") from error
+    if not 0 <= num_layers <= config.num_hidden_layers:
+        raise ValueError(f"{folder}: layer {num_layers} does not exist; this BERT has layers 0 (the embeddings) "
+                         f"to {config.num_hidden_layers}")
+    with torch.device("meta"):
+        model = Bert(config, num_layers)
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    state = {}
+    for file in weight_files(folder):
+        for key, tensor in read_tensors(file):
+            if (name := bert_name(key, config, num_layers)) is None:
+                continue
+            if name not in expected or name in state:
+                why = "appears twice" if name in state else f"has no place in a BERT encoder (no '{name}')"
+                raise ValueError(f"{file}: unexpected weight '{key}': it {why}")
+            if tensor.shape != expected[name]:
+                raise ValueError(f"{file}: '{key}' has shape {tuple(tensor.shape)}, but config.json implies "
+                                 f"{tuple(expected[name])}")
+            state[name] = tensor.to(device=device, dtype=dtype, copy=True)  # copy: let the file's memory map close
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise ValueError(f"{folder}: missing weight '{missing[0]}' ({len(missing)} missing in all); the checkpoint "
+                         f"does not match its config.json")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+# ---- the tokenizer ----
+
+class BertTokenizer:
+    """WordPiece ids with `[CLS]` and `[SEP]`, truncated to `max_length` tokens, as bert-score's `sent_encode`
+    gets them from transformers' BertTokenizer: `encode(text.strip(), add_special_tokens=True, truncation=True,
+    max_length=model_max_length)`; an empty caption is `[CLS] [SEP]`."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, cls_id: int, sep_id: int, pad_id: int):
+        tokenizer.enable_truncation(max_length)  # counts [CLS] and [SEP]: the caption's end is cut
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
+
+    def encode(self, text: str) -> list[int]:
+        text = text.strip()
+        return self.tokenizer.encode(text).ids if text else [self.cls_id, self.sep_id]
+
+
+def wordpiece_from_vocab(vocab_file: Path, options: dict) -> Tokenizer:
+    """What transformers' BertTokenizer builds from a vocab.txt (its __init__): BERT's normaliser (lower-casing
+    and accent stripping per do_lower_case, default True), punctuation/whitespace pre-splitting, WordPiece,
+    `[CLS] $A [SEP]`. Special tokens are added so a literal "[SEP]" in a caption stays one token, as there."""
+    vocab = {line.rstrip("\n"): i for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines(True))}
+    special = {name: options.get(name, f"[{name[:-6].upper()}]") for name in ("unk_token", "cls_token", "sep_token",
+                                                                                "pad_token", "mask_token")}
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token=special["unk_token"]))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=options.get("tokenize_chinese_chars", True),
+        strip_accents=options.get("strip_accents"), lowercase=options.get("do_lower_case", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens([token for token in special.values() if token in vocab])
+    cls, sep = special["cls_token"], special["sep_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    return tokenizer
+
+
+def load_bert_tokenizer(path, config: BertConfig | None = None) -> BertTokenizer:
+    """The folder's tokenizer.json, or a WordPiece tokenizer built from its vocab.txt and tokenizer_config.json.
+
+    Captions are cut at tokenizer_config.json's model_max_length; without one, at the model's
+    max_position_embeddings (where bert-score would fail on a longer caption instead)."""
+    folder = Path(path).expanduser()
+    options_file = folder / "tokenizer_config.json"
+    options = json.loads(options_file.read_text()) if options_file.is_file() else {}
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.txt").is_file():
+        tokenizer = wordpiece_from_vocab(folder / "vocab.txt", options)
+    else:
+        raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt; copy the BERT snapshot's tokenizer "
+                                f"files into the folder")
+    config = config or BertConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    max_length = min(options.get("model_max_length", config.max_position_embeddings), config.max_position_embeddings)
+    ids = {name: tokenizer.token_to_id(options.get(name, default))
+           for name, default in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"))}
+    for name, token_id in ids.items():
+        if token_id is None:
+            raise ValueError(f"{folder}: the tokenizer has no {name}; BERTScore needs "
+                             f"[CLS], [SEP] and [PAD]")
+    return BertTokenizer(tokenizer, max_length, ids["cls_token"], ids["sep_token"], ids["pad_token"])
+
+
+@torch.no_grad()
+def embed_token_ids(model: Bert, token_ids: list[list[int]], pad_id: int, batch_size: int = 64) -> list[torch.Tensor]:
+    """Each sentence's hidden states (T_i, C) in float32, in the order given. Sentences run sorted by length, so a
+    batch pads to nearly its own length; padding is masked out and changes no number beyond rounding."""
+    device = model.embeddings.word_embeddings.weight.device
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
+    states = [None] * len(token_ids)
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        T = len(token_ids[batch[0]])
+        input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
+        for row, i in enumerate(batch):
+            input_ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
+        lengths = torch.tensor([len(token_ids[i]) for i in batch])
+        attention_mask = torch.arange(T) < lengths[:, None]  # (B, T): True on tokens, False on padding
+        hidden = model(input_ids.to(device), attention_mask.to(device)).float().cpu()  # (B, T, C)
+        for row, i in enumerate(batch):
+            states[i] = hidden[row, :len(token_ids[i])]
+    return states
