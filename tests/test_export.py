@@ -1,0 +1,107 @@
+"""export.py: the merged folder loads in transformers' Qwen3ForCausalLM and in load_qwen3 and gives the adapted
+model's logits (fp32, tiny models, NF4 base: the merge is exact up to fp32 rounding, atol 1e-4); LoRA and DoRA."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import save_model
+from evaluate import rebuild_model
+from export import export_checkpoint, load_exported
+from lora import AdapterConfig
+from qwen3 import load_qwen3
+from train import TrainConfig
+from vlm import VLMConfig, build_vlm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_random_checkpoint(path: Path, clip, llm, manifest, *, method: str = "dora", seed: int = 0) -> Path:
+    """A checkpoint in train.py's format whose projector and adapters are random (no training): adapters that
+    change the logits, so a merge that dropped them would be seen."""
+    torch.manual_seed(seed)
+    config = VLMConfig(clip_path=str(clip), llm_path=str(llm), projector={"name": "crossattn", "num_queries": 4},
+                       num_frames=3)
+    model = build_vlm(config, dtype=torch.float32)
+    model.add_adapters(AdapterConfig(method=method, r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if name.endswith(("lora_B", "lora_A")):
+                p.normal_(0, 0.2)
+            elif name.endswith("magnitude"):
+                p.mul_(1 + 0.1 * torch.rand_like(p))
+    train_config = TrainConfig(clip=str(clip), llm=str(llm), train_manifest=str(manifest), projector="crossattn",
+                               peft=method, lora_r=4, num_frames=3, num_queries=4, dtype="fp32",
+                               output_dir=str(path.parent.parent), cache_dir=str(path.parent.parent / "cache"))
+    save_model(path, model, train_config, {"stage": 2})
+    return path
+
+
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def random_checkpoint(request, tiny_bases, tiny_manifest, tmp_path_factory):
+    clip, llm = tiny_bases
+    out = tmp_path_factory.mktemp(f"run_{request.param}")
+    return save_random_checkpoint(out / "checkpoints" / "best_model.pt", clip, llm, tiny_manifest,
+                                  method=request.param)
+
+
+def adapted_model(checkpoint_path):
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    return rebuild_model(checkpoint, clip=None, llm=None, device="cpu", dtype=torch.float32)
+
+
+def test_exported_folder_gives_the_adapted_logits_in_transformers_and_ours(random_checkpoint, tmp_path):
+    from transformers import Qwen3ForCausalLM
+    out = export_checkpoint(random_checkpoint, tmp_path / "exported", dtype="fp32", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded, every shard present
+    assert all((out / shard).is_file() for shard in index["weight_map"].values())
+    assert (out / "tokenizer.json").is_file() and (out / "clip" / "config.json").is_file()
+    model = adapted_model(random_checkpoint)
+    ids = torch.randint(0, model.llm.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.llm(ids)  # (B, T, V): the NF4 base with its LoRA / DoRA adapters
+        ours = load_qwen3(out, dtype=torch.float32)(ids)
+        hf = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+        base = load_qwen3(model.config.llm_path, dtype=torch.float32)(ids)
+    assert (expected - base).abs().max() > 1e-2  # the adapters matter, so the comparison below can fail
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hf, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_load_exported_rebuilds_projector_and_captions(random_checkpoint, tmp_path):
+    out = export_checkpoint(random_checkpoint, tmp_path / "exported", dtype="fp32")
+    exported, info = load_exported(out, dtype="fp32")
+    model = adapted_model(random_checkpoint)
+    assert info["merged_adapter"]["method"] in ("lora", "dora") and info["features_dtype"] == "float16"
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(exported.projector.state_dict()[key], value)
+    features = torch.randn(2, 3, 16, 32, generator=torch.Generator().manual_seed(1))  # (B, F, P, Dv)
+    assert exported.generate(features, max_new_tokens=6) == model.generate(features, max_new_tokens=6)
+
+
+def test_bf16_export_stores_bf16_and_refuses_a_used_folder(random_checkpoint, tmp_path):
+    from safetensors import safe_open
+    out = export_checkpoint(random_checkpoint, tmp_path / "exported")
+    shard = next(out.glob("model-*.safetensors"))
+    with safe_open(shard, framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        export_checkpoint(random_checkpoint, out)
+    assert not list(tmp_path.glob(".exported.*.tmp"))  # no temporary folder left behind
+
+
+def test_cli_help_shows_defaults_and_bad_checkpoint_is_one_line(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    shown = subprocess.run([sys.executable, "export.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert "(default: bf16)" in shown.stdout and "(default: 2.0)" in shown.stdout
+    (tmp_path / "x.pt").write_text("nope")
+    result = subprocess.run([sys.executable, "export.py", str(tmp_path / "x.pt"), "--output", str(tmp_path / "o")],
+                            cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'x.pt'}: not a readable")
