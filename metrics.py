@@ -17,6 +17,8 @@ Why two METEORs: papers report both, and on Korean they are different numbers.
   `meteor` and 0.3563 with `meteor_coco`; "빨간 원이 파란 배경 위에서 왼쪽으로 움직인다." against "파란 배경에서
   빨간 원이 왼쪽으로 이동한다." scores 0.5174 and 0.4351 (more words, in more chunks, for the jar).
 """
+import argparse
+import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from bert import embed_token_ids, load_bert, load_bert_tokenizer
+from errors import user_errors
 from meteor_coco import corpus_meteor
 
 BLEU_TOKENIZE = "char"  # sacrebleu tokenizer for BLEU; see `bleu` for why
@@ -349,3 +352,70 @@ def format_metrics_table(metrics: dict) -> str:
     if "bertscore_f1" not in metrics:
         lines.append("  (BERTScore off: add --bertscore-model DIR, a bert-base-multilingual-cased snapshot folder)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- the command: score a file
+
+def read_predictions(path) -> tuple[list[str], list[list[str]]]:
+    """(hyps, refs) from kovlm's predictions.json (a JSON list of {"id", "video", "prediction", "references"})
+    or from JSON lines {"id", "prediction", "references": [...]} written by any other system."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            entries = [(f"{path}: entry {k}", entry) for k, entry in enumerate(json.loads(text))]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+    else:
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not a JSON object ({error.msg}); each line must be "
+                                     f'{{"id": ..., "prediction": "...", "references": ["...", ...]}}') from error
+    if not entries:
+        raise ValueError(f"{path}: no predictions; expected a JSON list or JSON lines of "
+                         f'{{"prediction": "...", "references": ["...", ...]}}')
+    hyps, refs = [], []
+    for where, entry in entries:
+        if not isinstance(entry, dict) or "prediction" not in entry or "references" not in entry:
+            raise ValueError(f'{where}: expected an object with "prediction" and "references", got {entry!r:.80}')
+        try:
+            _check_caption(entry["prediction"], entry["references"], "prediction", "references")
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
+        hyps.append(entry["prediction"])
+        refs.append(list(entry["references"]))
+    return hyps, refs
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Score a predictions file: METEOR, METEOR-coco, CIDEr-D, BLEU-4, "
+                                                 "chrF and, with a BERT folder, BERTScore.")
+    parser.add_argument("file", help="predictions.json (evaluate.py's) or JSON lines "
+                                     '{"id", "prediction", "references": [...]}')
+    parser.add_argument("--json", action="store_true", help="print one JSON object of plain numbers")
+    parser.add_argument("--bertscore-model", metavar="DIR", help="a BERT snapshot folder, e.g. "
+                                                                 "bert-base-multilingual-cased")
+    parser.add_argument("--bertscore-layer", type=int, default=9, metavar="N",
+                        help="hidden layer to match (default 9, bert-score's for bert-base-multilingual-cased)")
+    parser.add_argument("--bertscore-idf", action="store_true", help="weigh tokens by idf over the references")
+    parser.add_argument("--bertscore-baseline", metavar="FILE", help="rescale with a baseline in bert-score's "
+                                                                     "format (LAYER,P,R,F)")
+    parser.add_argument("--batch-size", type=int, default=64, help="BERTScore sentences per batch")
+    args = parser.parse_args(argv)
+    with user_errors():
+        hyps, refs = read_predictions(args.file)
+        report, _ = score_captions(hyps, refs, bertscore_model=args.bertscore_model,
+                                   bertscore_layer=args.bertscore_layer, bertscore_idf=args.bertscore_idf,
+                                   bertscore_baseline=args.bertscore_baseline, batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps({name: metric["value"] for name, metric in report.items()} | {"captions": len(hyps)}))
+        else:
+            print(f"{args.file}: {len(hyps)} captions\n{format_metrics_table(report)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """metrics.py against its references: NLTK's meteor_score, pycocoevalcap's Cider and its Meteor (the Meteor 1.5 jar,
 run when Java is installed), sacrebleu; plus the edge cases. The references are imported inside the tests only."""
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -276,3 +277,77 @@ def test_score_captions_adds_bertscore_to_the_report_and_to_each_caption(bert_di
         assert [row[f"bertscore_{short}"] for row in per_caption] == scores[name]
     assert "num_layers=2, idf=True" in report["bertscore_f1"]["reference"]
     assert "--bertscore-model" not in metrics.format_metrics_table(report)
+
+
+# ------------------------------------------------------------------------------------- python metrics.py FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_metrics_cli(*args):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "metrics.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def write_predictions(folder: Path, hyps, refs) -> tuple[Path, Path]:
+    """The same captions as evaluate.py's predictions.json and as JSON lines from another system."""
+    import json
+    kovlm = folder / "predictions.json"
+    kovlm.write_text(json.dumps([{"id": f"v{i}", "video": f"v{i}.mp4", "prediction": hyp, "references": references}
+                                 for i, (hyp, references) in enumerate(zip(hyps, refs))], ensure_ascii=False))
+    other = folder / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": i, "prediction": hyp, "references": references}, ensure_ascii=False)
+                             + "\n" * (1 + (i == 2)) for i, (hyp, references) in enumerate(zip(hyps, refs))))
+    return kovlm, other
+
+
+def test_cli_scores_both_file_formats_equal_to_evaluate_captions(tmp_path):
+    import json
+    hyps, refs = korean_like_corpus(seed=7, videos=8)
+    expected = {name: metric["value"] for name, metric in metrics.evaluate_captions(hyps, refs).items()}
+    for file in write_predictions(tmp_path, hyps, refs):
+        result = run_metrics_cli(file, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {**expected, "captions": 8}  # equal to the last digit
+        table = run_metrics_cli(file)
+        assert table.returncode == 0 and table.stdout.splitlines()[0] == f"{file}: 8 captions"
+        assert table.stdout.rstrip("\n").split("\n", 1)[1] == metrics.format_metrics_table(
+            metrics.evaluate_captions(hyps, refs))
+
+
+def test_cli_adds_bertscore_with_a_bert_folder(tmp_path, bert_dir):
+    import json
+    hyps, refs = BERT_CANDIDATES[:3], BERT_REFERENCES[:3]
+    result = run_metrics_cli(write_predictions(tmp_path, hyps, refs)[1], "--json", "--bertscore-model", bert_dir,
+                             "--bertscore-layer", 2, "--bertscore-idf")
+    assert result.returncode == 0, result.stderr
+    scores = metrics.bertscore(hyps, refs, bert_dir, 2, idf=True)
+    assert json.loads(result.stdout)["bertscore_f1"] == pytest.approx(sum(scores["f1"]) / 3, abs=1e-12)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prediction": "가", "references": ["가"]}', '{"prediction": "나", "references": '],
+     r"^error: .*other.jsonl:2: not a JSON object \(Expecting value\)"),
+    (['{"prediction": "가", "references": ["가"]}', '', '{"prediction": "나"}'],
+     r'^error: .*other.jsonl:3: expected an object with "prediction" and "references"'),
+    (['{"prediction": "가", "references": "가"}'],
+     r"^error: .*other.jsonl:1: references must be a list of reference captions, got str"),
+    ([], r"^error: .*other.jsonl: no predictions"),
+])
+def test_cli_refuses_a_malformed_line_in_one_line_naming_it(tmp_path, lines, message):
+    (tmp_path / "other.jsonl").write_text("\n".join(lines))
+    result = run_metrics_cli(tmp_path / "other.jsonl")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and re.match(message, result.stderr), result.stderr
+
+
+def test_cli_names_a_missing_file_and_a_broken_json_list(tmp_path):
+    (tmp_path / "predictions.json").write_text('[{"prediction": "가", "references": ["가"]},\n oops]')
+    broken = run_metrics_cli(tmp_path / "predictions.json")
+    assert broken.returncode == 1 and re.match(r"^error: .*predictions.json:2: not valid JSON", broken.stderr)
+    missing = run_metrics_cli(tmp_path / "absent.jsonl")
+    assert missing.returncode == 1 and "absent.jsonl: no such file or folder" in missing.stderr
