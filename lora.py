@@ -25,6 +25,7 @@ Shapes: T tokens (any leading dims), in / out features, r rank. Adapter weights 
 activations' dtype (as autocast would). The DoRA norm is formed in fp32 (only W A^T comes from the base pass, in
 its compute dtype); PEFT forms it in the compute dtype.
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -174,6 +175,33 @@ class LoRALinear(nn.Module):
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
         return merged.requires_grad_(False)
+
+
+def dense_linear(linear: nn.Module) -> nn.Linear:
+    """A 4-bit linear as a plain nn.Linear in its compute dtype (bf16 when it has none); W dequantized once."""
+    dtype = linear.compute_dtype or torch.bfloat16
+    dense = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                      device=linear.weight.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(dequantized_weight(linear))
+        if linear.bias is not None:
+            dense.bias.copy_(linear.bias)
+    return dense.requires_grad_(False)
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` for generation in which every LoRALinear is its merged_linear() and every other 4-bit
+    linear a dense one: plain GEMMs, no per-token dequantization. All other parameters and buffers are shared with
+    `model`, not copied; `model` keeps its adapters and its 4-bit weights (so the copy costs the dense weights)."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    merged = copy.deepcopy(model, memo=shared)  # new module objects around the same tensors
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, LoRALinear):
+            _replace(merged, name, module.merged_linear())
+    for name, module in list(merged.named_modules()):  # the 4-bit linears no adapter wraps
+        if isinstance(module, bnb.nn.Linear4bit):
+            _replace(merged, name, dense_linear(module))
+    return merged.eval()
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -24,6 +24,8 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from decode import KVCache
+
 
 @dataclass
 class Qwen3Config:
@@ -73,29 +75,6 @@ class Qwen3Config:
                    head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
                    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                    attention_bias=bool(d.get("attention_bias", False)))
-
-
-class KVCache:
-    """Preallocated keys and values for every layer, (B, nkv, max_len, hs) each; `length` positions are filled.
-
-    Preallocation (as gpt-fast) means decoding never reallocates; a forward writes slots [length, length + T) in
-    every layer, and `length` advances once, after the last layer."""
-
-    def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, *, dtype, device):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)  # (B, nkv, max_len, hs)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this forward's k, v (B, nkv, T, hs); return all filled keys and values (B, nkv, S, hs)."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len or k.shape[0] != self.batch_size:
-            raise ValueError(f"KV cache is (batch {self.batch_size}, max_len {self.max_len}) with {start} filled; "
-                             f"cannot add {k.shape[2]} positions of batch {k.shape[0]}: make a larger new_kv_cache")
-        self.keys[layer_idx][:, :, start:end] = k
-        self.values[layer_idx][:, :, start:end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]  # (B, nkv, S, hs) each
 
 
 class Qwen3RMSNorm(nn.Module):
@@ -246,21 +225,27 @@ class Qwen3(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}; it must be (B, cached + T) = "
                              f"({B}, {past + T}), covering the cached positions too")
-        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-        if checkpointing and kv_cache is not None:
+        if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is not None:
             raise ValueError("gradient checkpointing reruns layers in backward, which would write the KV cache "
                              "again; decode under torch.no_grad() or turn gradient_checkpointing off")
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, T, x.device)  # (B or 1, T)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B or 1, T, hs) each
         mask = build_attention_mask(attention_mask, past, T, x.device)
+        hidden = self.run_layers(x, cos, sin, mask, kv_cache)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return hidden
+
+    def run_layers(self, x, cos, sin, mask, kv_cache) -> torch.Tensor:
+        """The decoder layers and the final norm over embeddings x (B, T, C), with RoPE angles and an SDPA mask
+        (None: causal) already made; decode.decode_one_token calls it with its own static-shape mask."""
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
             if checkpointing:  # keep only each layer's input; recompute its inside in backward
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += T
         return self.model.norm(x)  # (B, T, C)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -276,7 +261,9 @@ class Qwen3(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         embedding = self.model.embed_tokens.weight  # activations start here: its dtype and device are theirs
-        return KVCache(self.config, batch_size, max_len, dtype=embedding.dtype, device=embedding.device)
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
+                       dtype=embedding.dtype, device=embedding.device)
 
 
 def snapshot_files(path: Path) -> tuple[Path, list[Path]]:

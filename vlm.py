@@ -12,7 +12,7 @@ Shapes: B batch, F frames, P patches per frame, Dv vision width, N visual tokens
 V vocab, L supervised (label) positions in the batch.
 """
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,13 +21,15 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from clip import load_clip_vision
-from lora import AdapterConfig, adapter_state_dict, apply_adapters, load_adapter_state_dict
+from decode import Decoder
+from lora import AdapterConfig, adapter_state_dict, apply_adapters, load_adapter_state_dict, merged_copy
 from projectors import PROJECTOR_OPTIONS, build_projector
 from qwen3 import load_qwen3
 from sampling import next_token
 
 DEFAULT_INSTRUCTION = "이 영상을 한국어로 한 문장으로 설명하세요."  # "Describe this video in one Korean sentence."
 IGNORE_INDEX = -100
+STOP_CHECK_EVERY = 8  # generate: tokens between the host's checks that every row has finished (each check waits)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class VLM(nn.Module):
         super().__init__()
         self.vision, self.projector, self.llm, self.config = vision, projector, llm, config
         self.template = ChatTemplate(tokenizer, config.instruction)
+        self.decode_with_cuda_graphs = True  # on a GPU; False decodes eagerly (the same tokens, for comparisons)
 
     # ---- vision side ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -104,12 +107,6 @@ class VLM(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)  # (B, F, P, Dv) -> (B, N, C)
-
-    def splice_visual_tokens(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the N visual embeddings written, in order, over each row's <|video_pad|> slots."""
-        embeds = self.llm.model.embed_tokens(input_ids)  # (B, T, C)
-        slots = (input_ids == self.template.video_pad_id).unsqueeze(-1)  # (B, T, 1)
-        return embeds.masked_scatter(slots, visual.to(embeds.dtype))  # (B, T, C)
 
     # ---- training ------------------------------------------------------------------------------------------------
     def tokenize_batch(self, captions: list[str], num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,57 +129,54 @@ class VLM(nn.Module):
     def forward(self, features: torch.Tensor, captions: list[str], num_label_tokens: int | None = None):
         """Summed caption cross-entropy / num_label_tokens (default: this batch's own count; torchtune's
         normalisation, so one batch of 8 equals 8 accumulated batches of 1). Right padding needs no attention mask:
-        with causal attention, padding after a caption never reaches it."""
+        with causal attention, padding after a caption never reaches it. The labels stay on the host, so the
+        supervised positions are found there: no device synchronisation inside the step."""
         visual = self.project(features)  # (B, N, C)
-        input_ids, labels = self.tokenize_batch(captions, visual.shape[1])
-        input_ids, labels = input_ids.to(visual.device), labels.to(visual.device)
-        hidden = self.llm.hidden_states(inputs_embeds=self.splice_visual_tokens(input_ids, visual))  # (B, T, C)
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        supervised = targets != IGNORE_INDEX  # (B, T-1)
-        logits = self.llm.logits_from_hidden(hidden[:, :-1][supervised])  # (L, C) -> (L, V)
-        loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-        return loss_sum / (num_label_tokens or int(supervised.sum()))
+        input_ids, labels = self.tokenize_batch(captions, visual.shape[1])  # (B, T) each, on the host
+        embeds = splice_visual_tokens(self.llm.model.embed_tokens, input_ids.to(visual.device, non_blocking=True),
+                                      visual, self.template.video_pad_id)  # (B, T, C)
+        hidden = self.llm.hidden_states(inputs_embeds=embeds)  # (B, T, C)
+        return caption_loss(self.llm, hidden, labels, num_label_tokens)
 
     # ---- generation ----------------------------------------------------------------------------------------------
-    def prompt_batch(self, num_visual: int, instructions: list[str] | None, batch_size: int):
-        """Left-padded prompt ids (B, T) and attention mask (B, T); one instruction for all unless given per row."""
-        if instructions is None:
-            rows = [self.template.prompt_ids(num_visual)] * batch_size
-        else:
-            rows = [ChatTemplate(self.template.tokenizer, text).prompt_ids(num_visual) for text in instructions]
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.template.end_of_text_id)
-        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, row in enumerate(rows):
-            input_ids[b, T - len(row):] = torch.tensor(row)
-            attention_mask[b, T - len(row):] = 1
-        return input_ids, attention_mask
+    def prompt_ids(self, batch_size: int, num_visual: int) -> torch.Tensor:
+        """(B, T) prompt ids: one instruction for every row, so the rows are equal and need no padding."""
+        return torch.tensor([self.template.prompt_ids(num_visual)] * batch_size)  # (B, T)
+
+    def decoder_for(self, batch_size: int, max_len: int) -> Decoder:
+        """The decoder of the last generate call when its shapes and parameters still match, else a new one (on
+        a GPU its step is captured as a CUDA graph once, then replayed for every token of every batch)."""
+        decoder = getattr(self, "_decoder", None)
+        if decoder is None or not decoder.matches(batch_size, max_len):
+            decoder = Decoder(self.llm, batch_size, max_len, cuda_graphs=self.decode_with_cuda_graphs)
+            self._decoder = decoder
+        return decoder
 
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, *, max_new_tokens: int = 64, instructions: list[str] | None = None,
-                 **sampling) -> list[str]:
-        """Batched captions: prefill the prompts once, then decode one token at a time with a KV cache, each row
-        stopping at <|im_end|> or <|endoftext|>. Greedy by default; `sampling` goes to sampling.next_token
-        (do_sample, temperature, top_p, repetition_penalty, no_repeat_ngram_size, generator)."""
+    def generate(self, features: torch.Tensor, *, max_new_tokens: int = 64, **sampling) -> list[str]:
+        """Batched captions: prefill the prompts once, then decode one token at a time with a static KV cache
+        (decode.py), each row stopping at <|im_end|> or <|endoftext|>. Greedy by default; `sampling` goes to
+        sampling.next_token (do_sample, temperature, top_p, repetition_penalty, no_repeat_ngram_size, generator).
+        The host asks whether every row has finished only every STOP_CHECK_EVERY tokens (each ask waits for the
+        device); rows that finished earlier only append <|endoftext|>, which decode() drops."""
         visual = self.project(features)  # (B, N, C)
-        input_ids, attention_mask = (t.to(visual.device) for t in
-                                     self.prompt_batch(visual.shape[1], instructions, visual.shape[0]))
-        B, T = input_ids.shape
-        cache = self.llm.new_kv_cache(B, T + max_new_tokens)
-        embeds = self.splice_visual_tokens(input_ids, visual)  # (B, T, C)
-        hidden = self.llm.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask, kv_cache=cache)
-        generated = torch.empty(B, 0, dtype=torch.long, device=visual.device)
+        B = visual.shape[0]
+        input_ids = self.prompt_ids(B, visual.shape[1]).to(visual.device)  # (B, T)
+        T = input_ids.shape[1]
+        decoder = self.decoder_for(B, T + max_new_tokens)
+        embeds = splice_visual_tokens(self.llm.model.embed_tokens, input_ids, visual, self.template.video_pad_id)
+        logits = decoder.prefill(embeds)  # (B, V)
+        generated = torch.full((B, max_new_tokens), self.template.end_of_text_id, device=visual.device)  # (B, n)
         finished = torch.zeros(B, dtype=torch.bool, device=visual.device)
-        for _ in range(max_new_tokens):
-            logits = self.llm.logits_from_hidden(hidden[:, -1]).float()  # (B, V)
-            token = next_token(logits, generated, **sampling)  # (B,)
+        for i in range(max_new_tokens):
+            token = next_token(logits, generated[:, :i], **sampling)  # (B,)
             token = torch.where(finished, self.template.end_of_text_id, token)
-            generated = torch.cat([generated, token[:, None]], dim=1)  # (B, t+1)
+            generated[:, i] = token
             finished |= (token == self.template.im_end_id) | (token == self.template.end_of_text_id)
-            if finished.all():
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            hidden = self.llm.hidden_states(token[:, None], attention_mask=attention_mask, kv_cache=cache)
+            last = i == max_new_tokens - 1
+            if last or ((i + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all())):
+                break  # no decoder forward after the last token
+            logits = decoder.step(token, T + i)  # (B, V)
         return [self.template.decode(row) for row in generated.tolist()]
 
     # ---- what a checkpoint holds ---------------------------------------------------------------------------------
@@ -206,15 +200,79 @@ class VLM(nn.Module):
             raise KeyError("the state holds adapter weights but this model has no adapters")
 
     def add_adapters(self, adapter: AdapterConfig) -> list[str]:
-        """Stage 2: wrap the LLM's target linears with LoRA / DoRA (the LLM's base weights stay frozen)."""
-        self.config.adapter = asdict(adapter)
+        """Stage 2: wrap the LLM's target linears with LoRA / DoRA (the LLM's base weights stay frozen); the model
+        gets a new config naming them (the one it was built with is not changed)."""
+        self.config = replace(self.config, adapter=asdict(adapter))
         return apply_adapters(self.llm, method=adapter.method, r=adapter.r, alpha=adapter.alpha,
                               dropout=adapter.dropout, targets=tuple(adapter.targets))
 
 
-def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16, vision_dtype=None) -> VLM:
-    """Load the frozen bases from their snapshot folders, build the projector (and adapters when configured)."""
-    vision = load_clip_vision(config.clip_path, dtype=vision_dtype or dtype, device=device)
+def splice_visual_tokens(embed_tokens: nn.Module, input_ids: torch.Tensor, visual: torch.Tensor,
+                         video_pad_id: int) -> torch.Tensor:
+    """Token embeddings (B, T, C) with the N visual embeddings of each row written, in order, over its
+    <|video_pad|> slots. masked_scatter needs no host read (no count of the slots is taken, unlike transformers'
+    size check); a row with other than N slots is the template's bug, caught by the tests."""
+    embeds = embed_tokens(input_ids)  # (B, T, C)
+    slots = (input_ids == video_pad_id).unsqueeze(-1)  # (B, T, 1)
+    return embeds.masked_scatter(slots, visual.to(embeds.dtype))  # (B, T, C)
+
+
+def label_logits(llm, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lm_head at the L supervised positions only: logits (L, V) and their targets (L,). Position t predicts
+    token t + 1. With labels on the host (as tokenize_batch makes them) the positions are found there and sent
+    ahead, so nothing waits for the device; labels on the device work too, at the cost of one synchronisation."""
+    B, T = labels.shape
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (L,) each
+    flat = (rows * T + cols).to(hidden.device, non_blocking=True)  # (L,): indices into (B * T) positions
+    targets = labels[rows, cols + 1].to(hidden.device, non_blocking=True)  # (L,)
+    picked = hidden.reshape(B * T, -1).index_select(0, flat)  # (B * T, C) -> (L, C)
+    return llm.logits_from_hidden(picked), targets  # (L, V), (L,)
+
+
+def caption_loss(llm, hidden: torch.Tensor, labels: torch.Tensor, num_label_tokens: int | None = None):
+    """Summed cross-entropy over the supervised positions of hidden (B, T, C) / num_label_tokens (default: their
+    count here). The logits are made only there (L x V, not B x T x V) and upcast to fp32 for the softmax."""
+    logits, targets = label_logits(llm, hidden, labels)  # (L, V), (L,)
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss_sum / (num_label_tokens or targets.numel())
+
+
+def merged_for_eval(model: VLM, merge: str = "auto") -> tuple[VLM, str]:
+    """The model to generate with, and why: with merge "yes" (or "auto" when the device has room for it) a VLM
+    sharing the tower, projector and template, whose LLM has every adapter folded into a dense bf16 copy of its
+    base (lora.merged_copy: plain GEMMs, no 4-bit dequantization per token); "no" (or too little room) the model
+    itself. The merged copy holds the decoder layers' weights in bf16: 13.2 GiB at Qwen3-8B."""
+    if merge not in ("auto", "yes", "no"):
+        raise ValueError(f"merge={merge!r}: use auto, yes or no")
+    if merge == "no":
+        return model, "not merged (--merge-for-eval no)"
+    needed = dense_layer_bytes(model.llm)
+    free = free_memory_bytes(model.llm.model.embed_tokens.weight.device)
+    if merge == "auto" and free < 1.25 * needed:
+        return model, f"not merged: {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
+    merged = VLM(model.vision, model.projector, merged_copy(model.llm), model.template.tokenizer, model.config)
+    merged.decode_with_cuda_graphs = model.decode_with_cuda_graphs
+    return merged.eval(), f"merged into a bf16 copy ({needed / 2**30:.1f} GiB)"
+
+
+def dense_layer_bytes(llm) -> int:
+    """Bytes of the decoder layers' linears in bf16 (what merged_copy allocates)."""
+    return sum(2 * m.in_features * m.out_features for m in llm.model.layers.modules() if hasattr(m, "in_features")
+               and not hasattr(m, "base"))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory on a GPU (cudaMemGetInfo), or the host's MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:"))
+    return int(line.split()[1]) * 1024
+
+
+def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
+    """Load the frozen bases from their snapshot folders, build the projector (and adapters when configured).
+    The model holds a completed copy of `config` (projector defaults, base fingerprints); `config` is unchanged."""
+    vision = load_clip_vision(config.clip_path, dtype=dtype, device=device)
     llm = load_qwen3(config.llm_path, quant=config.quant, dtype=dtype, device=device)
     tokenizer_file = Path(config.llm_path) / "tokenizer.json"
     if not tokenizer_file.exists():
@@ -226,11 +284,12 @@ def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16, vision_d
     if "num_frames" in used:
         options.setdefault("num_frames", config.num_frames)
     projector = build_projector(name, vision.config.hidden_size, llm.config.hidden_size, **options).to(device)
-    config.projector = {k: v for k, v in asdict(projector.config).items() if k not in ("vision_dim", "llm_dim")}
-    config.base_identity = {"clip": vision.fingerprint, "llm": llm.fingerprint}
+    adapter = config.adapter
+    config = replace(config, adapter=None, base_identity={"clip": vision.fingerprint, "llm": llm.fingerprint},
+                     projector={k: v for k, v in asdict(projector.config).items() if k not in ("vision_dim", "llm_dim")})
     model = VLM(vision, projector, llm, tokenizer, config)
-    if config.adapter is not None:
-        model.add_adapters(AdapterConfig(**config.adapter))
+    if adapter is not None:
+        model.add_adapters(AdapterConfig(**adapter))
         model.to(device)
     return model
 

@@ -9,6 +9,6 @@ adapters.py the layer-level adapters benchmark; memory.py one snapshot's load.
 """
 from bench.cli import main
 from bench.snapshots import PRESETS, preset_for, write_snapshots
-from bench.stacks import full_logits_loss, label_only_loss
+from bench.stacks import full_logits_loss
 
-__all__ = ["main", "PRESETS", "preset_for", "write_snapshots", "label_only_loss", "full_logits_loss"]
+__all__ = ["main", "PRESETS", "preset_for", "write_snapshots", "full_logits_loss"]

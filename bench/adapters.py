@@ -12,10 +12,9 @@ import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 
-from bench.workers import now
+from bench.workers import DTYPES, now
 from lora import LoRALinear
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ADAPTER_SHAPES = [(4096, 4096), (4096, 12288)]  # Qwen3-8B: q/o_proj, gate/up_proj (down_proj is 12288 -> 4096)
 QUICK_SHAPES = [(256, 256), (256, 768)]
 ADAPTER_TARGETS = [("ours DoRA / ours LoRA", "<=", 1.15), ("PEFT DoRA / ours DoRA", ">=", 1.5),

@@ -32,17 +32,20 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import DTYPES, bench_adapters
+from bench.adapters import bench_adapters
 from bench.memory import bench_memory
 from bench.snapshots import PRESETS, preset_for
 from bench.stacks import METHODS, SHAPES, STACKS
 from bench.table import model_rows, print_model_table
-from bench.workers import WORKERS, measure_one
+from bench.workers import DTYPES, WORKERS, measure_one
 
 # cli.py is the command line and the worker processes; the parts live beside it: adapters.py (the adapters
 # subcommand), snapshots.py (presets, random snapshot folders), stacks.py (ours and the reference, the parity
 # check), workers.py (one measurement each), table.py (rows, ratios, targets), memory.py (one snapshot's load).
 TASKS = ("train", "generate", "loss", "vision")
+# generation runs: (name in the results, stack, variant); ours' decode step as a CUDA graph (on a GPU) first
+GENERATE_RUNS = (("ours", "ours", "graphs"), ("ours-eager", "ours", "eager"), ("ours-merged", "ours", "merged"),
+                 ("reference", "reference", "graphs"))
 
 
 # ---- the parent: one worker process per measurement, then the table ---------------------------------------------
@@ -110,10 +113,12 @@ def run_measurements(args, tasks: list[str]) -> dict:
                     results["train"][shape][method][stack] = run_stack(args, "train", stack, expect, method=method,
                                                                        shape=shape)
     if "generate" in tasks:
-        results["generate"] = {method: {stack: run_stack(args, "generate", stack,
-                                                         root / f"expect-generate-{method}.json", method=method)
-                                        for stack in ("ours", "reference")}
-                               for method in args.methods}
+        results["generate"] = {}
+        for method in args.methods:  # ours (CUDA graphs on a GPU) first: the others' captions are compared with it
+            expect = root / f"expect-generate-{method}.json"
+            results["generate"][method] = {
+                name: run_stack(args, "generate", stack, expect, method=method, variant=variant)
+                for name, stack, variant in GENERATE_RUNS}
     if "loss" in tasks:
         results["loss"] = {variant: run_worker(args, "loss", variant=variant)
                            for variant in ("label-only", "full-logits")}
@@ -124,11 +129,26 @@ def run_measurements(args, tasks: list[str]) -> dict:
 
 def run_stack(args, task: str, stack: str, expect: Path, **options) -> dict:
     """One stack's measurement: ours writes its per-label losses to `expect`, a reference stack is checked
-    against them there."""
+    against them there. Generation: the first run writes its captions beside them and each later one reports the
+    fraction of rows equal to them (greedy_equal); eager decoding must equal the CUDA-graph step's exactly, and in
+    fp32 so must the reference's."""
+    first = stack == "ours" and options.get("variant") in (None, "graphs", "label-only")
     result = run_worker(args, task, stack=stack, **options, expect=None if stack == "ours" else expect)
-    losses = result.pop("label_losses")
-    if stack == "ours":
+    losses, captions = result.pop("label_losses"), result.pop("captions", None)
+    if first:
         expect.write_text(json.dumps(losses))
+    if captions is None:
+        return result
+    captions_file = expect.with_suffix(".captions.json")
+    if first:
+        captions_file.write_text(json.dumps(captions, ensure_ascii=False))
+        return result
+    ours = json.loads(captions_file.read_text())
+    result["greedy_equal"] = sum(a == b for a, b in zip(captions, ours)) / len(ours)
+    exact = options.get("variant") == "eager" or (stack != "ours" and args.dtype == "fp32")
+    if exact and result["greedy_equal"] < 1:
+        raise SystemExit(f"bench: {stack} {options.get('variant')} generation: greedy captions differ from ours "
+                         f"in {1 - result['greedy_equal']:.0%} of the rows; they must be equal here")
     return result
 
 
@@ -231,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--stack", choices=STACKS, default="ours")
     one.add_argument("--method", choices=METHODS, default="lora")
     one.add_argument("--shape", choices=sorted(SHAPES), default="resampler")
-    one.add_argument("--variant", choices=["label-only", "full-logits"], default="label-only")
+    one.add_argument("--variant", choices=["label-only", "full-logits", "graphs", "eager", "merged"],
+                     default="label-only", help="loss: label-only or full-logits; generate: ours' decoding")
     one.add_argument("--expect", help="a JSON file of ours' per-label losses: refuse to time when this stack's differ")
     one.set_defaults(run=measure_one)
     return parser

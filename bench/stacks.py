@@ -20,14 +20,17 @@ from bench.snapshots import CAPTION_TEXTS, Preset
 from lora import QWEN3_LINEARS, LoRALinear, apply_adapters, dequantized_weight
 from projectors import build_projector
 from qwen3 import load_qwen3
-from vlm import IGNORE_INDEX, VLM, VLMConfig
+from vlm import VLM, VLMConfig, label_logits, splice_visual_tokens
 
 SHAPES = {"resampler": "perceiver", "per-patch": "mlp"}  # training shape -> the projector that makes it
-METHODS = ("lora", "dora")
+METHODS = ("lora", "dora", "dora-d0")  # dora-d0: DoRA with adapter dropout 0 (PEFT's DoRA takes another path
+# with dropout: it runs the base twice), so both of PEFT's paths are timed
 # ours: kovlm; reference: transformers + PEFT as the QLoRA recipe sets them up (prepare_model_for_kbit_training
 # while training); tuned: the same libraries in their fastest form (bf16 weights, non-reentrant checkpointing)
 STACKS = ("ours", "reference", "tuned")
 ADAPTER = dict(r=16, alpha=32, dropout=0.05)  # the project's stage-2 adapters, on all 7 linears of every layer
+GRADIENT_TOLERANCE = 0.1  # ||adapter gradients - ours'|| / ||ours'||, dropout off: bf16 compute and the kbit-prepared
+# reference's fp32 norms move them by a few percent; a reference without our adapters' values is off by ~1
 LABEL_LOSS_TOLERANCE = 0.05  # mean |per-label loss - ours'| in nats: the kbit-prepared reference's fp32 norms and
 # embeddings move it by ~0.006 at cpu-small, the seeded adapters by ~0.3-0.5 (both in the table)
 
@@ -45,12 +48,17 @@ def copy_seeded_adapter(name: str, base: nn.Module, lora_A, lora_B, magnitude=No
         magnitude.copy_(row_norm * torch.empty(base.out_features).uniform_(0.5, 1.5, generator=g))
 
 
-def ours_llm(folders, device, method: str | None) -> nn.Module:
+def adapter_options(method: str) -> dict:
+    """apply_adapters' options for a benchmark method name: ADAPTER, DoRA for dora*, no dropout for dora-d0."""
+    return ADAPTER | {"method": method.removesuffix("-d0")} | ({"dropout": 0.0} if method.endswith("-d0") else {})
+
+
+def ours_llm(folders, device, method: str | None, dtype=torch.bfloat16) -> nn.Module:
     """kovlm's Qwen3: NF4 base with double-quantized statistics, bf16 weights, per-layer activation checkpointing."""
-    llm = load_qwen3(folders["llm"], quant="nf4", dtype=torch.bfloat16, device=device)
+    llm = load_qwen3(folders["llm"], quant="nf4", dtype=dtype, device=device)
     llm.gradient_checkpointing = True
     if method:
-        apply_adapters(llm, method=method, **ADAPTER)
+        apply_adapters(llm, **adapter_options(method))
         with torch.no_grad():
             for name, module in llm.named_modules():
                 if isinstance(module, LoRALinear):
@@ -59,23 +67,26 @@ def ours_llm(folders, device, method: str | None) -> nn.Module:
     return llm
 
 
-def reference_llm(folders, device, method: str, *, training: bool, prepared: bool) -> nn.Module:
+def reference_llm(folders, device, method: str, *, training: bool, prepared: bool,
+                  dtype=torch.bfloat16) -> nn.Module:
     """transformers + bitsandbytes + PEFT, set up as their users do (the QLoRA recipe). prepared=True runs PEFT's
     prepare_model_for_kbit_training (every non-4-bit weight upcast to fp32, its activation checkpointing);
     prepared=False is the tuned form: weights stay bf16, non-reentrant activation checkpointing."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, Qwen3ForCausalLM
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = Qwen3ForCausalLM.from_pretrained(folders["llm"], quantization_config=quantization, dtype=torch.bfloat16,
+                                      bnb_4bit_compute_dtype=dtype)
+    model = Qwen3ForCausalLM.from_pretrained(folders["llm"], quantization_config=quantization, dtype=dtype,
                                              attn_implementation="sdpa", device_map={"": device})
     if training and prepared:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     elif training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = not training
-    config = LoraConfig(r=ADAPTER["r"], lora_alpha=ADAPTER["alpha"], lora_dropout=ADAPTER["dropout"],
-                        target_modules=list(QWEN3_LINEARS), use_dora=method == "dora", task_type="CAUSAL_LM")
+    options = adapter_options(method)
+    config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
+                        target_modules=list(QWEN3_LINEARS), use_dora=options["method"] == "dora",
+                        task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -84,7 +95,7 @@ def reference_llm(folders, device, method: str, *, training: bool, prepared: boo
             if hasattr(module, "lora_A") and "default" in module.lora_A:
                 copy_seeded_adapter(name.removeprefix("base_model.model."), module.get_base_layer(),
                                     module.lora_A["default"].weight, module.lora_B["default"].weight,
-                                    module.lora_magnitude_vector["default"].weight if method == "dora" else None)
+                                    module.lora_magnitude_vector["default"].weight if config.use_dora else None)
     return model
 
 
@@ -100,13 +111,16 @@ def stage2_vlm(preset: Preset, folders, device, shape: str, llm) -> VLM:
     return VLM(None, projector, llm, Tokenizer.from_file(str(folders["llm"] / "tokenizer.json")), config)
 
 
-def build_stack(args, preset: Preset, folders, device, shape: str, training: bool) -> tuple[VLM, nn.Module | None]:
+def build_stack(args, preset: Preset, folders, device, shape: str, training: bool,
+                dtype=torch.bfloat16) -> tuple[VLM, nn.Module | None]:
     """args.stack with args.method's adapters: ours is (VLM over our Qwen3, None); a reference stack is (VLM
-    without an LLM, the PEFT model), the QLoRA recipe for "reference" while training, the tuned form for "tuned"."""
+    without an LLM, the PEFT model), the QLoRA recipe for "reference" while training, the tuned form for "tuned".
+    `dtype`: the weights' and 4-bit compute dtype (fp32 for the exact greedy-token comparison)."""
     if args.stack == "ours":
-        return stage2_vlm(preset, folders, device, shape, ours_llm(folders, device, args.method)), None
+        return stage2_vlm(preset, folders, device, shape, ours_llm(folders, device, args.method, dtype)), None
     vlm = stage2_vlm(preset, folders, device, shape, None)
-    return vlm, reference_llm(folders, device, args.method, training=training, prepared=args.stack == "reference")
+    return vlm, reference_llm(folders, device, args.method, training=training, prepared=args.stack == "reference",
+                              dtype=dtype)
 
 
 def stack_modules(vlm: VLM, reference) -> list[nn.Module]:
@@ -142,45 +156,53 @@ def batch_ids(vlm: VLM, features: torch.Tensor, captions: list[str]) -> tuple[to
 
 
 def reference_embeds(model, vlm: VLM, features, input_ids) -> torch.Tensor:
-    """The reference's inputs_embeds: its own token embeddings with the projector's output at the video slots."""
-    visual = vlm.project(features)  # (B, N, C)
-    embeds = model.get_input_embeddings()(input_ids)  # (B, T, C)
-    slots = (input_ids == vlm.template.video_pad_id).unsqueeze(-1)  # (B, T, 1)
-    return embeds.masked_scatter(slots, visual.to(embeds.dtype))  # (B, T, C)
+    """The reference's inputs_embeds: its own token embeddings with the projector's output at the video slots
+    (vlm.splice_visual_tokens, the one splice)."""
+    return splice_visual_tokens(model.get_input_embeddings(), input_ids, vlm.project(features),
+                                vlm.template.video_pad_id)  # (B, T, C)
 
 
 # ---- the caption loss, and the per-label losses the parity check compares ---------------------------------------
-def caption_loss(vlm: VLM, reference, features, captions) -> torch.Tensor:
+def caption_loss(vlm: VLM, reference, features, captions, labels_only: bool = False) -> torch.Tensor:
     """The loss a training step minimises: VLM.forward's for ours (reference None); for the reference,
-    transformers' on our batch: full logits (B, T, V), labels -100 off the caption (its ForCausalLMLoss)."""
+    transformers' on our batch, labels -100 off the caption (its ForCausalLMLoss). labels_only (the tuned
+    reference) passes logits_to_keep with the labels sliced to match, as a user who knows transformers would: the
+    logits start one position before the first caption token instead of covering the whole (B, T, V)."""
     if reference is None:
         return vlm(features, captions)
     input_ids, labels = batch_ids(vlm, features, captions)
-    return reference(inputs_embeds=reference_embeds(reference, vlm, features, input_ids), labels=labels).loss
+    embeds = reference_embeds(reference, vlm, features, input_ids)
+    if not labels_only:
+        return reference(inputs_embeds=embeds, labels=labels).loss
+    keep = labels.shape[1] - first_label_position(vlm, features) + 1  # logits from the last prompt position on
+    return reference(inputs_embeds=embeds, labels=labels[:, -keep:], logits_to_keep=keep).loss
+
+
+def first_label_position(vlm: VLM, features) -> int:
+    """Where every row's caption starts: the prompt's length (the same for all rows, on the host)."""
+    return len(vlm.template.prompt_ids(vlm.projector.config.output_tokens(*features.shape[1:3])))
 
 
 def label_losses(vlm: VLM, reference, features, captions) -> torch.Tensor:
-    """Cross-entropy at each supervised position (L,): VLM.forward before its sum for ours (reference None), from
-    transformers' logits (B, T, V) for the reference."""
+    """Cross-entropy at each supervised position (L,): vlm.label_logits for ours (reference None), from
+    transformers' logits (B, T, V) for the reference, both gathered by vlm.label_logits' positions."""
     input_ids, labels = batch_ids(vlm, features, captions)
     if reference is None:
-        hidden = vlm.llm.hidden_states(inputs_embeds=vlm.splice_visual_tokens(input_ids, vlm.project(features)))
-        return label_only_loss(vlm.llm, hidden, labels, per_label=True)
+        embeds = splice_visual_tokens(vlm.llm.model.embed_tokens, input_ids, vlm.project(features),
+                                      vlm.template.video_pad_id)
+        logits, targets = label_logits(vlm.llm, vlm.llm.hidden_states(inputs_embeds=embeds), labels)  # (L, V)
+        return F.cross_entropy(logits.float(), targets, reduction="none")  # (L,)
     logits = reference(inputs_embeds=reference_embeds(reference, vlm, features, input_ids)).logits  # (B, T, V)
-    targets = labels[:, 1:]  # position t predicts token t + 1
-    supervised = targets != IGNORE_INDEX  # (B, T-1)
-    return F.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised], reduction="none")  # (L,)
+    logits, targets = label_logits(IdentityHead(), logits, labels)  # (L, V): the same positions as ours
+    return F.cross_entropy(logits.float(), targets, reduction="none")  # (L,)
 
 
-def label_only_loss(llm, hidden: torch.Tensor, labels: torch.Tensor, per_label: bool = False) -> torch.Tensor:
-    """vlm.VLM.forward after the decoder, line for line (tests/test_bench.py holds the two equal): the lm_head
-    only at the L supervised positions, summed cross-entropy over their count (or each position's, per_label)."""
-    targets = labels[:, 1:]  # position t predicts token t + 1
-    supervised = targets != IGNORE_INDEX  # (B, T-1)
-    logits = llm.logits_from_hidden(hidden[:, :-1][supervised])  # (L, C) -> (L, V)
-    if per_label:
-        return F.cross_entropy(logits.float(), targets[supervised], reduction="none")  # (L,)
-    return F.cross_entropy(logits.float(), targets[supervised], reduction="sum") / int(supervised.sum())
+class IdentityHead:
+    """Stands for an LLM whose 'hidden states' are already logits (label_logits then only gathers)."""
+
+    @staticmethod
+    def logits_from_hidden(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 def full_logits_loss(llm, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -209,6 +231,53 @@ def check_label_losses(args, per_label_losses, vlm: VLM, reference=None) -> dict
         adapters_off = adapters_off_losses(per_label_losses, modules, vlm.llm)
         result["adapter_effect"] = (adapters_off - losses).abs().mean().item()
     return result
+
+
+def check_gradients(args, loss_of_batch, vlm: VLM, reference=None) -> dict:
+    """One backward with dropout off: every adapter's gradients (A, B, DoRA's magnitude) by linear name. Ours
+    saves them beside the snapshot; a reference compares its own, ||g - g_ours|| / ||g_ours|| over all of them,
+    and refuses to be timed above GRADIENT_TOLERANCE. The gradients are then cleared."""
+    from safetensors.torch import load_file, save_file
+    modules = stack_modules(vlm, reference)
+    for module in modules:
+        module.eval()
+    loss_of_batch().backward()
+    gradients = adapter_gradients(vlm.llm if reference is None else reference)
+    for module in modules:
+        module.train()
+        module.zero_grad(set_to_none=True)
+    path = Path(args.root) / f"gradients-{args.task}-{args.shape}-{args.method}.safetensors"
+    if reference is None:
+        save_file(gradients, path)
+        return {}
+    ours = load_file(path)
+    if set(ours) != set(gradients):
+        raise SystemExit(f"bench: {args.stack} {args.method}: adapters on other linears than ours "
+                         f"({sorted(set(ours) ^ set(gradients))[:3]})")
+    difference = torch.stack([(gradients[k] - ours[k]).square().sum() for k in ours]).sum().sqrt()
+    relative = (difference / torch.stack([g.square().sum() for g in ours.values()]).sum().sqrt()).item()
+    if not relative <= GRADIENT_TOLERANCE:
+        raise SystemExit(f"bench: {args.stack} {args.method} ({args.shape}): the adapters' gradients differ from "
+                         f"ours by {relative:.4f} (relative) > {GRADIENT_TOLERANCE}: nothing is timed")
+    return {"gradient_difference": relative}
+
+
+def adapter_gradients(llm: nn.Module) -> dict[str, torch.Tensor]:
+    """'<linear>.lora_A' / '.lora_B' / '.magnitude' -> fp32 gradient on the CPU, for ours and PEFT alike."""
+    found = {}
+    for name, module in llm.named_modules():
+        name = name.removeprefix("base_model.model.")
+        if isinstance(module, LoRALinear):
+            parameters = {"lora_A": module.lora_A, "lora_B": module.lora_B} | \
+                         ({"magnitude": module.magnitude} if module.dora else {})
+        elif hasattr(module, "lora_A") and "default" in module.lora_A:
+            parameters = {"lora_A": module.lora_A["default"].weight, "lora_B": module.lora_B["default"].weight}
+            if "default" in module.lora_magnitude_vector:
+                parameters["magnitude"] = module.lora_magnitude_vector["default"].weight
+        else:
+            continue
+        found |= {f"{name}.{key}": p.grad.float().cpu().contiguous() for key, p in parameters.items()}
+    return found
 
 
 def adapters_off_losses(per_label_losses, modules: list[nn.Module], llm: nn.Module) -> torch.Tensor:

@@ -4,11 +4,11 @@ ratios, and the targets each ratio is judged against (not judged at --quick's to
 from functools import partial
 
 from bench.snapshots import Preset
-from bench.stacks import LABEL_LOSS_TOLERANCE, METHODS, STACKS
+from bench.stacks import GRADIENT_TOLERANCE, LABEL_LOSS_TOLERANCE, STACKS
 
-METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "dora-d0": "DoRA (dropout 0)"}
 # ours / the best reference; a target (op, bound) is judged on the ratio that holds against both references
-STEP_TARGETS = {"lora": ("<=", 0.8), "dora": ("<=", 0.5)}  # median training step time
+STEP_TARGETS = {"lora": ("<=", 0.8), "dora": ("<=", 0.5), "dora-d0": ("<=", 0.5)}  # median training step time
 MEMORY_TARGET = ("<=", 0.6)  # peak training memory (CPU: above the libraries' own resident memory)
 CAPTIONS_PER_S_TARGET = (">=", 1.5)  # batched greedy generation
 DORA_OVER_LORA_TARGET = 1.15  # ours' DoRA step / ours' LoRA step
@@ -52,9 +52,10 @@ def train_rows(preset: Preset, shape: str, methods: dict, device) -> list[dict]:
                             {k: peak[k] - v["libraries_mib"] for k, v in runs.items()}, MEMORY_TARGET))
         if device.type == "cuda" and method == "lora":
             rows.append(row("LoRA MFU (%)", {k: 100 * v["mfu"] for k, v in runs.items() if v["mfu"]}, fmt="{:.1f}"))
-    if set(methods) != set(METHODS):
+    if not {"lora", "dora"} <= set(methods):
         return rows
-    dora_over_lora = {k: methods["dora"][k]["median_s"] / methods["lora"][k]["median_s"] for k in methods["lora"]}
+    dora_over_lora = {k: methods["dora"][k]["median_s"] / methods["lora"][k]["median_s"] for k in methods["lora"]
+                      if k in methods["dora"]}
     return rows + [row("DoRA step / LoRA step", dora_over_lora, fmt="{:.2f}") |
                    {"target": f"ours <= {DORA_OVER_LORA_TARGET}",
                     "verdict": verdict(dora_over_lora["ours"] <= DORA_OVER_LORA_TARGET)}]
@@ -64,26 +65,44 @@ def parity_rows(row, name: str, runs: dict) -> list[dict]:
     """The check before timing: mean loss (dropout off), the mean per-label |difference| from ours (must stay under
     the tolerance), and in ours' column how far the adapters move the per-label losses (must be well above)."""
     difference = {k: v.get("mean_difference") for k, v in runs.items()} | {"ours": runs["ours"]["adapter_effect"]}
-    return [row(f"{name} loss, dropout off", {k: v["loss"] for k, v in runs.items()}, fmt="{:.4f}"),
+    rows = [row(f"{name} loss, dropout off", {k: v["loss"] for k, v in runs.items()}, fmt="{:.4f}"),
             row(f"{name} per-label loss, mean abs. difference from ours (ours: adapters on vs off)", difference,
                 fmt="{:.4f}") |
             {"ours/reference": None, "ours/tuned": None, "target": f"<= {LABEL_LOSS_TOLERANCE}",
              "verdict": verdict(all(d <= LABEL_LOSS_TOLERANCE for k, d in difference.items() if k != "ours"))}]
+    gradients = {"ours": 0.0} | {k: v["gradient_difference"] for k, v in runs.items() if "gradient_difference" in v}
+    if len(gradients) > 1:
+        rows.append(row(f"{name} adapter gradients, relative L2 difference from ours", gradients, fmt="{:.4f}") |
+                    {"ours/reference": None, "ours/tuned": None, "target": f"<= {GRADIENT_TOLERANCE}",
+                     "verdict": verdict(all(d <= GRADIENT_TOLERANCE for d in gradients.values()))})
+    return rows
 
 
 def generate_rows(preset: Preset, methods: dict) -> list[dict]:
-    """Per method: the parity rows, captions/s, time to first token, one decode step, peak memory."""
+    """Per method: the parity rows, captions/s (ours: the CUDA-graph step; also eager and with merged weights),
+    time to first token, one decode step, peak memory, and how many greedy captions equal ours'."""
     label, rows = f"generation: B {preset.generate_batch}, {preset.new_tokens} new tokens", []
     row = partial(ratio_row, preset.name, label)
     for method, runs in methods.items():
-        name = METHOD_NAMES[method]
-        rows += parity_rows(row, name, runs)
-        rows.append(row(f"{name} captions/s", {k: v["captions_per_s"] for k, v in runs.items()}, CAPTIONS_PER_S_TARGET,
-                        "{:.2f}"))
-        rows.append(row(f"{name} time to first token (ms)", {k: 1000 * v["first_token_s"] for k, v in runs.items()}))
+        name, stacks = METHOD_NAMES[method], {k: v for k, v in runs.items() if k in STACKS}
+        rows += parity_rows(row, name, {k: v for k, v in stacks.items() if k != "ours"} | {"ours": runs["ours"]})
+        rows.append(row(f"{name} captions/s", {k: v["captions_per_s"] for k, v in stacks.items()},
+                        CAPTIONS_PER_S_TARGET, "{:.2f}"))
+        for variant, words in (("ours-eager", "eager decoding, no CUDA graph"),
+                               ("ours-merged", "adapters merged into a bf16 copy")):
+            if variant in runs:
+                values = {k: v["captions_per_s"] for k, v in stacks.items()} | \
+                         {"ours": runs[variant]["captions_per_s"]}
+                rows.append(row(f"{name} captions/s, ours: {words}", values, CAPTIONS_PER_S_TARGET, "{:.2f}"))
+        rows.append(row(f"{name} time to first token (ms)", {k: 1000 * v["first_token_s"] for k, v in stacks.items()}))
         rows.append(row(f"{name} decode step (ms), (all - first token) / (new tokens - 1)",
-                        {k: 1000 * v["decode_step_s"] for k, v in runs.items()}, fmt="{:.1f}"))
-        rows.append(row(f"{name} peak memory (MiB)", {k: v["peak_mib"] for k, v in runs.items()}))
+                        {k: 1000 * v["decode_step_s"] for k, v in stacks.items()}, fmt="{:.1f}"))
+        rows.append(row(f"{name} peak memory (MiB)", {k: v["peak_mib"] for k, v in stacks.items()}))
+        equal = {k: v["greedy_equal"] for k, v in runs.items() if "greedy_equal" in v}
+        if equal:
+            rows.append({"preset": preset.name, "shape": label, "format": "{}",
+                         "measure": f"{name} greedy captions equal to ours' (fraction of rows): " +
+                                    ", ".join(f"{k} {v:.2f}" for k, v in equal.items())})
     return rows
 
 

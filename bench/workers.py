@@ -14,15 +14,17 @@ import torch
 from tokenizers import Tokenizer
 
 from bench.snapshots import Preset, preset_for, write_snapshots
-from bench.stacks import (batch_ids, build_stack, caption_loss, captions_of, check_label_losses, features_of,
-                          full_logits_loss, label_losses, label_only_loss, ours_llm, reference_embeds,
-                          stack_modules, stage2_vlm)
+from bench.stacks import (batch_ids, build_stack, caption_loss, captions_of, check_gradients, check_label_losses,
+                          features_of, full_logits_loss, label_losses, ours_llm, reference_embeds, stack_modules,
+                          stage2_vlm)
 from clip import load_clip_vision
 from data import preprocess, read_frames, read_manifest
 from features import CachedFeatureDataset, FeatureCache, fill_feature_cache
+from lora import after_optimizer_step
 from synth import synth_dataset
-from vlm import IGNORE_INDEX, VLM, VLMConfig
+from vlm import IGNORE_INDEX, VLM, VLMConfig, caption_loss as label_only_loss, merged_for_eval
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
 
@@ -106,13 +108,18 @@ def train_worker(args, preset: Preset, folders, device) -> dict:
         with autocast:
             return label_losses(vlm, reference, features, captions)
     checked = check_label_losses(args, per_label_losses, vlm, reference)
+    labels_only = args.stack == "tuned"  # the tuned reference keeps logits only from the captions on
+
+    def loss_of_batch():
+        with autocast:
+            return caption_loss(vlm, reference, features, captions, labels_only=labels_only)
+    checked |= check_gradients(args, loss_of_batch, vlm, reference)
     optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        with autocast:
-            loss = caption_loss(vlm, reference, features, captions)
-        loss.backward()
+        loss_of_batch().backward()
         optimizer.step()
+        after_optimizer_step(vlm.llm if reference is None else reference)
         optimizer.zero_grad(set_to_none=True)
     measured = timed_repeats(preset, device, step, preset.step_repeats)
     input_ids, labels = batch_ids(vlm, features, captions)
@@ -126,33 +133,46 @@ def train_worker(args, preset: Preset, folders, device) -> dict:
 
 def generate_worker(args, preset: Preset, folders, device) -> dict:
     """Batched greedy captions, exactly preset.new_tokens each: captions/s, time to first token, peak memory. The
-    models are those a user evaluates with: ours from load_qwen3 + adapters, the reference a PEFT model (unmerged:
-    merging into a 4-bit base would re-quantize it), both without autocast, as evaluate.py runs."""
-    vlm, reference = build_stack(args, preset, folders, device, "resampler", training=False)
+    models are those a user evaluates with: ours from load_qwen3 + adapters (args.variant: "graphs", the decode
+    step as a CUDA graph on a GPU; "eager", without; "merged", adapters folded into a bf16 copy), the reference a
+    PEFT model (unmerged: merging into a 4-bit base would re-quantize it), both without autocast, as evaluate.py
+    runs. The captions come back for the parent to compare (greedy_equal); with --dtype fp32 (weights and compute
+    in fp32) any difference from ours stops the run."""
+    dtype = DTYPES[args.dtype]
+    vlm, reference = build_stack(args, preset, folders, device, "resampler", training=False, dtype=dtype)
     check_features = features_of(preset, preset.short_batch, preset.patches, device)
     captions = captions_of(vlm, preset.short_batch, preset.caption_tokens)
     checked = check_label_losses(args, lambda: label_losses(vlm, reference, check_features, captions), vlm, reference)
     for module in stack_modules(vlm, reference):
         module.eval()
-    features = features_of(preset, preset.generate_batch, preset.patches, device)
+    features = features_of(preset, preset.generate_batch, preset.patches, device).to(dtype)
+    # no stop token: random weights would end rows at random places; both stacks decode new_tokens exactly
+    vlm.template.im_end_id = vlm.template.end_of_text_id = -1
+    merge_note = None
     if reference is None:
-        # no stop token: random weights would end rows at random places; both stacks decode new_tokens exactly
-        vlm.template.im_end_id = vlm.template.end_of_text_id = -1
+        vlm.decode_with_cuda_graphs = args.variant != "eager"
+        if args.variant == "merged":
+            vlm, merge_note = merged_for_eval(vlm, "yes")
 
     def generate(n):
         if reference is None:
             return vlm.generate(features, max_new_tokens=n)
-        input_ids, mask = (t.to(device) for t in vlm.prompt_batch(preset.queries, None, len(features)))
+        input_ids = vlm.prompt_ids(len(features), preset.queries).to(device)  # (B, T), no padding
         out = reference.generate(inputs_embeds=reference_embeds(reference, vlm, features, input_ids),
-                                 attention_mask=mask, max_new_tokens=n, do_sample=False)
+                                 attention_mask=torch.ones_like(input_ids), max_new_tokens=n, do_sample=False)
         if out.shape[1] != n:
             raise SystemExit(f"bench: transformers generated {out.shape[1]} tokens, not {n}")
+        return [vlm.template.decode(row) for row in out.tolist()]
     with torch.no_grad():
+        texts = generate(preset.new_tokens)
         first = timed_repeats(preset, device, lambda: generate(1), preset.repeats)
         full = timed_repeats(preset, device, lambda: generate(preset.new_tokens), preset.repeats, warmup=0)
-    return {**checked, "captions_per_s": preset.generate_batch / full["median_s"],
-            "first_token_s": first["median_s"], "peak_mib": full["peak_mib"], "seconds": full["seconds"],
-            "decode_step_s": (full["median_s"] - first["median_s"]) / max(1, preset.new_tokens - 1)}
+    result = {**checked, "captions_per_s": preset.generate_batch / full["median_s"], "captions": texts,
+              "first_token_s": first["median_s"], "peak_mib": full["peak_mib"], "seconds": full["seconds"],
+              "decode_step_s": (full["median_s"] - first["median_s"]) / max(1, preset.new_tokens - 1)}
+    if merge_note:
+        result["merge"] = merge_note
+    return result
 
 
 def loss_worker(args, preset: Preset, folders, device) -> dict:

@@ -9,9 +9,9 @@ from tokenizers import Tokenizer
 
 import bench
 from bench.adapters import QUICK_SHAPES
-from bench.stacks import LABEL_LOSS_TOLERANCE, METHODS, SHAPES
+from bench.stacks import GRADIENT_TOLERANCE, LABEL_LOSS_TOLERANCE, METHODS, SHAPES
 from clip import load_clip_vision
-from vlm import VLMConfig, build_vlm
+from vlm import VLMConfig, build_vlm, caption_loss, splice_visual_tokens
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +52,13 @@ def test_model_benchmark_runs_every_measurement_at_toy_sizes(snapshot_dir, tmp_p
             assert parity["ours"] > 10 * max(parity["reference"], parity["tuned"])
             step = rows[(shape, f"{method} step (ms)")]
             assert all(step[stack] > 0 for stack in ("ours", "reference", "tuned"))
+            gradients = rows[(shape, f"{method} adapter gradients, relative L2 difference from ours")]
+            assert max(gradients["reference"], gradients["tuned"]) <= GRADIENT_TOLERANCE  # checked before timing
     for method in METHODS:  # transformers' generate is checked to emit exactly new_tokens in the worker
-        assert result["results"]["generate"][method]["reference"]["captions_per_s"] > 0
+        runs = result["results"]["generate"][method]
+        assert runs["reference"]["captions_per_s"] > 0
+        assert runs["ours-eager"]["greedy_equal"] == 1  # the worker refuses otherwise: eager = the static step
+        assert "merged" in runs["ours-merged"]["merge"]
     for mode in ("forward", "forward+backward"):  # the worker checked that both variants give the same loss
         assert rows[("caption loss", f"{mode} (ms), label-only vs full logits")]["reference"] > 0
     vision = rows[("vision", "frames through the tower, epoch 1 / epoch 2")]
@@ -91,10 +96,11 @@ def test_label_only_loss_is_vlm_forward_and_equals_full_logits(tiny_bases):
     features = torch.randn(2, 8, 16, 32, generator=torch.Generator().manual_seed(0))  # (B, F, P, Dv)
     captions = ["빨간 원이 움직인다.", "파란 배경에서 노란 삼각형이 위로 올라간다."]
     input_ids, labels = model.tokenize_batch(captions, 8 * 16)
-    hidden = model.llm.hidden_states(inputs_embeds=model.splice_visual_tokens(input_ids, model.project(features)))
-    ours = bench.label_only_loss(model.llm, hidden, labels)
+    embeds = splice_visual_tokens(model.llm.model.embed_tokens, input_ids, model.project(features),
+                                  model.template.video_pad_id)
+    hidden = model.llm.hidden_states(inputs_embeds=embeds)
+    ours = caption_loss(model.llm, hidden, labels)
     torch.testing.assert_close(ours, model(features, captions), rtol=0, atol=0)
-    torch.testing.assert_close(bench.label_only_loss(model.llm, hidden, labels, per_label=True).mean(), ours)
     torch.testing.assert_close(ours, bench.full_logits_loss(model.llm, hidden, labels), rtol=1e-5, atol=1e-5)
 
 
@@ -130,3 +136,12 @@ def test_adapters_benchmark_quick(capsys, tmp_path, monkeypatch):
         assert all(ms > 0 for ms in row["ms"].values())
         assert max(row["max_relative_difference"].values()) < 2e-2  # bf16 compute, same NF4 weights
     assert "(toy sizes, not judged)" in capsys.readouterr().out
+
+
+def test_fp32_greedy_captions_equal_the_reference(snapshot_dir, tmp_path):
+    """In fp32 (weights and compute) the reference's greedy captions must equal ours (the worker refuses to go on
+    otherwise), and so must ours eager and ours merged."""
+    result = bench.main(["model", "--quick", "--inline", "--threads", "1", "--dtype", "fp32", "--tasks", "generate",
+                         "--methods", "lora", "--snapshot-dir", str(snapshot_dir), "--json", str(tmp_path / "r.json")])
+    runs = result["results"]["generate"]["lora"]
+    assert [runs[k]["greedy_equal"] for k in ("ours-eager", "ours-merged", "reference")] == [1, 1, 1]

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from conftest import write_noise_video
 from features import FeatureCache, fill_feature_cache
 from lora import AdapterConfig
-from vlm import IGNORE_INDEX, VLMConfig, build_vlm, describe_mismatch
+from vlm import (IGNORE_INDEX, VLMConfig, build_vlm, caption_loss, describe_mismatch, merged_for_eval,
+                 splice_visual_tokens)
 
 CAPTIONS = ["빨간 원이 왼쪽으로 움직인다.", "파란 배경에서 노란 삼각형이 위로 올라간다.", "초록색 사각형이 지나간다.",
             "노란 삼각형이 검은 배경에서 위로 올라간다."]
@@ -23,6 +24,10 @@ def make_model(bases, projector="perceiver", adapter=None, quant=None, seed=0):
     config = VLMConfig(clip_path=str(bases[0]), llm_path=str(bases[1]), num_frames=3, quant=quant,
                        projector={"name": projector, "num_queries": 4}, adapter=adapter)
     return build_vlm(config, dtype=torch.float32)
+
+
+def splice(model, input_ids, visual):
+    return splice_visual_tokens(model.llm.model.embed_tokens, input_ids, visual, model.template.video_pad_id)
 
 
 def features(batch=4, frames=3, patches=16, width=32, seed=1):
@@ -51,9 +56,14 @@ def test_label_only_loss_equals_full_logits_cross_entropy(bases, projector):
     loss = model(feats, CAPTIONS)
     visual = model.project(feats)
     input_ids, labels = model.tokenize_batch(CAPTIONS, visual.shape[1])
-    logits = model.llm(inputs_embeds=model.splice_visual_tokens(input_ids, visual))  # (B, T, V): the naive way
+    logits = model.llm(inputs_embeds=splice(model, input_ids, visual))  # (B, T, V): the naive way
     naive = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(loss, naive, atol=1e-5, rtol=1e-5)
+    hidden = model.llm.hidden_states(inputs_embeds=splice(model, input_ids, visual))
+    # labels on the host (no synchronisation) or on the device: the same positions, the same loss
+    torch.testing.assert_close(caption_loss(model.llm, hidden, labels), naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caption_loss(model.llm, hidden, labels.to(hidden.device), num_label_tokens=7),
+                               naive * int((labels != IGNORE_INDEX).sum()) / 7, atol=1e-5, rtol=1e-5)
 
 
 def test_one_batch_of_four_equals_four_accumulated_batches_of_one(bases):
@@ -85,7 +95,7 @@ def greedy_without_cache(model, feats, max_new_tokens):
     ids = torch.tensor([model.template.prompt_ids(visual.shape[1])])
     generated = []
     for _ in range(max_new_tokens):
-        logits = model.llm(inputs_embeds=model.splice_visual_tokens(ids, visual))
+        logits = model.llm(inputs_embeds=splice(model, ids, visual))
         token = int(logits[0, -1].argmax())
         generated.append(token)
         if token in (model.template.im_end_id, model.template.end_of_text_id):
@@ -104,14 +114,46 @@ def test_kv_cache_generation_equals_recomputing_and_batched_equals_single(bases)
     assert all(isinstance(c, str) and "<|" not in c and "<think>" not in c for c in batched)
 
 
-def test_left_padded_prompts_equal_one_at_a_time(bases):
+def test_generate_runs_no_decoder_forward_after_the_last_token(bases):
     model = make_model(bases).eval()
-    feats = features(batch=3)
-    instructions = ["짧게 설명하세요.", "이 영상을 한국어로 한 문장으로 자세히 설명하세요.", "설명"]
-    batched = model.generate(feats, max_new_tokens=6, instructions=instructions)
-    single = [model.generate(feats[i:i + 1], max_new_tokens=6, instructions=instructions[i:i + 1])[0]
-              for i in range(3)]
-    assert batched == single
+    model.template.im_end_id = model.template.end_of_text_id = -1  # never stop early: exactly max_new_tokens
+    forwards = []
+    model.llm.model.norm.register_forward_hook(lambda _m, args, _out: forwards.append(args[0].shape[1]))
+    captions = model.generate(features(batch=2), max_new_tokens=5)
+    prompt = len(model.template.prompt_ids(4))
+    assert forwards == [prompt] + [1] * 4  # prefill, then one step for each token after the first
+    assert len(captions) == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_for_eval_generates_the_same_captions(bases, method):
+    adapter = {"method": method, "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]}
+    model = make_model(bases, adapter=adapter, quant="nf4").eval()
+    with torch.no_grad():  # adapters away from their init, or merging would change nothing
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    feats = features()
+    expected = model.generate(feats, max_new_tokens=8)
+    merged, reason = merged_for_eval(model, "yes")
+    assert merged is not model and merged.projector is model.projector and "merged" in reason
+    assert not any(type(m).__name__ in ("LoRALinear", "Linear4bit") for m in merged.llm.modules())
+    assert any(type(m).__name__ == "LoRALinear" for m in model.llm.modules())  # the model keeps its adapters
+    assert merged.generate(feats, max_new_tokens=8) == expected
+    assert merged_for_eval(model, "no")[0] is model
+    with pytest.raises(ValueError, match="merge="):
+        merged_for_eval(model, "maybe")
+
+
+def test_build_vlm_and_add_adapters_leave_the_given_configs_alone(bases):
+    config = VLMConfig(clip_path=str(bases[0]), llm_path=str(bases[1]), num_frames=3, quant=None,
+                       projector={"name": "perceiver", "num_queries": 4})
+    model = build_vlm(config, dtype=torch.float32)
+    assert config.projector == {"name": "perceiver", "num_queries": 4} and config.base_identity == {}
+    assert model.config.base_identity["llm"] and model.config.projector["num_queries"] == 4
+    built = model.config
+    model.add_adapters(AdapterConfig(r=2, targets=["q_proj"]))
+    assert built.adapter is None and model.config.adapter["r"] == 2
 
 
 def test_decode_drops_special_tokens_and_the_think_block(bases):
