@@ -1,11 +1,18 @@
-"""Evaluate a checkpoint: batched KV-cache captions over a split, then METEOR, METEOR-coco, CIDEr-D, BLEU-4, chrF.
+"""Evaluate a checkpoint on a labelled set: batched KV-cache captions, corpus and per-caption scores, report.html.
+
+Metrics: METEOR, METEOR-coco, CIDEr-D, BLEU-4, chrF (and BERTScore P/R/F1 with --bertscore-model); each caption
+also keeps its own METEOR and CIDEr-D, so failures can be sorted and studied.
 
     python evaluate.py runs/perceiver_dora/checkpoints/best_model.pt [--split test] [--batch-size 16]
+    python evaluate.py CKPT --manifest other.jsonl [--split val]  # any labelled manifest: all samples, or a split
     torchrun --nproc-per-node 4 evaluate.py CKPT        # ranks split the videos; rank 0 gathers and scores
 
 The model is rebuilt from the checkpoint's own config (base folders, projector, adapters); a checkpoint that does not
-match the bases it is loaded onto is refused, naming the field. Writes samples/predictions.json and
-logs/final_metrics.json next to the checkpoint's run folder (or under --output-dir).
+match the bases it is loaded onto is refused, naming the field. Run by hand, it writes predictions.json (text,
+references, per-caption scores), metrics.json and report.html into a folder of its own for each split / manifest
+and settings, RUN/eval/{split}[-settings]/ or RUN/eval/{manifest}-{split}[-settings]/ (or --output-dir), so it never
+touches the run's own test results: RUN/logs/final_metrics.json and RUN/samples/predictions.json are written only
+when train.py passes output_dir. The table is printed before anything is written.
 """
 import argparse
 import json
@@ -14,23 +21,27 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint, peak_memory
+from checkpoint import atomic_write_text, load_checkpoint, peak_memory
 from data import load_splits
 from distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
     teardown_distributed
+from errors import user_errors
 from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
-from metrics import evaluate_captions, meteor_sentence
+from manifests import read_manifest
+from metrics import format_metrics_table, score_captions
+from report import render_report
 from vlm import VLMConfig, build_vlm, describe_mismatch
+
+DEFAULT_DECODING = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0,
+                    "no_repeat_ngram_size": 0}
+SETTING_NAMES = {"do_sample": "sample", "temperature": "t", "top_p": "p", "repetition_penalty": "rp",
+                 "no_repeat_ngram_size": "nr"}
 
 
 @torch.no_grad()
-def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: int = 16, max_new_tokens: int = 64,
-                   run=None, with_loss: bool = False, decoding: dict | None = None) -> dict:
-    """Captions for every sample (and the teacher-forced loss on each first reference when with_loss), scored.
-    Without a cache, the vision tower encodes each batch's frames."""
-    run = run or Distributed()
-    was_training = model.training
-    model.eval()
+def generate_captions(model, samples, cache: FeatureCache | None, *, batch_size: int, max_new_tokens: int, run,
+                      with_loss: bool, decoding: dict) -> tuple[list[dict], float, int, float]:
+    """This rank's caption rows (and summed first-reference loss and its token count), and the seconds taken."""
     dataset = video_dataset(samples, cache, num_frames=model.config.num_frames,
                             image_size=model.vision.config.image_size)
     mine = shard(list(range(len(samples))), run.rank, run.world)
@@ -40,29 +51,52 @@ def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: in
         chunk = mine[first:first + batch_size]
         batch = collate_features([dataset[index] for _, index in chunk])
         features = batch_features(model, batch, device)  # (B, F, P, Dv)
-        captions = model.generate(features, max_new_tokens=max_new_tokens, **(decoding or {}))
+        captions = model.generate(features, max_new_tokens=max_new_tokens, **decoding)
         if with_loss:
             first_refs = [refs[0] for refs in batch["captions"]]
             tokens = model.count_label_tokens(first_refs)
             loss_sum += float(model(features, first_refs)) * tokens
             loss_tokens += tokens
-        rows += [{"index": index, "id": batch["ids"][i], "video": batch["videos"][i], "prediction": captions[i],
-                  "references": batch["captions"][i]} for i, (_, index) in enumerate(chunk)]
-    seconds = time.perf_counter() - started
+        rows += [{"index": index, "id": batch["ids"][i], "video": batch["videos"][i], **span(samples[index]),
+                  "prediction": captions[i], "references": batch["captions"][i]} for i, (_, index) in enumerate(chunk)]
+    return rows, loss_sum, loss_tokens, time.perf_counter() - started
+
+
+def span(sample) -> dict:
+    """{"start", "end"} of a segment sample, {} for a whole video."""
+    return {} if sample.start is None else {"start": sample.start, "end": sample.end}
+
+
+def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: int = 16, max_new_tokens: int = 64,
+                   run=None, with_loss: bool = False, decoding: dict | None = None, bertscore_model=None,
+                   bertscore_layer: int = 9) -> dict:
+    """Captions for every sample (and the teacher-forced loss on each first reference when with_loss), scored as a
+    corpus and one by one. Without a cache, the vision tower encodes each batch's frames."""
+    run = run or Distributed()
+    was_training = model.training
+    model.eval()
+    decoding = DEFAULT_DECODING | (decoding or {})
+    rows, loss_sum, loss_tokens, seconds = generate_captions(model, samples, cache, batch_size=batch_size,
+                                                             max_new_tokens=max_new_tokens, run=run,
+                                                             with_loss=with_loss, decoding=decoding)
     unique = {row["index"]: row for row in gather(rows, run)}
     predictions = [unique[i] for i in sorted(unique)]
     losses = gather([(loss_sum, loss_tokens)], run)
     model.train(was_training)
-    hyps, refs = [p["prediction"] for p in predictions], [p["references"] for p in predictions]
-    for p in predictions:
-        p["meteor"] = meteor_sentence(p["prediction"], p["references"])
-    return {"predictions": predictions, "metrics": evaluate_captions(hyps, refs) if predictions else {},
+    metrics = {}
+    if predictions:
+        metrics, per_caption = score_captions([p["prediction"] for p in predictions],
+                                              [p["references"] for p in predictions],
+                                              bertscore_model=bertscore_model, bertscore_layer=bertscore_layer)
+        for p, scores in zip(predictions, per_caption):
+            p |= scores
+    device = next(model.projector.parameters()).device
+    return {"predictions": predictions, "metrics": metrics,
             "loss": sum(s for s, _ in losses) / max(1, sum(n for _, n in losses)) if with_loss else None,
             "speed": {"captions_per_s": len(rows) * run.world / seconds if seconds else 0.0,
                       "mean_latency_s": seconds / max(1, len(rows)), "device": str(device),
                       "peak_memory": peak_memory(device)},
-            "decoding": {"max_new_tokens": max_new_tokens, "greedy": not (decoding or {}).get("do_sample", False),
-                         **(decoding or {})}}
+            "decoding": {"max_new_tokens": max_new_tokens, "greedy": not decoding["do_sample"], **decoding}}
 
 
 def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device, dtype):
@@ -79,28 +113,6 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
     return model
 
 
-def evaluate_checkpoint(path, *, split: str = "test", batch_size: int = 16, max_new_tokens: int = 64, run=None,
-                        clip=None, llm=None, output_dir=None, decoding=None, show: bool = True) -> dict:
-    run = run or Distributed(device=default_device())
-    checkpoint = load_checkpoint(path)
-    train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
-    model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
-                          dtype=compute_dtype(train_config["dtype"], run.device))
-    cache_dir = train_config["cache_dir"] if train_config["feature_cache"] else None
-    splits, cache = prepare_splits(model, {split: run_splits(train_config)[split]}, cache_dir=cache_dir,
-                                   skip_bad=train_config["skip_bad"], run=run, show_progress=show and run.is_main)
-    samples = splits[split]
-    results = evaluate_split(model, samples, cache, batch_size=batch_size, max_new_tokens=max_new_tokens, run=run,
-                             decoding=decoding)
-    results |= {"checkpoint": str(path), "split": split}
-    if run.is_main:
-        out = Path(output_dir) if output_dir else Path(path).resolve().parent.parent
-        write_outputs(results, out)
-        if show:
-            print_report(results)
-    return results
-
-
 def run_splits(train_config: dict) -> dict[str, list]:
     """The splits a checkpoint's run trained and validated on, from its saved options."""
     return load_splits(train_config["train_manifest"], val_manifest=train_config["val_manifest"],
@@ -108,21 +120,97 @@ def run_splits(train_config: dict) -> dict[str, list]:
                        val_fraction=train_config["val_fraction"], test_fraction=train_config["test_fraction"])
 
 
-def write_outputs(results: dict, out: Path) -> None:
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    predictions = [{k: p[k] for k in ("id", "video", "prediction", "references")} for p in results["predictions"]]
-    (out / "samples" / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False, indent=1))
-    summary = {k: results[k] for k in ("checkpoint", "split", "metrics", "decoding", "speed")}
+def select_samples(train_config: dict, split: str | None, manifest) -> tuple[list, str]:
+    """(samples, a name for them): a manifest's samples (of one split, or all), else the run's own split."""
+    if manifest is None:
+        split = split or "test"
+        samples = run_splits(train_config)[split]
+        if not samples:
+            raise ValueError(f"the run's {split} split is empty; choose another --split or give --manifest")
+        return samples, split
+    samples = read_manifest(manifest)
+    if split:
+        found = sorted({str(s.split) for s in samples})
+        samples = [s for s in samples if s.split == split]
+        if not samples:
+            raise ValueError(f"{manifest}: no sample has split {split!r} (its splits: {', '.join(found)}); leave "
+                             f"out --split to evaluate all its samples")
+    return samples, f"{Path(manifest).stem}-{split or 'all'}"
+
+
+def evaluation_folder(checkpoint_path, name: str, decoding: dict, max_new_tokens: int) -> Path:
+    """RUN/eval/[checkpoint-]{name}[-settings]: one folder per checkpoint, samples and decoding settings."""
+    run_folder = Path(checkpoint_path).resolve().parent.parent
+    stem = Path(checkpoint_path).stem
+    settings = [f"{SETTING_NAMES[k]}{v:g}" if not isinstance(v, bool) else SETTING_NAMES[k]
+                for k, v in decoding.items() if v != DEFAULT_DECODING[k]]
+    settings += [f"n{max_new_tokens}"] if max_new_tokens != 64 else []
+    return run_folder / "eval" / "-".join(([] if stem == "best_model" else [stem]) + [name] + settings)
+
+
+def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batch_size: int = 16,
+                        max_new_tokens: int = 64, run=None, clip=None, llm=None, output_dir=None, decoding=None,
+                        show: bool = True, report: bool = True, bertscore_model=None, bertscore_layer: int = 9) -> dict:
+    """Evaluate a checkpoint on its run's split or on a manifest. With output_dir (train.py's final test), the
+    results go to output_dir/samples/ and output_dir/logs/final_metrics.json; else to evaluation_folder()."""
+    run = run or Distributed(device=default_device())
+    checkpoint = load_checkpoint(path)
+    train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
+    samples, name = select_samples(train_config, split, manifest)
+    model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
+                          dtype=compute_dtype(train_config["dtype"], run.device))
+    cache_dir = train_config["cache_dir"] if train_config["feature_cache"] else None
+    splits, cache = prepare_splits(model, {name: samples}, cache_dir=cache_dir, skip_bad=train_config["skip_bad"],
+                                   run=run, show_progress=show and run.is_main)
+    decoding = DEFAULT_DECODING | (decoding or {})
+    results = evaluate_split(model, splits[name], cache, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             run=run, decoding=decoding, bertscore_model=bertscore_model,
+                             bertscore_layer=bertscore_layer)
+    results |= {"checkpoint": str(path), "split": split, "manifest": str(manifest) if manifest else None,
+                "name": name}
+    if run.is_main:
+        if show:
+            print_report(results)
+        if output_dir is not None:
+            out = Path(output_dir)
+            files = (out / "samples" / "predictions.json", out / "logs" / "final_metrics.json",
+                     out / "samples" / "report.html")
+        else:
+            out = evaluation_folder(path, name, decoding, max_new_tokens)
+            files = (out / "predictions.json", out / "metrics.json", out / "report.html")
+        write_outputs(results, *files, num_frames=model.config.num_frames if report else None)
+        results["output_files"] = [str(f) for f in files]
+        if show:
+            print(f"\nwrote {', '.join(str(f) for f in files[:2 + bool(report)])}")
+    return results
+
+
+def write_outputs(results: dict, predictions_path: Path, metrics_path: Path, report_path: Path, *,
+                  num_frames: int | None) -> None:
+    """predictions (text, references, per-caption scores), the metrics summary, and the report (num_frames given)."""
+    keep = ("id", "video", "start", "end", "prediction", "references", "meteor", "cider_d", "bertscore_p", "bertscore_r",
+            "bertscore_f1")
+    predictions = [{k: p[k] for k in keep if k in p} for p in results["predictions"]]
+    atomic_write_text(predictions_path, json.dumps(predictions, ensure_ascii=False, indent=1))
+    summary = {k: results[k] for k in ("checkpoint", "split", "manifest", "metrics", "decoding", "speed")}
     summary["num_videos"] = len(predictions)
-    (out / "logs" / "final_metrics.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+    if "bertscore_f1" not in results["metrics"]:
+        summary["bertscore"] = "not computed: give --bertscore-model DIR (a BERT snapshot folder) to add it"
+    atomic_write_text(metrics_path, json.dumps(summary, ensure_ascii=False, indent=1))
+    if num_frames is not None:
+        header = {"run": Path(results["checkpoint"]).resolve().parent.parent, "checkpoint": results["checkpoint"],
+                  "samples": results["name"] + (f" of {results['manifest']}" if results["manifest"] else ""),
+                  "decoding": ", ".join(f"{k}={v}" for k, v in results["decoding"].items()),
+                  "speed": f"{results['speed']['captions_per_s']:.2f} captions/s on {results['speed']['device']}, "
+                           f"{results['speed']['peak_memory']}"}
+        atomic_write_text(report_path, render_report(f"kovlm evaluation: {results['name']}", header,
+                                                     results["metrics"], predictions, num_frames=num_frames))
 
 
 def print_report(results: dict, examples: int = 5) -> None:
-    print(f"\n{results['split']} split, {len(results['predictions'])} videos "
+    print(f"\n{results['name']}: {len(results['predictions'])} videos "
           f"({results['speed']['captions_per_s']:.1f} captions/s, {results['speed']['peak_memory']})")
-    for name, metric in results["metrics"].items():
-        print(f"  {name:<12} {metric['value']:.4f}   {metric['reference']}")
+    print(format_metrics_table(results["metrics"]))
     ranked = sorted(results["predictions"], key=lambda p: p["meteor"])
     for title, rows in (("worst", ranked[:examples]), ("best", ranked[::-1][:examples])):
         print(f"\n{examples} {title} captions by METEOR:")
@@ -130,31 +218,44 @@ def print_report(results: dict, examples: int = 5) -> None:
             print(f"  {p['meteor']:.3f}  {p['prediction']}\n         refs: {' | '.join(p['references'])}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags evaluate.py and caption.py share."""
+    parser.add_argument("--batch-size", type=int, default=16, help="videos per generation batch")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit in tokens")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty on repeated tokens")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size")
+
+
+def decoding_from_args(args: argparse.Namespace) -> dict:
+    return {"do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p,
+            "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a model checkpoint (best_model.pt, final_model.pt, ...)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--manifest", help="a labelled manifest to evaluate on instead of the run's own splits")
+    parser.add_argument("--split", choices=["train", "val", "test"],
+                        help="which split (default: test of the run's splits; all samples of --manifest)")
     parser.add_argument("--clip", help="CLIP folder instead of the one the checkpoint names")
     parser.add_argument("--llm", help="Qwen3 folder instead of the one the checkpoint names")
-    parser.add_argument("--output-dir", help="where samples/ and logs/ go (default: the checkpoint's run folder)")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    args = parser.parse_args()
-    run = setup_distributed()
-    decoding = {"do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p,
-                "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
-    try:
-        evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size, run=run,
-                            max_new_tokens=args.max_new_tokens, clip=args.clip, llm=args.llm,
-                            output_dir=args.output_dir, decoding=decoding)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}")
-    teardown_distributed(run)
+    parser.add_argument("--output-dir", help="write samples/ and logs/ here (train.py's layout) instead of RUN/eval/")
+    parser.add_argument("--no-report", action="store_true", help="skip report.html")
+    parser.add_argument("--bertscore-model", help="a BERT snapshot folder: adds BERTScore P/R/F1 (absent without)")
+    parser.add_argument("--bertscore-layer", type=int, default=9, help="BERT layer whose embeddings BERTScore uses")
+    add_decoding_options(parser)
+    args = parser.parse_args(argv)
+    with user_errors():
+        run = setup_distributed()
+        evaluate_checkpoint(args.checkpoint, split=args.split, manifest=args.manifest, batch_size=args.batch_size,
+                            run=run, max_new_tokens=args.max_new_tokens, clip=args.clip, llm=args.llm,
+                            output_dir=args.output_dir, decoding=decoding_from_args(args), report=not args.no_report,
+                            bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
+        teardown_distributed(run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""evaluate.py end to end on a tiny trained checkpoint: the files, the strings, a refused mismatch, torchrun == one process."""
+"""evaluate.py end to end on a tiny trained checkpoint: the files, per-caption scores, the report, any manifest, a
+folder of its own per evaluation (the run's test results untouched), a refused mismatch, torchrun == one process."""
 import json
 import os
 import subprocess
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_clip
+import evaluate
 from evaluate import evaluate_checkpoint
+from metrics import cider_scores, meteor_sentence
 from distributed import setup_distributed
 from train import TrainConfig, train
 
@@ -38,6 +41,58 @@ def test_evaluate_writes_predictions_and_metrics(trained, tmp_path):
     assert all(m["reference"] for m in metrics["metrics"].values())
     assert metrics["decoding"]["repetition_penalty"] == 1.2 and metrics["speed"]["captions_per_s"] > 0
     assert metrics["metrics"]["meteor"]["value"] == results["metrics"]["meteor"]["value"]
+    assert "--bertscore-model" in metrics["bertscore"]  # absent, and the file says how to add it
+    hyps, refs = [p["prediction"] for p in predictions], [p["references"] for p in predictions]
+    assert [p["meteor"] for p in predictions] == [meteor_sentence(h, r) for h, r in zip(hyps, refs)]
+    assert [p["cider_d"] for p in predictions] == cider_scores(hyps, refs)
+    page = (tmp_path / "samples" / "report.html").read_text(encoding="utf-8")
+    assert page.count('<tr class="video">') == 4 and page.count("data:image/jpeg") == 4 * 3
+
+
+def test_any_manifest_all_samples_or_one_split(trained, tiny_manifest, tmp_path):
+    lines = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    other = tmp_path / "other.jsonl"  # videos of the run's train split, relabelled: another labelled set
+    other.write_text("".join(json.dumps(dict(r, video=str(tiny_manifest.parent / r["video"]),
+                                             split="val" if i < 2 else "test"), ensure_ascii=False) + "\n"
+                             for i, r in enumerate(lines[:5])))
+    every = evaluate_checkpoint(trained, split=None, manifest=other, batch_size=4, max_new_tokens=4, show=False,
+                                report=False)
+    assert [p["id"] for p in every["predictions"]] == ["v0", "v1", "v2", "v3", "v4"]
+    folder = trained.parent.parent / "eval" / "other-all-n4"
+    assert json.loads((folder / "metrics.json").read_text())["num_videos"] == 5
+    val = evaluate_checkpoint(trained, split="val", manifest=other, batch_size=4, max_new_tokens=4, show=False,
+                              report=False)
+    assert [p["id"] for p in val["predictions"]] == ["v0", "v1"]
+    with pytest.raises(ValueError, match="no sample has split 'train'"):
+        evaluate_checkpoint(trained, split="train", manifest=other, show=False)
+
+
+def test_by_hand_it_writes_its_own_folder_and_leaves_the_test_results(trained, tmp_path):
+    run = trained.parent.parent
+    evaluate_checkpoint(trained, split="test", batch_size=4, max_new_tokens=5, output_dir=run, show=False)
+    owned = [run / "logs" / "final_metrics.json", run / "samples" / "predictions.json"]
+    before = [f.read_bytes() for f in owned]
+    result = run_evaluate("evaluate.py", str(trained), "--split", "val", "--max-new-tokens", "5",
+                          "--repetition-penalty", "1.2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = run / "eval" / "val-rp1.2-n5"
+    assert {f.name for f in folder.iterdir()} == {"predictions.json", "metrics.json", "report.html"}
+    assert [f.read_bytes() for f in owned] == before  # the run's own test results are untouched
+    assert result.stdout.index("meteor ") < result.stdout.index("wrote ")  # the table comes first
+
+
+def test_the_table_is_printed_even_when_writing_fails(trained, tmp_path, monkeypatch, capsys):
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(evaluate, "atomic_write_text", full_disk)
+    with pytest.raises(OSError):
+        evaluate_checkpoint(trained, split="val", batch_size=4, max_new_tokens=3, output_dir=tmp_path)
+    assert "meteor " in capsys.readouterr().out
+
+
+def test_help_shows_every_default():
+    shown = run_evaluate("evaluate.py", "--help", COLUMNS="200").stdout
+    assert "(default: 16)" in shown and "(default: 64)" in shown and "(default: 9)" in shown
 
 
 def run_evaluate(*args, **env):

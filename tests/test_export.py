@@ -97,7 +97,7 @@ def test_bf16_export_stores_bf16_and_refuses_a_used_folder(random_checkpoint, tm
 
 
 def test_cli_help_shows_defaults_and_bad_checkpoint_is_one_line(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
     shown = subprocess.run([sys.executable, "export.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert "(default: bf16)" in shown.stdout and "(default: 2.0)" in shown.stdout
     (tmp_path / "x.pt").write_text("nope")
