@@ -1,30 +1,21 @@
-"""Videos and captions: frames, CLIP-exact preprocessing and caption manifests.
+"""Videos and captions: frames (of a whole video or a segment), CLIP-exact preprocessing, splits, bad videos.
 
-    video.mp4 ──read_frames──▶ uint8 RGB (F, H, W, 3) ──preprocess──▶ float (F, 3, S, S) ──collate──▶ (B, F, 3, S, S)
-    manifest (.jsonl / .csv / .json) ──read_manifest──▶ [Sample(id, video, captions, split, attributes)]
+    video.mp4 (+ span) ──read_frames──▶ uint8 RGB (F, H, W, 3) ──preprocess──▶ float (F, 3, S, S)
+    manifest / label folder ──manifests.read_manifest──▶ [Sample] ──load_splits──▶ {"train", "val", "test"}
 
-Manifests. One sample per video with one or more captions; a video path is relative to the manifest's folder.
-  JSONL (kovlm's own, what write_manifest writes), one object per line:
-    {"id": "v001", "video": "videos/v001.mp4", "captions": ["빨간 원이 ...", "..."], "split": "train"}
-  CSV: a header row with `video` and `caption` columns (optional `id`, `split`); one row per caption, rows of the
-    same video are grouped (MSR-VTT style).
-  JSON: a list of such objects, or {"annotations": [...]}; AI Hub-style keys are read too (`file_path`,
-    `caption_ko`), and MSR-VTT's {"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption"}]}, where
-    the video is `<video_dir or manifest folder>/<video_id>.mp4`.
-  A row with a single `caption` string is one caption of a video and rows of the same id are merged; a row with a
-  `captions` list is a whole sample, and its id may appear only once. A video listed under two ids is an error.
+Manifest and label layouts, and the converter of real data sets, live in manifests.py; the synthetic Korean video
+dataset in synth.py (`python synth.py OUT`).
 
-The synthetic Korean video dataset lives in synth.py; `python data.py synth OUT` writes it.
+    python data.py convert aihub LABELS_DIR VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
+    python data.py convert activitynet train.json VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
+    python data.py check MANIFEST_OR_LABEL_DIR     every bad row, label entry and video, all at once
 """
 import argparse
-import csv
-import io
-import json
+import bisect
 import logging
-import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -32,29 +23,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from errors import user_errors
+from manifests import (SPAN_TOLERANCE, ManifestError, Sample, activitynet_rows, label_folder_rows, read_manifest,
+                       samples_from_rows, write_manifest)
+
 log = logging.getLogger(__name__)
 # One OpenCV thread per process: the parallelism is DataLoader workers, and N OpenCV threads in each of N workers
 # only fight over the cores.
 cv2.setNumThreads(1)
+SPLITS = ("train", "val", "test")
+__all__ = ["ManifestError", "Sample", "read_manifest", "write_manifest"]  # re-exported: callers import them from here
 
 
 class VideoError(ValueError):
     """A video that cannot be used; the message names the file, the problem and what to do."""
 
 
-class ManifestError(ValueError):
-    """A manifest that cannot be read; the message names the file, the line (or entry) and what is wrong."""
-
-
 # ── frames ─────────────────────────────────────────────────────────────────────────────────────────────────────────
-@dataclass
-class FrameInfo:
-    decoded: int        # frames that really decoded (the container's count is only a hint)
-    indices: list[int]  # the decoded frames kept, in order
-    repeated: bool      # fewer frames than asked for, so some were repeated
-    reported: int       # the container's CAP_PROP_FRAME_COUNT (0 or -1 when it gives none)
-
-
 def sample_indices(total: int, num_frames: int) -> list[int]:
     """The centre frame of each of `num_frames` equal segments of `total` frames (repeats when total < num_frames)."""
     return [(2 * k + 1) * total // (2 * num_frames) for k in range(num_frames)]
@@ -72,51 +57,70 @@ def _open_video(path: Path) -> cv2.VideoCapture:
     return capture
 
 
-def _decode(path: Path, num_frames: int, total: int | None = None):
-    """Decode every frame once and convert only the sampled ones; the sample is planned from `total`, or else from
-    the container's count. Returns (frames by index, the indices, frames decoded, the container's count)."""
-    capture, kept, count = _open_video(path), {}, 0
-    reported = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    indices = sample_indices(max(reported, 0) if total is None else total, num_frames)
-    wanted = set(indices)
+def _decode(path: Path, wanted, stop: float | None = None) -> tuple[dict, list[float], bool]:
+    """One pass in presentation order: (the wanted frames by index, converted to RGB; every decoded frame's time in
+    seconds; whether decoding stopped at `stop`, the first frame shown at or after it, before the file's end).
+    `wanted` is a set of indices, or a function of the container's frame count (a plan, not to be trusted)."""
+    capture, kept, times = _open_video(path), {}, []
+    if callable(wanted):
+        wanted = wanted(max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0))
     try:
         while capture.grab():  # grab() decodes; retrieve() adds the colour conversion, so only kept frames pay it
-            if count in wanted:
+            time_s = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000  # the frame's own timestamp, B-frames reordered
+            if stop is not None and time_s >= stop:
+                return kept, times, True
+            if len(times) in wanted:
                 ok, bgr = capture.retrieve()
                 if not ok:
-                    raise VideoError(f"{path}: frame {count} decodes but cannot be retrieved; re-encode the video")
-                kept[count] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            count += 1
+                    raise VideoError(f"{path}: frame {len(times)} decodes but cannot be retrieved; re-encode it")
+                kept[len(times)] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            times.append(time_s)
     except cv2.error as error:
-        raise VideoError(f"{path}: OpenCV failed at frame {count} ({str(error).strip().splitlines()[-1]}); "
+        raise VideoError(f"{path}: OpenCV failed at frame {len(times)} ({str(error).strip().splitlines()[-1]}); "
                          f"re-encode the video or drop it") from None
     finally:
         capture.release()
-    return kept, indices, count, reported
+    return kept, times, False
 
 
-def read_frames(path, num_frames: int = 8, *, return_info: bool = False):
-    """`num_frames` frames sampled uniformly over the video, uint8 RGB (F, H, W, 3); with return_info, (frames, info).
+def _span_frames(path: Path, times: list[float], start: float, end: float, num_frames: int,
+                 stopped: bool) -> list[int]:
+    """The frames on screen at the centres of `num_frames` equal parts of [start, end): chosen by decoded time, never
+    by frame count or frame rate, so a variable frame rate samples the span evenly in time."""
+    if not stopped:  # decoding reached the end of the file before `end`
+        last = times[-1] + (times[-1] - times[-2] if len(times) > 1 else 0)  # when the last frame stops showing
+        if end > last + SPAN_TOLERANCE:
+            raise VideoError(f"{path}: the span {start:g}-{end:g} s ends after the video ({last:.2f} s); fix the "
+                             f"segment's timestamps")
+    targets = [start + (2 * k + 1) * (end - start) / (2 * num_frames) for k in range(num_frames)]
+    return [max(bisect.bisect_right(times, target) - 1, 0) for target in targets]  # the last frame shown by then
 
-    The container's frame count is often wrong (variable frame rate, truncated files, edit lists), so it is only a
-    plan: one sequential pass keeps the frames it points at and counts the frames that really decode; when the count
-    differs, a second pass keeps the frames sampled from the true count. A video shorter than `num_frames` repeats
-    frames, and info.repeated says so.
-    """
+
+def read_frames(path, num_frames: int = 8, start: float | None = None, end: float | None = None) -> np.ndarray:
+    """`num_frames` frames sampled uniformly over the video, or over the span [start, end) seconds of it: uint8 RGB
+    (F, H, W, 3). A span is sampled by the frames' own presentation times (H.264 B-frames and variable frame rates
+    give the frames shown inside it). The container's frame count is often wrong (variable frame rate,
+    truncated files, edit lists), so it is only a plan for one pass; when the frames that really decode differ,
+    a second pass keeps those sampled from the true count. Fewer frames than `num_frames` are repeated."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if (start is None) != (end is None) or (start is not None and not 0 <= start < end):
+        raise ValueError(f"{path}: a span needs 0 <= start < end seconds, got start={start}, end={end}")
     path = Path(path)
-    kept, indices, decoded, reported = _decode(path, num_frames)
-    if decoded == 0:
+    if start is None:
+        kept, times, _ = _decode(path, lambda reported: set(sample_indices(reported, num_frames)))
+    else:
+        kept, times, stopped = _decode(path, set(), stop=end)
+    if not times:
         raise VideoError(f"{path}: opens but has zero decodable frames; the file is truncated or corrupt: "
                          f"re-encode it or drop it from the manifest")
-    if decoded != reported:  # the container's count was wrong: sample from the frames that really decode
-        kept, indices, _, _ = _decode(path, num_frames, total=decoded)
+    indices = sample_indices(len(times), num_frames) if start is None else _span_frames(path, times, start, end,
+                                                                                       num_frames, stopped)
+    if not set(indices) <= kept.keys():
+        kept, _, _ = _decode(path, set(indices), stop=end)
     if not set(indices) <= kept.keys() or len({frame.shape for frame in kept.values()}) != 1:
         raise VideoError(f"{path}: frames change between decoding passes or in size mid-stream; re-encode the video")
-    frames = np.stack([kept[i] for i in indices])  # (F, H, W, 3)
-    info = FrameInfo(decoded=decoded, indices=indices, repeated=decoded < num_frames, reported=reported)
-    return (frames, info) if return_info else frames
+    return np.stack([kept[i] for i in indices])  # (F, H, W, 3)
 
 
 # ── preprocessing (transformers' CLIPImageProcessor for openai/clip-vit-large-patch14-336) ───────────────────────
@@ -164,154 +168,58 @@ def preprocess(frames: np.ndarray, size: int = 336) -> torch.Tensor:
     return (x - mean) / std
 
 
-# ── manifests ──────────────────────────────────────────────────────────────────────────────────────────────────────
-@dataclass
-class Sample:
-    id: str
-    video: Path
-    captions: list[str]
-    split: str | None = None
-    attributes: dict | None = None
-
-
-SPLITS = ("train", "val", "test")
-_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                "validate": "val", "dev": "val", "test": "test"}  # MSR-VTT says "validate"
-_VIDEO_KEYS = ("video", "video_path", "file_path")  # kovlm's own key, then common layouts (AI Hub: file_path)
-
-
-def _parse_row(row: dict, where: str, video_dir: Path) -> tuple[Sample, bool]:
-    """One manifest row -> (Sample, whether it is a single-caption row that may be merged with rows of its id)."""
-    if not isinstance(row, dict):
-        raise ManifestError(f"{where}: expected an object with a video and captions, got {type(row).__name__}")
-    row = {key: value for key, value in row.items() if value not in (None, "")}  # empty CSV cells = absent
-    video_key = next((key for key in _VIDEO_KEYS if key in row), None)
-    if video_key is None and "video_id" not in row:
-        raise ManifestError(f"{where}: no video field; give one of {', '.join(_VIDEO_KEYS)} or video_id")
-    video = str(row[video_key]) if video_key else f"{row['video_id']}.mp4"
-    caption_key = next((key for key in ("captions", "caption", "caption_ko") if key in row), None)
-    if caption_key is None:
-        raise ManifestError(f"{where}: no caption field; give captions (a list), caption or caption_ko")
-    captions = row[caption_key] if isinstance(row[caption_key], list) else [row[caption_key]]
-    for number, caption in enumerate(captions, 1):
-        if not isinstance(caption, str) or not caption.strip():
-            raise ManifestError(f"{where}: caption {number} is empty or not text ({caption!r}); write a caption "
-                                f"or delete it")
-    split = row.get("split")
-    if split is not None and str(split).lower() not in _SPLIT_NAMES:
-        raise ManifestError(f"{where}: unknown split {split!r}; use train, val or test")
-    sample_id = str(row.get("id", row.get("video_id", Path(video).with_suffix("").as_posix())))
-    sample = Sample(id=sample_id, video=Path(os.path.normpath(video_dir / video)),
-                    captions=[caption.strip() for caption in captions],
-                    split=_SPLIT_NAMES[str(split).lower()] if split is not None else None,
-                    attributes=row.get("attributes"))
-    return sample, caption_key != "captions" and len(captions) == 1
-
-
-def _manifest_rows(path: Path, text: str) -> list[tuple[str, dict]]:
-    """(where, row) pairs; `where` is "file:line" for JSONL and CSV and "file: entry k" for JSON."""
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise ManifestError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
-                                        ) from None
-        return rows
-    if path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        return [(f"{path}:{reader.line_num}", row) for row in reader]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if isinstance(data, dict) and "sentences" in data:  # MSR-VTT: splits live in "videos", captions in "sentences"
-        splits = {video.get("video_id"): video.get("split") for video in data.get("videos", [])
-                  if isinstance(video, dict)}
-        data = [dict(sentence, split=splits.get(sentence.get("video_id"))) if isinstance(sentence, dict) else sentence
-                for sentence in data["sentences"]]
-    elif isinstance(data, dict):
-        data = next((data[key] for key in ("annotations", "samples", "data") if key in data), None)
-    if not isinstance(data, list):
-        raise ManifestError(f"{path}: expected a JSON list of samples, or an object with annotations / samples / "
-                            f"data / sentences")
-    return [(f"{path}: entry {number}", row) for number, row in enumerate(data, 1)]
-
-
-def read_manifest(path, *, video_dir=None) -> list[Sample]:
-    """Samples from a JSONL / CSV / JSON manifest (layouts in the module docstring). Video paths are resolved
-    relative to `video_dir`, by default the manifest's folder."""
-    path = Path(path)
-    if path.suffix not in (".jsonl", ".csv", ".json"):
-        raise ManifestError(f"{path}: unknown manifest type {path.suffix!r}; use .jsonl, .csv or .json")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a byte-order mark
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no such manifest file") from None
-    except UnicodeDecodeError as error:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {error.start}); a CP949 / EUC-KR file converts with "
-                            f"`iconv -f cp949 -t utf-8 IN > OUT`") from None
-    samples, first_seen, mergeable, owner_of_video = {}, {}, {}, {}
-    for where, row in _manifest_rows(path, text):
-        sample, single_caption = _parse_row(row, where, Path(video_dir) if video_dir else path.parent)
-        if sample.id in samples:
-            earlier = samples[sample.id]
-            if not (single_caption and mergeable[sample.id]):
-                raise ManifestError(f"{where}: duplicate id {sample.id!r} (first at {first_seen[sample.id]}); "
-                                    f"ids must be unique")
-            if (earlier.video, earlier.split) != (sample.video, sample.split):
-                raise ManifestError(f"{where}: id {sample.id!r} has another video or split than at "
-                                    f"{first_seen[sample.id]}")
-            earlier.captions.append(sample.captions[0])
-            continue
-        if sample.video in owner_of_video:
-            raise ManifestError(f"{where}: video {sample.video} is listed twice (also as id "
-                                f"{owner_of_video[sample.video]!r} at {first_seen[owner_of_video[sample.video]]})")
-        samples[sample.id], first_seen[sample.id], mergeable[sample.id] = sample, where, single_caption
-        owner_of_video[sample.video] = sample.id
-    if not samples:
-        raise ManifestError(f"{path}: no samples")
-    return list(samples.values())
-
-
-def write_manifest(samples: list[Sample], path) -> Path:
-    """Write kovlm's JSONL manifest; video paths are stored relative to the manifest's folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as file:
-        for sample in samples:
-            row = {"id": sample.id, "video": Path(os.path.relpath(sample.video, path.parent)).as_posix(),
-                   "captions": sample.captions}
-            row |= {"split": sample.split} if sample.split else {}
-            row |= {"attributes": sample.attributes} if sample.attributes is not None else {}
-            file.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+# ── splits ─────────────────────────────────────────────────────────────────────────────────────────────────────────
+def subset_samples(samples: list[Sample], max_samples: int, seed: int = 42) -> list[Sample]:
+    """At most `max_samples` samples drawn by `seed`, each split keeping its share (largest remainders); manifest
+    order is kept."""
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1, got {max_samples}")
+    if max_samples >= len(samples):
+        return list(samples)
+    groups = {}
+    for sample in samples:
+        groups.setdefault(sample.split, []).append(sample)
+    shares = {name: max_samples * len(group) / len(samples) for name, group in groups.items()}
+    counts = {name: int(share) for name, share in shares.items()}
+    for name in sorted(shares, key=lambda n: counts[n] - shares[n])[:max_samples - sum(counts.values())]:
+        counts[name] += 1
+    rng, chosen = random.Random(seed), set()
+    for name, group in groups.items():
+        chosen |= {sample.id for sample in rng.sample(sorted(group, key=lambda s: s.id), counts[name])}
+    return [sample for sample in samples if sample.id in chosen]
 
 
 def split_samples(samples: list[Sample], seed: int = 42, val_fraction: float = 0.1,
                   test_fraction: float = 0.1) -> dict[str, list[Sample]]:
-    """{"train", "val", "test"} -> samples: the manifest's own splits when it has them, else a shuffle by `seed`."""
+    """{"train", "val", "test"} -> samples: the manifest's own splits when it has them, else a shuffle by `seed` of
+    whole videos, so segments of one video never land in two splits."""
     unsplit = [sample.id for sample in samples if sample.split is None]
     if unsplit and len(unsplit) < len(samples):
         raise ValueError(f"{len(unsplit)} of {len(samples)} samples have no split (e.g. {unsplit[0]!r}); give every "
                          f"sample a split, or none to split by seed")
     if not unsplit:
         return {name: [sample for sample in samples if sample.split == name] for name in SPLITS}
-    order = sorted(samples, key=lambda sample: sample.id)  # independent of manifest order
-    random.Random(seed).shuffle(order)
-    num_val, num_test = round(len(order) * val_fraction), round(len(order) * test_fraction)
-    parts = {"val": order[:num_val], "test": order[num_val:num_val + num_test], "train": order[num_val + num_test:]}
-    return {name: [replace(sample, split=name) for sample in parts[name]] for name in SPLITS}
+    by_video = {}
+    for sample in sorted(samples, key=lambda sample: sample.id):  # independent of manifest order
+        by_video.setdefault(sample.video, []).append(sample)
+    videos = list(by_video)
+    random.Random(seed).shuffle(videos)
+    num_val, num_test = round(len(samples) * val_fraction), round(len(samples) * test_fraction)
+    parts = {name: [] for name in SPLITS}
+    for video in videos:  # whole videos, in shuffled order, until val and then test hold their share of samples
+        name = "val" if len(parts["val"]) < num_val else "test" if len(parts["test"]) < num_test else "train"
+        parts[name] += [replace(sample, split=name) for sample in by_video[video]]
+    return parts
 
 
 def load_splits(train_manifest, *, val_manifest=None, test_manifest=None, seed: int = 42, val_fraction: float = 0.1,
-                test_fraction: float = 0.1) -> dict[str, list[Sample]]:
+                test_fraction: float = 0.1, max_samples: int | None = None) -> dict[str, list[Sample]]:
     """The run's splits: the train manifest's own (or a seeded split of it), with val / test replaced by separate
-    manifests where given."""
-    splits = split_samples(read_manifest(train_manifest), seed=seed, val_fraction=val_fraction,
-                           test_fraction=test_fraction)
+    manifests where given. `max_samples` draws a seeded subset of the train manifest, stratified by its splits."""
+    samples = read_manifest(train_manifest)
+    if max_samples is not None:
+        samples = subset_samples(samples, max_samples, seed)
+    splits = split_samples(samples, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     for name, manifest in (("val", val_manifest), ("test", test_manifest)):
         if manifest:
             splits[name] = read_manifest(manifest)
@@ -320,84 +228,102 @@ def load_splits(train_manifest, *, val_manifest=None, test_manifest=None, seed: 
     return splits
 
 
-def check_videos(samples: list[Sample], num_frames: int = 8, *, skip_bad: bool = False,
-                 max_bad_fraction: float = 0.05) -> list[Sample]:
-    """Decode each video once. A bad one raises VideoError, or with skip_bad is logged with its path and dropped;
-    more than `max_bad_fraction` bad videos abort with a summary (a broken data set is not trained on silently)."""
-    good, bad = [], []
+def check_splits(splits: dict[str, list[Sample]]) -> None:
+    """Refuse a run whose train, val or test split is missing or empty, or whose samples lack a caption."""
+    for name in SPLITS:
+        if not splits.get(name):
+            raise ValueError(f"the {name} split is empty; give the manifest {name} samples, a --{name}-manifest"
+                             + (", or a --{name}-fraction above 0" if name != "train" else ""))
+        for sample in splits[name]:
+            if not any(isinstance(caption, str) and caption.strip() for caption in sample.captions):
+                raise ValueError(f"{sample.where or name}: sample {sample.id!r} has no caption; write one or drop it")
+
+
+# ── bad videos ─────────────────────────────────────────────────────────────────────────────────────────────────────
+class BadVideos:
+    """The one policy for bad videos (DESIGN.md, reliability principles): without skip_bad the first stops the run;
+    with it each is reported with its path and dropped, and more than `max_bad_fraction` of `total` aborts."""
+
+    def __init__(self, total: int, *, skip_bad: bool = False, max_bad_fraction: float = 0.05):
+        self.total, self.skip_bad, self.max_bad_fraction, self.bad = total, skip_bad, max_bad_fraction, []
+
+    def report(self, error: VideoError) -> None:
+        if not self.skip_bad:
+            raise error
+        self.bad.append(str(error))
+        log.warning("skipping a bad video (%d of %d so far): %s", len(self.bad), self.total, error)
+        if len(self.bad) > self.max_bad_fraction * self.total:
+            raise VideoError(f"at least {len(self.bad)} of {self.total} videos are bad, more than the "
+                             f"{self.max_bad_fraction:.0%} allowed (first: {self.bad[0]}); fix or drop them, or "
+                             f"allow a larger --max-bad-fraction") from None
+
+    def summarise(self) -> None:
+        if self.bad:
+            log.warning("skipped %d of %d videos as bad", len(self.bad), self.total)
+
+
+# ── command line ───────────────────────────────────────────────────────────────────────────────────────────────────
+def convert(source: str, path: Path, videos_dir: Path, output: Path, *, split: str | None = None,
+            max_samples: int | None = None, seed: int = 42) -> list[str]:
+    """Write a kovlm manifest from AI Hub label files or ActivityNet Captions; returns the problems skipped."""
+    reader = label_folder_rows if source == "aihub" else activitynet_rows
+    for given in (path, videos_dir):
+        if not Path(given).exists():
+            raise FileNotFoundError(f"{given}: no such file or folder")
+    rows, problems = reader(Path(path), Path(videos_dir), split=split)
+    samples = samples_from_rows(rows, Path("."), problems)
+    if not samples:
+        raise ManifestError(f"{path}: no usable segments ({len(problems)} problems, the first: "
+                            f"{problems[0] if problems else 'no label files'})")
+    write_manifest(subset_samples(samples, max_samples, seed) if max_samples else samples, output)
+    return problems
+
+
+def check(path: Path, num_frames: int = 8) -> tuple[int, list[str]]:
+    """(samples, problems): every bad row, label entry and video of a manifest or label folder, all at once."""
+    problems = []
+    samples = read_manifest(path, problems=problems)
     for sample in samples:
         try:
-            read_frames(sample.video, num_frames)
+            read_frames(sample.video, num_frames, sample.start, sample.end)
         except VideoError as error:
-            if not skip_bad:
-                raise
-            log.warning("skipping a bad video: %s", error)
-            bad.append(str(sample.video))
-            if len(bad) > max_bad_fraction * len(samples):
-                raise VideoError(f"at least {len(bad)} of {len(samples)} videos are bad, more than the "
-                                 f"{max_bad_fraction:.0%} allowed (first: {', '.join(bad[:3])}); fix or drop them, "
-                                 f"or allow a larger fraction") from None
-            continue
-        good.append(sample)
-    if bad:
-        log.warning("skipped %d of %d videos as bad", len(bad), len(samples))
-    return good
-
-
-class VideoCaptionDataset(torch.utils.data.Dataset):
-    """Samples -> {"id", "video", "frames": float (F, 3, S, S), "captions"}; tokenization happens in vlm.py."""
-
-    def __init__(self, samples: list[Sample], num_frames: int = 8, image_size: int = 336):
-        self.samples, self.num_frames, self.image_size = samples, num_frames, image_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        frames = preprocess(read_frames(sample.video, self.num_frames), self.image_size)
-        return {"id": sample.id, "video": sample.video, "frames": frames, "captions": list(sample.captions)}
-
-
-def collate(batch: list[dict]) -> dict:
-    return {"ids": [item["id"] for item in batch], "videos": [item["video"] for item in batch],
-            "frames": torch.stack([item["frames"] for item in batch]),  # (B, F, 3, S, S)
-            "captions": [item["captions"] for item in batch]}
+            problems.append(f"{sample.where}: {error}")
+    return len(samples), problems
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="kovlm data tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synth", help="write the synthetic Korean video dataset")
-    synth.add_argument("out", type=Path)
-    synth.add_argument("--num", type=int, default=500, help="videos in all splits")
-    synth.add_argument("--seed", type=int, default=42)
-    synth.add_argument("--num-val", type=int, default=None, help="default: 10%% of --num")
-    synth.add_argument("--num-test", type=int, default=None, help="default: 10%% of --num")
-    synth.add_argument("--size", type=int, default=64, help="frame side in pixels")
-    synth.add_argument("--frames", type=int, default=16, help="frames per video")
-    check = commands.add_parser("check", help="read a manifest and decode every video once")
-    check.add_argument("manifest", type=Path)
-    check.add_argument("--skip-bad", action="store_true", help="drop bad videos instead of stopping at the first")
-    check.add_argument("--max-bad", type=float, default=0.05, help="abort when more than this fraction is bad")
+    convert_parser = commands.add_parser("convert", help="write a manifest from AI Hub labels or ActivityNet")
+    convert_parser.add_argument("source", choices=("aihub", "activitynet"))
+    convert_parser.add_argument("labels", type=Path, help="AI Hub label folder, or ActivityNet Captions JSON")
+    convert_parser.add_argument("videos", type=Path, help="folder searched (recursively) for the videos")
+    convert_parser.add_argument("--output", type=Path, required=True, help="the manifest to write (.jsonl)")
+    convert_parser.add_argument("--split", choices=SPLITS, default=None, help="split of every row written")
+    convert_parser.add_argument("--max-samples", type=int, default=None, help="a seeded subset of this size")
+    convert_parser.add_argument("--seed", type=int, default=42)
+    check_parser = commands.add_parser("check", help="list every bad row, label entry and video at once")
+    check_parser.add_argument("manifest", type=Path, help="a manifest, or a folder of AI Hub label files")
+    check_parser.add_argument("--frames", type=int, default=8, help="frames decoded per sample")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    if args.command == "synth":
-        from synth import synth_dataset  # synth.py builds on this module
-        manifest = synth_dataset(args.out, args.num, args.seed, num_val=args.num_val, num_test=args.num_test,
-                                 size=args.size, frames=args.frames)
-        megabytes = sum(file.stat().st_size for file in (args.out / "videos").glob("*.mp4")) / 2**20
-        log.info("wrote %s: %d videos, %.1f MiB, %.1f s", manifest, args.num, megabytes, time.perf_counter() - start)
-    else:
-        try:
-            samples = read_manifest(args.manifest)
-            good = check_videos(samples, skip_bad=args.skip_bad, max_bad_fraction=args.max_bad)
-        except (ManifestError, VideoError) as error:
-            raise SystemExit(f"error: {error}") from None  # one line, not a traceback
-        log.info("%s: %d samples, %d usable videos, %.1f s", args.manifest, len(samples), len(good),
+    if args.command == "convert":
+        problems = convert(args.source, args.labels, args.videos, args.output, split=args.split,
+                           max_samples=args.max_samples, seed=args.seed)
+        for problem in problems:
+            log.warning("%s", problem)
+        log.info("wrote %s (%d problems listed above), %.1f s", args.output, len(problems),
                  time.perf_counter() - start)
+        return
+    count, problems = check(args.manifest, args.frames)
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        raise ValueError(f"{args.manifest}: {len(problems)} problems in {count} samples (listed above)")
+    log.info("%s: %d samples, every video usable, %.1f s", args.manifest, count, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

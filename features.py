@@ -1,24 +1,27 @@
-"""The frozen-feature cache: the vision tower never changes, so each video is encoded once and its features are
-kept on disk (DESIGN.md, performance principle 1). Later epochs and evaluation run zero CLIP forwards.
+"""The frozen-feature cache: the vision tower never changes, so each video (or segment) is encoded once and its
+features are kept on disk (DESIGN.md, performance principle 1). Later epochs and evaluation run zero CLIP forwards.
 
 A cache entry is one safetensors file named by a key over everything that decides the features: the video file's
-content (sha256), the number of frames and the image size, the tower's fingerprint (config + weights) and the layer.
-Change any of them and the key changes, so stale features are never returned. A corrupt entry is recomputed with a
-warning. Features are stored in fp16: (F, P, Dv) = (8, 576, 1024) is 9.4 MB per video.
+content (sha256), the segment's span, the number of frames and the image size, the tower's fingerprint (config +
+weights) and the layer. Change any of them and the key changes, so stale features are never returned. The entry's
+metadata holds that key, the video's path and a sha256 of the tensor's bytes; an entry that does not parse, fails
+its checksum (a changed byte, another entry's data) or carries another key (another video's whole entry) is
+recomputed with one warning naming the video. Features are stored in fp16: (F, P, Dv) = (8, 576, 1024) is 9.4 MB.
 """
 import hashlib
 import json
 import os
+import secrets
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import Sample, VideoCaptionDataset, VideoError, check_videos, preprocess, read_frames
+from data import BadVideos, Sample, VideoError, preprocess, read_frames
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -29,7 +32,14 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (dtype and shape are checked by the entry's key and header)."""
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
 class FeatureCache:
+    """Cached features (F, P, Dv) of a Sample (its span included) or of a whole video given by its path."""
+
     def __init__(self, root: str | Path, *, tower: str, num_frames: int, image_size: int, layer: int,
                  dtype: torch.dtype = torch.float16):
         self.root = Path(root)
@@ -38,62 +48,109 @@ class FeatureCache:
         self.settings_key = hashlib.sha256(settings.encode()).hexdigest()[:16]
         self.dtype = dtype
         self._content_keys: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, so a file is hashed once a run
+        self._verified: set[tuple] = set()  # entries whose checksum passed this run: (path, size, mtime)
 
-    def path_for(self, video: str | Path) -> Path:
+    def entry_key(self, item: Sample | str | Path) -> str:
+        """Everything that decides the features of `item`; a missing video raises VideoError."""
+        video, start, end = (item.video, item.start, item.end) if isinstance(item, Sample) else (item, None, None)
+        if not Path(video).is_file():
+            raise VideoError(f"{video}: no such file; check the video path (relative to the manifest's folder)")
         stat = os.stat(video)
         identity = (str(video), stat.st_size, stat.st_mtime_ns)
         if identity not in self._content_keys:
             self._content_keys[identity] = file_sha256(Path(video))
-        return self.root / f"{self._content_keys[identity][:32]}-{self.settings_key}.safetensors"
+        span = "" if start is None else f"@{start!r}-{end!r}"
+        return f"{self._content_keys[identity]}{span}-{self.settings_key}"
 
-    def holds(self, video: str | Path) -> bool:
-        """Whether a readable entry exists. A torn or corrupt file (its header or sizes do not parse) is deleted with
-        a warning, so the caller recomputes it."""
-        path = self.path_for(video)
+    def path_for(self, item: Sample | str | Path) -> Path:
+        return self.root / f"{hashlib.sha256(self.entry_key(item).encode()).hexdigest()[:32]}.safetensors"
+
+    def holds(self, item: Sample | str | Path) -> bool:
+        """Whether a sound entry exists (checked once a run); a missing video is not held. A bad entry is deleted
+        with a warning, so the caller recomputes it."""
+        try:
+            path = self.path_for(item)
+        except VideoError:
+            return False
         if not path.exists():
             return False
+        stat = path.stat()
+        if (str(path), stat.st_size, stat.st_mtime_ns) in self._verified:
+            return True
+        return self.load(item) is not None
+
+    def load(self, item: Sample | str | Path) -> torch.Tensor | None:
+        """Cached features (F, P, Dv), or None when absent or bad (then they are recomputed)."""
+        path, key = self.path_for(item), self.entry_key(item)
+        if not path.exists():
+            return None
         try:
             with safe_open(path, framework="pt") as f:
-                f.get_slice("features").get_shape()
-            return True
-        except Exception as error:
-            warnings.warn(f"feature cache entry {path} for {video} is unreadable ({error}); recomputing it")
-            path.unlink(missing_ok=True)
-            return False
-
-    def load(self, video: str | Path) -> torch.Tensor | None:
-        """Cached features (F, P, Dv), or None when absent or unreadable (then they are recomputed)."""
-        path = self.path_for(video)
-        if not path.exists():
-            return None
-        try:
-            return load_file(path)["features"].clone()  # own the memory: safetensors maps the file
+                metadata, features = f.metadata() or {}, f.get_tensor("features").clone()  # own the memory
         except Exception as error:  # a torn or corrupt file: recompute rather than crash
-            warnings.warn(f"feature cache entry {path} for {video} is unreadable ({error}); recomputing it")
-            path.unlink(missing_ok=True)
-            return None
+            problem = f"unreadable ({error})"
+        else:
+            if metadata.get("key") != key:
+                problem = f"the entry of another video or span ({metadata.get('video', 'unknown')})"
+            elif metadata.get("sha256") != tensor_sha256(features):
+                problem = "changed since it was written (its checksum fails)"
+            else:
+                stat = path.stat()
+                self._verified.add((str(path), stat.st_size, stat.st_mtime_ns))
+                return features
+        video = item.video if isinstance(item, Sample) else item
+        warnings.warn(f"feature cache entry {path} for {video} is {problem}; recomputing it")
+        path.unlink(missing_ok=True)
+        return None
 
-    def save(self, video: str | Path, features: torch.Tensor) -> None:
-        path = self.path_for(video)
-        temporary = path.with_suffix(".tmp")
-        save_file({"features": features.to(self.dtype).contiguous().cpu()}, temporary)
-        os.replace(temporary, path)  # atomic: a reader sees the old state or the whole new file
+    def save(self, item: Sample | str | Path, features: torch.Tensor) -> None:
+        path, key = self.path_for(item), self.entry_key(item)
+        features = features.to(self.dtype).contiguous().cpu()
+        video = item.video if isinstance(item, Sample) else item
+        metadata = {"key": key, "video": str(video), "sha256": tensor_sha256(features)}
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # unique to the writer
+        try:
+            save_file({"features": features}, temporary, metadata=metadata)
+            os.replace(temporary, path)  # atomic: a reader sees the old state or the whole new file
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
-class FramesOrError(Dataset):
-    """Preprocessed frames of each sample, or the VideoError that reading it raised (so workers never die on it)."""
+class VideoCaptionDataset(Dataset):
+    """Samples -> {"id", "video", "frames": float (F, 3, S, S), "captions"}; tokenization happens in vlm.py. With
+    keep_errors, a bad video's item holds {"error": VideoError} instead of raising, so loader workers never die."""
 
-    def __init__(self, samples: list[Sample], num_frames: int, image_size: int):
-        self.samples, self.num_frames, self.image_size = samples, num_frames, image_size
+    def __init__(self, samples: list[Sample], num_frames: int = 8, image_size: int = 336, *,
+                 keep_errors: bool = False):
+        self.samples, self.num_frames, self.image_size, self.keep_errors = samples, num_frames, image_size, keep_errors
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        item = {"id": sample.id, "video": sample.video, "captions": list(sample.captions)}
         try:
-            return index, preprocess(read_frames(self.samples[index].video, self.num_frames), self.image_size)
+            frames = read_frames(sample.video, self.num_frames, sample.start, sample.end)
         except VideoError as error:
-            return index, error
+            if not self.keep_errors:
+                raise
+            return item | {"error": error}
+        return item | {"frames": preprocess(frames, self.image_size)}
+
+
+def check_videos(samples: list[Sample], num_frames: int = 8, *, skip_bad: bool = False,
+                 max_bad_fraction: float = 0.05) -> list[Sample]:
+    """Decode each sample's frames once (--no-feature-cache); bad videos go through data.BadVideos."""
+    policy, good = BadVideos(len(samples), skip_bad=skip_bad, max_bad_fraction=max_bad_fraction), []
+    for sample in samples:
+        try:
+            read_frames(sample.video, num_frames, sample.start, sample.end)
+            good.append(sample)
+        except VideoError as error:
+            policy.report(error)
+    policy.summarise()
+    return good
 
 
 def fill_feature_cache(model, samples: list[Sample], cache: FeatureCache, *, image_size: int, batch_size: int = 8,
@@ -101,27 +158,22 @@ def fill_feature_cache(model, samples: list[Sample], cache: FeatureCache, *, ima
                        show_progress: bool = True) -> tuple[list[Sample], int]:
     """Encode every sample whose features are not cached yet. Returns (the samples with features, videos encoded).
     A bad video raises, or with skip_bad is reported with its path and dropped; too many bad videos abort."""
-    missing = [s for s in samples if not cache.holds(s.video)]
-    frames = FramesOrError(missing, model.config.num_frames, image_size)
+    missing = [s for s in samples if not cache.holds(s)]
+    frames = VideoCaptionDataset(missing, model.config.num_frames, image_size, keep_errors=True)
     loader = DataLoader(frames, batch_size=1, num_workers=num_workers, collate_fn=lambda items: items[0])
-    bad, pending = [], []
+    policy, bad, pending = BadVideos(len(samples), skip_bad=skip_bad, max_bad_fraction=max_bad_fraction), set(), []
     device = model.vision.embeddings.patch_embedding.weight.device
-    for index, item in tqdm(loader, total=len(missing), desc="encoding videos", disable=not show_progress):
-        if isinstance(item, VideoError):
-            if not skip_bad:
-                raise item
-            warnings.warn(f"skipping bad video: {item}")
-            bad.append(missing[index])
-            if len(bad) > max_bad_fraction * len(samples):
-                raise VideoError(f"{len(bad)} of {len(samples)} videos are bad (more than {max_bad_fraction:.0%}); "
-                                 f"first: {bad[0].video}. Fix the data or raise --max-bad-fraction")
+    for index, item in enumerate(tqdm(loader, total=len(missing), desc="encoding videos", disable=not show_progress)):
+        if "error" in item:
+            policy.report(item["error"])
+            bad.add(id(missing[index]))
             continue
-        pending.append((missing[index], item))
+        pending.append((missing[index], item["frames"]))
         if len(pending) == batch_size:
             encode_pending(model, pending, cache, device)
     encode_pending(model, pending, cache, device)
-    good = [s for s in samples if s not in bad]
-    return good, len(missing) - len(bad)
+    policy.summarise()
+    return [s for s in samples if id(s) not in bad], len(missing) - len(bad)
 
 
 def encode_pending(model, pending: list, cache: FeatureCache, device) -> None:
@@ -130,7 +182,7 @@ def encode_pending(model, pending: list, cache: FeatureCache, device) -> None:
     pixels = torch.stack([frames for _, frames in pending]).to(device)  # (B, F, 3, S, S)
     features = model.encode_video(pixels)  # (B, F, P, Dv)
     for (sample, _), row in zip(pending, features):
-        cache.save(sample.video, row)
+        cache.save(sample, row)
     pending.clear()
 
 
@@ -145,7 +197,7 @@ class CachedFeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        features = self.cache.load(sample.video)
+        features = self.cache.load(sample)
         if features is None:
             raise RuntimeError(f"features of {sample.video} are missing from the cache {self.cache.root}; "
                                "run fill_feature_cache first")
@@ -166,7 +218,7 @@ def prepare_splits(model, splits: dict[str, list[Sample]], *, cache_dir: str | N
                          image_size=model.vision.config.image_size, layer=model.config.vision_layer)
     if is_main:
         for name, samples in splits.items():
-            held = sum(cache.holds(s.video) for s in samples)
+            held = sum(cache.holds(s) for s in samples)
             splits[name], encoded = fill_feature_cache(
                 model, samples, cache, image_size=model.vision.config.image_size, batch_size=batch_size,
                 num_workers=num_workers, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,
@@ -175,7 +227,7 @@ def prepare_splits(model, splits: dict[str, list[Sample]], *, cache_dir: str | N
                 print(f"{name}: {len(samples)} videos, {held} already cached, {encoded} encoded now")
     if world > 1:
         torch.distributed.barrier()
-        splits = {name: [s for s in samples if cache.holds(s.video)] for name, samples in splits.items()}
+        splits = {name: [s for s in samples if cache.holds(s)] for name, samples in splits.items()}
     return splits, cache
 
 

@@ -1,4 +1,4 @@
-"""The synthetic Korean video dataset (`python data.py synth OUT --num N --seed S`): a coloured shape moves across a
+"""The synthetic Korean video dataset (`python synth.py OUT --num N --seed S`): a coloured shape moves across a
 plain background, one short video each, with 2-5 Korean captions that name what is seen.
 
   Attribute space (ATTRIBUTES), 6 x 5 x 4 x 4 = 480 combinations:
@@ -15,14 +15,18 @@ plain background, one short video each, with 2-5 Korean captions that name what 
   Splits: 20% of the 480 combinations are held out, half for val and half for test, so val and test each hold
   combinations that never occur in train nor in each other: a model must compose attributes, not memorise them.
 """
+import argparse
 import itertools
+import logging
 import random
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from data import SPLITS, Sample, VideoError, write_manifest
+from errors import user_errors
 
 ATTRIBUTES = {
     "colour": {"red": "빨간색", "orange": "주황색", "yellow": "노란색", "green": "초록색", "blue": "파란색",
@@ -200,3 +204,27 @@ def synth_dataset(out_dir, num: int = 500, seed: int = 42, *, num_val: int | Non
     samples = [_synth_sample(out_dir, seed, split, k, pools[split][k % len(pools[split])], size, frames, fps)
                for split in SPLITS for k in range(counts[split])]
     return write_manifest(samples, out_dir / "manifest.jsonl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="write the synthetic Korean video dataset")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--num", type=int, default=500, help="videos in all splits")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num-val", type=int, default=None, help="default: 10%% of --num")
+    parser.add_argument("--num-test", type=int, default=None, help="default: 10%% of --num")
+    parser.add_argument("--size", type=int, default=64, help="frame side in pixels")
+    parser.add_argument("--frames", type=int, default=16, help="frames per video")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    manifest = synth_dataset(args.out, args.num, args.seed, num_val=args.num_val, num_test=args.num_test,
+                             size=args.size, frames=args.frames)
+    megabytes = sum(file.stat().st_size for file in (args.out / "videos").glob("*.mp4")) / 2**20
+    logging.getLogger(__name__).info("wrote %s: %d videos, %.1f MiB, %.1f s", manifest, args.num, megabytes,
+                                     time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()

@@ -1,7 +1,9 @@
-"""data.py: frames (count, order, short and bad videos), preprocessing vs transformers' CLIPImageProcessor,
-manifests (formats, malformed lines, duplicates), splits, bad-video handling, and the synthetic dataset."""
+"""data.py: frames (count, order, short and bad videos, segments of H.264 B-frame and variable-frame-rate videos),
+preprocessing vs transformers' CLIPImageProcessor, subsets and splits, the bad-video policy, and the command line
+(convert, check)."""
 import json
 import logging
+import subprocess
 
 import cv2
 import numpy as np
@@ -9,10 +11,9 @@ import PIL
 import pytest
 import torch
 
-from data import (CLIP_MEAN, CLIP_STD, ManifestError, Sample, VideoCaptionDataset, VideoError, check_videos, collate,
-                  main, preprocess, read_frames, read_manifest, sample_indices, split_samples, write_manifest)
-from synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices, make_caption,
-                   parse_caption_attributes, synth_dataset, write_video)
+from data import (CLIP_MEAN, CLIP_STD, BadVideos, Sample, VideoError, check_splits, load_splits, main, preprocess,
+                  read_frames, read_manifest, sample_indices, split_samples, subset_samples, write_manifest)
+from synth import write_video
 
 BITS = 8  # a frame's index is written as 8 black / white bars (8 px wide each) in its lower half
 
@@ -43,6 +44,15 @@ def write_avi(frames: np.ndarray, path) -> None:
     writer.release()
 
 
+def decoded_count(path) -> int:
+    """Frames that really decode (the container's header may say otherwise)."""
+    capture, count = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG), 0
+    while capture.grab():
+        count += 1
+    capture.release()
+    return count
+
+
 # ── frames ─────────────────────────────────────────────────────────────────────────────────────────────────────────
 def test_sample_indices_are_segment_centres():
     for total, num_frames in [(20, 8), (16, 8), (100, 8), (9, 4), (7, 7), (3, 8), (1, 8)]:
@@ -54,20 +64,15 @@ def test_sample_indices_are_segment_centres():
 @pytest.mark.parametrize("count", [20, 9])
 def test_read_frames_count_and_order(tmp_path, count):
     path = write_video(indexed_frames(count), tmp_path / "indexed.mp4")
-    frames, info = read_frames(path, 8, return_info=True)
+    frames = read_frames(path, 8)
     assert frames.shape == (8, 64, 64, 3) and frames.dtype == np.uint8
-    assert info.decoded == count and not info.repeated
-    assert info.indices == sample_indices(count, 8)
-    assert [frame_index(frame) for frame in frames] == info.indices  # the frames really are those, in that order
+    assert [frame_index(frame) for frame in frames] == sample_indices(count, 8)  # those frames, in that order
     assert frames[:, :32, :, 0].mean() > 150 and frames[:, :32, :, 2].mean() < 80  # RGB, not OpenCV's BGR
 
 
-def test_short_video_repeats_frames_and_says_so(tmp_path):
+def test_short_video_repeats_frames(tmp_path):
     path = write_video(indexed_frames(3), tmp_path / "short.mp4")
-    frames, info = read_frames(path, 8, return_info=True)
-    assert frames.shape[0] == 8 and info.decoded == 3 and info.repeated
-    shown = [frame_index(frame) for frame in frames]
-    assert shown == info.indices and shown == sorted(shown) and set(shown) == {0, 1, 2}
+    assert [frame_index(frame) for frame in read_frames(path, 8)] == [0, 0, 0, 1, 1, 2, 2, 2]
 
 
 def test_container_frame_count_is_not_trusted(tmp_path):
@@ -75,10 +80,11 @@ def test_container_frame_count_is_not_trusted(tmp_path):
     write_avi(indexed_frames(20), tmp_path / "full.avi")
     data = (tmp_path / "full.avi").read_bytes()
     (tmp_path / "cut.avi").write_bytes(data[: int(len(data) * 0.7)])
-    frames, info = read_frames(tmp_path / "cut.avi", 4, return_info=True)
-    assert info.reported == 20 and 0 < info.decoded < 20
-    assert info.indices == sample_indices(info.decoded, 4)
-    assert [frame_index(frame) for frame in frames] == info.indices
+    capture = cv2.VideoCapture(str(tmp_path / "cut.avi"))
+    assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 20
+    decoded = decoded_count(tmp_path / "cut.avi")
+    assert 0 < decoded < 20
+    assert [frame_index(frame) for frame in read_frames(tmp_path / "cut.avi", 4)] == sample_indices(decoded, 4)
 
 
 def test_bad_videos_name_the_file_and_the_problem(tmp_path):
@@ -92,6 +98,61 @@ def test_bad_videos_name_the_file_and_the_problem(tmp_path):
             read_frames(tmp_path / name)
         message = str(caught.value)
         assert str(tmp_path / name) in message and problem in message and "\n" not in message
+
+
+# ── segments: a colour per second, H.264 with B-frames and variable frame rate ────────────────────────────────────
+COLOURS = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+SECONDS = list(COLOURS)  # second k shows SECONDS[k]
+
+
+def colour_of(frame: np.ndarray) -> str:
+    mean = frame.reshape(-1, 3).mean(0)
+    return min(COLOURS, key=lambda name: np.abs(mean - COLOURS[name]).sum())
+
+
+def encode_colour_seconds(path, rates: list[int]) -> None:
+    """A 4 s H.264 video (3 B-frames) whose second k is one colour at rates[k] frames per second (VFR when they
+    differ)."""
+    import imageio_ffmpeg
+    parts = [f"color=c={name}:s=32x32:r={rate}:d=1[s{k}]" for k, (name, rate) in enumerate(zip(SECONDS, rates))]
+    graph = ";".join(parts) + ";" + "".join(f"[s{k}]" for k in range(4)) + "concat=n=4,format=yuv420p"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-f", "lavfi", "-i", graph,
+                    "-fps_mode", "vfr", "-c:v", "libx264", "-bf", "3", "-g", "12", str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def colour_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    encode_colour_seconds(root / "bframes.mp4", [10, 10, 10, 10])
+    encode_colour_seconds(root / "vfr.mp4", [5, 15, 2, 30])  # 53 frames: green holds 15 of them, blue 2
+    return root
+
+
+@pytest.mark.parametrize("name", ["bframes.mp4", "vfr.mp4"])
+def test_segment_frames_come_from_the_segment_only(colour_videos, name):
+    path = colour_videos / name
+    for (start, end), expected in [((1, 2), ["green"] * 8), ((2, 3), ["blue"] * 4), ((0, 1), ["red"] * 8),
+                                   ((3, 4), ["white"] * 8), ((2, 4), ["blue"] * 4 + ["white"] * 4)]:
+        shown = [colour_of(frame) for frame in read_frames(path, len(expected), start, end)]
+        assert shown == expected, (start, end, shown)
+    assert [colour_of(frame) for frame in read_frames(path, 2, 1.95, 2.05)] == ["green", "blue"]
+    whole = [colour_of(frame) for frame in read_frames(path, 8)]
+    assert whole == sorted(whole, key=SECONDS.index) and {"red", "white"} <= set(whole)
+
+
+def test_vfr_segment_is_sampled_by_time_not_by_frame_count(colour_videos):
+    """A frame rate from the header (53 frames / 4 s) would put frames 13-26 in second 1: half red, half green."""
+    shown = [colour_of(frame) for frame in read_frames(colour_videos / "vfr.mp4", 8, 1.0, 2.0)]
+    assert shown == ["green"] * 8
+
+
+def test_segment_outside_the_video(colour_videos):
+    path = colour_videos / "bframes.mp4"
+    assert colour_of(read_frames(path, 1, 3.9, 4.3)[0]) == "white"  # within the tolerance of the end
+    with pytest.raises(VideoError, match=r"bframes.mp4: the span 3-6 s ends after the video \(4.00 s\)"):
+        read_frames(path, 4, 3, 6)
+    with pytest.raises(ValueError, match="0 <= start < end"):
+        read_frames(path, 4, 2, 2)
 
 
 # ── preprocessing ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -140,89 +201,16 @@ def test_preprocess_matches_clip_image_processor(size, shape):
     assert pixels.max() <= 2 and pixels.mean() <= 0.5, (pixels.max(), pixels.mean())
 
 
-# ── manifests ──────────────────────────────────────────────────────────────────────────────────────────────────────
-def some_samples(root) -> list[Sample]:
-    return [Sample("a", root / "videos" / "a.mp4", ["빨간 원이 움직인다.", "붉은 원이 이동한다."], "train",
-                   {"colour": "red"}),
-            Sample("b", root / "clips" / "b.mp4", ["파란 별이 위로 올라간다."], "test"),
-            Sample("c", root / "c.mp4", ["노란 세모가 나온다.", "노란색 삼각형", "세 번째 설명"])]
-
-
-def test_jsonl_round_trip(tmp_path):
-    samples = some_samples(tmp_path)
-    path = write_manifest(samples, tmp_path / "manifest.jsonl")
-    assert read_manifest(path) == samples
-    assert json.loads(path.read_text(encoding="utf-8").splitlines()[0])["video"] == "videos/a.mp4"  # relative
-
-
-def test_csv_groups_one_caption_per_row(tmp_path):
-    (tmp_path / "m.csv").write_text("video,caption,split\nv1.mp4,첫 번째 설명,train\nv2.mp4,다른 영상,val\n"
-                                    "v1.mp4,두 번째 설명,train\n", encoding="utf-8-sig")
-    samples = read_manifest(tmp_path / "m.csv")
-    assert [(s.id, s.video, s.captions, s.split) for s in samples] == [
-        ("v1", tmp_path / "v1.mp4", ["첫 번째 설명", "두 번째 설명"], "train"),
-        ("v2", tmp_path / "v2.mp4", ["다른 영상"], "val")]
-
-
-def test_json_ai_hub_and_msrvtt_layouts(tmp_path):
-    ai_hub = {"annotations": [{"id": "k1", "file_path": "clips/k1.mp4", "caption_ko": ["사람이 걷는다.", "걷는 사람"]},
-                              {"id": "k2", "file_path": "clips/k2.mp4", "caption_ko": "차가 달린다."}]}
-    (tmp_path / "aihub.json").write_text(json.dumps(ai_hub, ensure_ascii=False), encoding="utf-8")
-    samples = read_manifest(tmp_path / "aihub.json")
-    assert [(s.id, s.video, s.captions) for s in samples] == [
-        ("k1", tmp_path / "clips" / "k1.mp4", ["사람이 걷는다.", "걷는 사람"]),
-        ("k2", tmp_path / "clips" / "k2.mp4", ["차가 달린다."])]
-    msrvtt = {"videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "validate"}],
-              "sentences": [{"video_id": "video0", "caption": "개가 뛴다."}, {"video_id": "video1", "caption": "춤"},
-                            {"video_id": "video0", "caption": "강아지가 달린다."}]}
-    (tmp_path / "msrvtt.json").write_text(json.dumps(msrvtt, ensure_ascii=False), encoding="utf-8")
-    samples = read_manifest(tmp_path / "msrvtt.json", video_dir=tmp_path / "all")
-    assert [(s.id, s.video, s.captions, s.split) for s in samples] == [
-        ("video0", tmp_path / "all" / "video0.mp4", ["개가 뛴다.", "강아지가 달린다."], "train"),
-        ("video1", tmp_path / "all" / "video1.mp4", ["춤"], "val")]
-
-
-GOOD_LINE = '{"id": "ok", "video": "ok.mp4", "captions": ["좋은 설명"]}'
-BAD_LINES = {
-    "bad JSON": ('{"id": "x", "video": "x.mp4", "captions": ["a"]', "not valid JSON"),
-    "not an object": ('["x.mp4", "caption"]', "expected an object"),
-    "missing video": ('{"id": "x", "captions": ["a"]}', "no video field"),
-    "missing caption": ('{"id": "x", "video": "x.mp4"}', "no caption field"),
-    "empty caption": ('{"id": "x", "video": "x.mp4", "captions": ["a", "  "]}', "caption 2 is empty"),
-    "caption not text": ('{"id": "x", "video": "x.mp4", "captions": [3]}', "caption 1 is empty or not text"),
-    "unknown split": ('{"id": "x", "video": "x.mp4", "captions": ["a"], "split": "holdout"}', "unknown split"),
-    "duplicate id": ('{"id": "ok", "video": "y.mp4", "captions": ["a"]}', "duplicate id 'ok'"),
-    "video twice": ('{"id": "z", "video": "ok.mp4", "captions": ["a"]}', "listed twice"),
-}
-
-
-@pytest.mark.parametrize("kind", list(BAD_LINES))
-def test_malformed_line_names_file_and_line(tmp_path, kind):
-    line, problem = BAD_LINES[kind]
-    path = tmp_path / "m.jsonl"
-    path.write_text(f"{GOOD_LINE}\n\n{line}\n", encoding="utf-8")  # the blank line 2 is skipped, not miscounted
-    with pytest.raises(ManifestError) as caught:
-        read_manifest(path)
-    message = str(caught.value)
-    assert message.startswith(f"{path}:3:") and problem in message and "\n" not in message
-    if kind in ("duplicate id", "video twice"):
-        assert f"{path}:1" in message.split(":3:", 1)[1]  # and names where it was first
-
-
-def test_manifest_file_problems(tmp_path):
-    (tmp_path / "cp949.jsonl").write_bytes(GOOD_LINE.replace("좋은 설명", "한국어").encode("cp949"))
-    (tmp_path / "m.txt").write_text(GOOD_LINE)
-    (tmp_path / "bad.json").write_text('[{"video": "a.mp4", "captions": ["x"]},\n {"video": "b.mp4", }]')
-    (tmp_path / "entry.json").write_text('[{"video": "a.mp4", "captions": ["x"]}, {"video": "b.mp4"}]')
-    cases = {"cp949.jsonl": "iconv -f cp949", "m.txt": "unknown manifest type", "missing.jsonl": "no such manifest",
-             "bad.json": "bad.json:2: not valid JSON", "entry.json": "entry.json: entry 2: no caption field"}
-    for name, problem in cases.items():
-        with pytest.raises(ManifestError, match=problem):
-            read_manifest(tmp_path / name)
+# ── subsets and splits ─────────────────────────────────────────────────────────────────────────────────────────────
+def samples_of(root, count, split=None, per_video=1) -> list[Sample]:
+    return [Sample(f"{split or 'v'}{i:03d}#{k}", root / f"{split or 'v'}{i:03d}.mp4", ["설명"], split, start=k,
+                   end=k + 1) if per_video > 1 else Sample(f"{split or 'v'}{i:03d}", root / f"{split or 'v'}{i:03d}.mp4",
+                                                           ["설명"], split)
+            for i in range(count) for k in range(per_video)]
 
 
 def test_split_samples_by_seed_and_by_manifest(tmp_path):
-    samples = [Sample(f"v{i:03d}", tmp_path / f"v{i:03d}.mp4", ["설명"]) for i in range(500)]
+    samples = samples_of(tmp_path, 500)
     parts = split_samples(samples, seed=42)
     assert {name: len(part) for name, part in parts.items()} == {"train": 400, "val": 50, "test": 50}
     assert {s.id for part in parts.values() for s in part} == {s.id for s in samples}
@@ -234,96 +222,103 @@ def test_split_samples_by_seed_and_by_manifest(tmp_path):
         split_samples(parts["train"] + samples[:3])
 
 
-# ── bad videos in a data set, and batches ────────────────────────────────────────────────────────────────────────
-def video_samples(tmp_path, good: int, bad: int) -> list[Sample]:
-    write_video(indexed_frames(10, 32), tmp_path / "good.mp4")
-    samples = []
-    for i in range(good):
-        (tmp_path / f"g{i}.mp4").write_bytes((tmp_path / "good.mp4").read_bytes())
-        samples.append(Sample(f"g{i}", tmp_path / f"g{i}.mp4", [f"설명 {i}"]))
-    return samples + [Sample(f"b{i}", tmp_path / f"bad{i}.mp4", ["설명"]) for i in range(bad)]  # missing files
+def test_segments_of_one_video_stay_in_one_split(tmp_path):
+    parts = split_samples(samples_of(tmp_path, 50, per_video=3), seed=1)
+    videos = {name: {s.video for s in part} for name, part in parts.items()}
+    assert not videos["train"] & videos["val"] and not videos["train"] & videos["test"]
+    assert not videos["val"] & videos["test"]
+    assert [len(part) for part in parts.values()] == [120, 15, 15]
 
 
-def test_check_videos_skips_or_aborts(tmp_path, caplog):
-    samples = video_samples(tmp_path, good=20, bad=1)
-    with pytest.raises(VideoError, match="bad0.mp4: no such file"):
-        check_videos(samples)
+def test_subset_is_seeded_and_stratified_by_split(tmp_path):
+    samples = samples_of(tmp_path, 800, "train") + samples_of(tmp_path, 100, "val") + samples_of(tmp_path, 100, "test")
+    subset = subset_samples(samples, 500, seed=3)
+    assert [sum(s.split == name for s in subset) for name in ("train", "val", "test")] == [400, 50, 50]
+    assert subset == subset_samples(samples, 500, seed=3) and subset != subset_samples(samples, 500, seed=4)
+    assert subset == [s for s in samples if s in subset]  # manifest order kept
+    assert len(subset_samples(samples[:7] + samples[800:803], 5, seed=0)) == 5
+    assert subset_samples(samples, 5000) == samples
+
+
+def test_load_splits_with_max_samples(tmp_path):
+    manifest = write_manifest(samples_of(tmp_path, 40, "train") + samples_of(tmp_path, 10, "test")
+                              + samples_of(tmp_path, 10, "val"), tmp_path / "m.jsonl")
+    splits = load_splits(manifest, max_samples=12, seed=5)
+    assert {name: len(part) for name, part in splits.items()} == {"train": 8, "val": 2, "test": 2}
+    assert splits == load_splits(manifest, max_samples=12, seed=5)
+    unsplit = write_manifest(samples_of(tmp_path, 100), tmp_path / "unsplit.jsonl")
+    assert sum(map(len, load_splits(unsplit, max_samples=20).values())) == 20
+
+
+def test_check_splits_names_the_split_and_the_sample(tmp_path):
+    good = {name: samples_of(tmp_path, 2, name) for name in ("train", "val", "test")}
+    check_splits(good)
+    with pytest.raises(ValueError, match="the val split is empty"):
+        check_splits(good | {"val": []})
+    with pytest.raises(ValueError, match="the test split is empty"):
+        check_splits({"train": good["train"], "val": good["val"]})
+    bad = Sample("x", tmp_path / "x.mp4", ["  "], "train", where="m.jsonl:7")
+    with pytest.raises(ValueError, match=r"^m.jsonl:7: sample 'x' has no caption"):
+        check_splits(good | {"train": good["train"] + [bad]})
+
+
+# ── the bad-video policy ───────────────────────────────────────────────────────────────────────────────────────────
+def test_bad_video_policy_raises_skips_or_aborts(caplog):
+    errors = [VideoError(f"/data/bad{i}.mp4: no such file") for i in range(3)]
+    with pytest.raises(VideoError, match="bad0.mp4"):
+        BadVideos(40).report(errors[0])
+    policy = BadVideos(40, skip_bad=True, max_bad_fraction=0.05)
     with caplog.at_level(logging.WARNING, logger="data"):
-        kept = check_videos(samples, skip_bad=True, max_bad_fraction=0.05)  # 1 of 21 is under 5%
-    assert [s.id for s in kept] == [f"g{i}" for i in range(20)]
-    assert "bad0.mp4" in caplog.text
-    with pytest.raises(VideoError, match=r"at least 1 of 12 videos are bad, more than the 5% allowed \(first: .*bad0.mp4\)"):
-        check_videos(video_samples(tmp_path, good=10, bad=2), skip_bad=True)
+        policy.report(errors[0])
+        policy.report(errors[1])  # 2 of 40 is 5%: still allowed
+        policy.summarise()
+    assert "bad0.mp4" in caplog.text and "bad1.mp4" in caplog.text and "skipped 2 of 40" in caplog.text
+    with pytest.raises(VideoError, match=r"at least 3 of 40 videos are bad, more than the 5% allowed \(first: "
+                                         r"/data/bad0.mp4"):
+        policy.report(errors[2])
 
 
-def test_dataset_and_collate(tmp_path):
-    samples = video_samples(tmp_path, good=3, bad=0)
-    dataset = VideoCaptionDataset(samples, num_frames=4, image_size=32)
-    batch = collate([dataset[0], dataset[2]])
-    assert batch["frames"].shape == (2, 4, 3, 32, 32) and batch["frames"].dtype == torch.float32
-    assert batch["ids"] == ["g0", "g2"] and batch["captions"] == [["설명 0"], ["설명 2"]]
-    assert batch["videos"] == [samples[0].video, samples[2].video]
+# ── the command line ───────────────────────────────────────────────────────────────────────────────────────────────
+def test_convert_aihub_then_check(colour_videos, tmp_path, caplog):
+    (tmp_path / "videos" / "AN").mkdir(parents=True)
+    (tmp_path / "videos" / "AN" / "D2_AN_0001_000001.mp4").write_bytes((colour_videos / "vfr.mp4").read_bytes())
+    entries = [{"timestamps": ["0:00.00000", "0:01.00000"], "trigger_action": "빨간 화면이 나온다."},
+               {"timestamps": ["0:01.00000", "0:02.00000"], "trigger_action": "초록 화면으로 바뀐다."},
+               {"timestamps": ["0:02.00000", "0:02.00000"], "trigger_action": "빈 구간"},
+               {"timestamps": ["0:03.00000", "0:04.00000"], "trigger_action": ""}]
+    labels = tmp_path / "labels" / "AN"
+    labels.mkdir(parents=True)
+    (labels / "D2_AN_0001_000001.json").write_text(json.dumps(
+        {"video_name": "D2_AN_0001_000001.mp4", "duration": 4.0, "trigger_info": entries}, ensure_ascii=False),
+        encoding="utf-8-sig")
+    with caplog.at_level(logging.INFO, logger="data"):
+        main(["convert", "aihub", str(tmp_path / "labels"), str(tmp_path / "videos"), "--output",
+              str(tmp_path / "out" / "train.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"id": "D2_AN_0001_000001#1", "video": "../videos/AN/D2_AN_0001_000001.mp4",
+                     "captions": ["빨간 화면이 나온다."], "start": 0.0, "end": 1.0},
+                    {"id": "D2_AN_0001_000001#2", "video": "../videos/AN/D2_AN_0001_000001.mp4",
+                     "captions": ["초록 화면으로 바뀐다."], "start": 1.0, "end": 2.0}]
+    assert "trigger_info entry 3: empty span" in caplog.text and "trigger_info entry 4: no caption" in caplog.text
+    main(["check", str(tmp_path / "out" / "train.jsonl")])
+    samples = read_manifest(tmp_path / "out" / "train.jsonl")
+    assert [colour_of(read_frames(s.video, 4, s.start, s.end)[0]) for s in samples] == ["red", "green"]
 
 
-# ── the synthetic dataset ──────────────────────────────────────────────────────────────────────────────────────────
-def test_parse_inverts_every_template_value_and_synonym():
-    combinations = attribute_combinations()
-    assert len(combinations) == 6 * 5 * 4 * 4
-    for template in CAPTION_TEMPLATES:
-        for n, attributes in enumerate(combinations):  # every value, and every pair of values, in every template
-            choices = caption_choices(attributes)
-            words = {slot: options[n % len(options)] for slot, options in choices.items()}
-            assert parse_caption_attributes(make_caption(template, words)) == attributes
-        for attributes in combinations[:: len(combinations) // 24]:  # and every synonym of every slot
-            choices = caption_choices(attributes)
-            for slot, options in choices.items():
-                for option in options:
-                    words = {s: option if s == slot else o[0] for s, o in choices.items()}
-                    assert parse_caption_attributes(make_caption(template, words)) == attributes
-
-
-def test_parse_says_none_when_unsure():
-    assert parse_caption_attributes("빨간 원과 파란 별이 검은 배경에서 움직인다.") == {
-        "colour": None, "shape": None, "motion": None, "background": "black"}
-    assert set(parse_caption_attributes("영상이 나온다.").values()) == {None}
-    assert all(set(CAPTION_WORDS[name]) == set(values) for name, values in ATTRIBUTES.items())
-
-
-def test_synth_is_deterministic_and_holds_out_combinations(tmp_path):
-    options = dict(num=24, num_val=6, num_test=6, size=32, frames=8)
-    first = synth_dataset(tmp_path / "a", seed=3, **options)
-    second = synth_dataset(tmp_path / "b", seed=3, **options)
-    assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")
-    samples = read_manifest(first)
-    for sample in samples[::5]:
-        assert np.array_equal(read_frames(sample.video, 8), read_frames(tmp_path / "b" / "videos" /
-                                                                        sample.video.name, 8))
-    assert synth_dataset(tmp_path / "c", seed=4, **options).read_text(encoding="utf-8") != first.read_text(
-        encoding="utf-8")
-    combos = {name: {tuple(s.attributes.values()) for s in samples if s.split == name} for name in
-              ("train", "val", "test")}
-    assert [len([s for s in samples if s.split == name]) for name in ("train", "val", "test")] == [12, 6, 6]
-    assert not combos["train"] & combos["val"] and not combos["train"] & combos["test"]
-    assert not combos["val"] & combos["test"]
-    for sample in samples:
-        assert 2 <= len(sample.captions) <= 5 and len(set(sample.captions)) == len(sample.captions)
-        assert all(parse_caption_attributes(caption) == sample.attributes for caption in sample.captions)
-        frames, info = read_frames(sample.video, 8, return_info=True)
-        assert frames.shape == (8, 32, 32, 3) and info.decoded == 8
-
-
-def test_synth_heldout_is_the_same_for_any_size(tmp_path):
-    """The held-out combinations depend on the seed only, so a bigger run tests on the same combinations."""
-    small = read_manifest(synth_dataset(tmp_path / "s", 10, 5, num_val=0, num_test=5, size=16, frames=2))
-    big = read_manifest(synth_dataset(tmp_path / "b", 20, 5, num_val=0, num_test=10, size=16, frames=2))
-    assert [s.attributes for s in small if s.split == "test"] == [s.attributes for s in big if s.split == "test"][:5]
-
-
-def test_synth_command_line(tmp_path):
-    main(["synth", str(tmp_path / "out"), "--num", "5", "--seed", "1", "--size", "32", "--frames", "8"])
-    samples = read_manifest(tmp_path / "out" / "manifest.jsonl")
-    assert len(samples) == 5 and all(s.video.is_file() for s in samples)
-    main(["check", str(tmp_path / "out" / "manifest.jsonl")])
-    samples[0].video.write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"^error: .*train00000.mp4: empty file"):
-        main(["check", str(tmp_path / "out" / "manifest.jsonl")])
+def test_check_reports_every_problem_at_once(colour_videos, tmp_path, caplog):
+    (tmp_path / "v.mp4").write_bytes((colour_videos / "bframes.mp4").read_bytes())
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    lines = ['{"video": "v.mp4", "caption": "좋은 구간", "start": 0, "end": 2}',
+             '{"video": "v.mp4", "caption": "영상 밖", "start": 3, "end": 9}',
+             '{"video": "empty.mp4", "caption": "빈 파일"}',
+             '{"video": "v.mp4", "caption": "나쁜 시각", "start": "3초", "end": 4}',
+             '{"video": "missing.mp4", "caption": "없는 파일"}', 'not json']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.ERROR, logger="data"), pytest.raises(ValueError, match="5 problems in 4 samples"):
+        main(["check", str(tmp_path / "m.jsonl")])
+    reported = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    expected = [(4, "unparsable timestamp"), (6, "not valid JSON"), (2, "ends after the video"), (3, "empty file"),
+                (5, "no such file")]
+    assert len(reported) == 5
+    assert all(message.startswith(f"{tmp_path / 'm.jsonl'}:{line}:") and problem in message
+               for message, (line, problem) in zip(reported, expected)), reported

@@ -1,0 +1,68 @@
+"""synth.py: the caption grammar reads back (every template, value and synonym), the dataset is deterministic and
+holds out attribute combinations, and `python synth.py` writes it."""
+import numpy as np
+
+from data import read_frames, read_manifest
+from synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices, main,
+                   make_caption, parse_caption_attributes, synth_dataset)
+
+
+def test_parse_inverts_every_template_value_and_synonym():
+    combinations = attribute_combinations()
+    assert len(combinations) == 6 * 5 * 4 * 4
+    for template in CAPTION_TEMPLATES:
+        for n, attributes in enumerate(combinations):  # every value, and every pair of values, in every template
+            choices = caption_choices(attributes)
+            words = {slot: options[n % len(options)] for slot, options in choices.items()}
+            assert parse_caption_attributes(make_caption(template, words)) == attributes
+        for attributes in combinations[:: len(combinations) // 24]:  # and every synonym of every slot
+            choices = caption_choices(attributes)
+            for slot, options in choices.items():
+                for option in options:
+                    words = {s: option if s == slot else o[0] for s, o in choices.items()}
+                    assert parse_caption_attributes(make_caption(template, words)) == attributes
+
+
+def test_parse_says_none_when_unsure():
+    assert parse_caption_attributes("빨간 원과 파란 별이 검은 배경에서 움직인다.") == {
+        "colour": None, "shape": None, "motion": None, "background": "black"}
+    assert set(parse_caption_attributes("영상이 나온다.").values()) == {None}
+    assert all(set(CAPTION_WORDS[name]) == set(values) for name, values in ATTRIBUTES.items())
+
+
+def test_synth_is_deterministic_and_holds_out_combinations(tmp_path):
+    options = dict(num=24, num_val=6, num_test=6, size=32, frames=8)
+    first = synth_dataset(tmp_path / "a", seed=3, **options)
+    second = synth_dataset(tmp_path / "b", seed=3, **options)
+    assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")
+    samples = read_manifest(first)
+    for sample in samples[::5]:
+        assert np.array_equal(read_frames(sample.video, 8), read_frames(tmp_path / "b" / "videos" /
+                                                                        sample.video.name, 8))
+    assert synth_dataset(tmp_path / "c", seed=4, **options).read_text(encoding="utf-8") != first.read_text(
+        encoding="utf-8")
+    combos = {name: {tuple(s.attributes.values()) for s in samples if s.split == name} for name in
+              ("train", "val", "test")}
+    assert [len([s for s in samples if s.split == name]) for name in ("train", "val", "test")] == [12, 6, 6]
+    assert not combos["train"] & combos["val"] and not combos["train"] & combos["test"]
+    assert not combos["val"] & combos["test"]
+    for sample in samples:
+        assert 2 <= len(sample.captions) <= 5 and len(set(sample.captions)) == len(sample.captions)
+        assert all(parse_caption_attributes(caption) == sample.attributes for caption in sample.captions)
+        assert read_frames(sample.video, 8).shape == (8, 32, 32, 3)
+
+
+def test_synth_heldout_is_the_same_for_any_size(tmp_path):
+    """The held-out combinations depend on the seed only, so a bigger run tests on the same combinations."""
+    small = read_manifest(synth_dataset(tmp_path / "s", 10, 5, num_val=0, num_test=5, size=16, frames=2))
+    big = read_manifest(synth_dataset(tmp_path / "b", 20, 5, num_val=0, num_test=10, size=16, frames=2))
+    assert [s.attributes for s in small if s.split == "test"] == [s.attributes for s in big if s.split == "test"][:5]
+
+
+def test_synth_command_line(tmp_path):
+    main([str(tmp_path / "out"), "--num", "10", "--seed", "1", "--size", "32", "--frames", "8"])
+    samples = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert [s.split for s in samples] == ["train"] * 8 + ["val", "test"]
+    assert all(read_frames(s.video, 8).shape == (8, 32, 32, 3) for s in samples)
+    again = read_manifest(synth_dataset(tmp_path / "again", 10, 1, size=32, frames=8))
+    assert [(s.id, s.captions, s.attributes) for s in again] == [(s.id, s.captions, s.attributes) for s in samples]
