@@ -159,3 +159,8 @@ def test_missing_files_are_named(bert_dir, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights; expected model.safetensors or pytorch_model.bin"):
         bert.load_bert(folder, 1)
+
+
+def test_bench_runs_the_bert_base_shape_up_to_the_layer_asked():
+    result = bert.bench(layer=1, batch_size=2, sentences=2)  # a smoke test: the figure comes from `bert.py --bench`
+    assert result["sentences_per_s"] > 0 and result["layer"] == 1 and 12 <= result["mean_tokens"] <= 32
