@@ -264,8 +264,9 @@ class OtherVideosFeatures:
         self.other = {video: order[(i + 1) % len(order)] for i, video in enumerate(order)}
         self.cache, self.root = cache, cache.root
 
-    def load(self, video):
-        return self.cache.load(self.other[str(video)])
+    def load(self, item):
+        """`item` is a Sample (what CachedFeatureDataset passes) or a video path; the demo's videos are whole."""
+        return self.cache.load(self.other[str(getattr(item, "video", item))])
 
 
 def blind_baseline(checkpoint_path) -> dict:
