@@ -1,4 +1,6 @@
-"""Caption metrics, each equal to a named reference implementation: METEOR (two of them), CIDEr-D, BLEU-4, chrF.
+"""Caption metrics, each equal to a named reference implementation: METEOR (two of them), CIDEr-D, BLEU-4, chrF,
+BERTScore (with our BERT, bert.py). `python metrics.py FILE [--json] [--bertscore-model DIR]` scores a predictions
+file: evaluate.py's predictions.json or JSON lines {"id", "prediction", "references": [...]} from any system.
 
 Users compare kovlm's numbers with published ones, so each metric reproduces one reference and says which;
 tests/test_metrics.py checks it against that reference. Every metric takes `hyps: list[str]` (one caption per
@@ -16,6 +18,12 @@ Why two METEORs: papers report both, and on Korean they are different numbers.
   Examples: "고양이가 소파 위에서 잔다." against "고양이 한 마리가 소파 위에서 자고 있다." scores 0.2799 with
   `meteor` and 0.3563 with `meteor_coco`; "빨간 원이 파란 배경 위에서 왼쪽으로 움직인다." against "파란 배경에서
   빨간 원이 왼쪽으로 이동한다." scores 0.5174 and 0.4351 (more words, in more chunks, for the jar).
+
+BERTScore (Zhang et al. 2020, arXiv 1904.09675) is the bert-score package's (0.3) number: each caption is cut into
+WordPiece sub-words (Korean eojeol split into stems and endings, so 고양이가 and 고양이 share a piece), embedded by
+one hidden layer of a BERT (layer 9 of bert-base-multilingual-cased, the package's choice for Korean), and each
+token is matched to its most similar token on the other side (cosine); P averages over the candidate's tokens, R
+over the reference's, with idf weights from the references when asked (rare pieces count more than endings).
 """
 import argparse
 import json
