@@ -20,7 +20,7 @@ Why two METEORs: papers report both, and on Korean they are different numbers.
   빨간 원이 왼쪽으로 이동한다." scores 0.5174 and 0.4351 (more words, in more chunks, for the jar).
 
 BERTScore (Zhang et al. 2020, arXiv 1904.09675) is the bert-score package's (0.3) number: each caption is cut into
-WordPiece sub-words (Korean eojeol split into stems and endings, so 고양이가 and 고양이 share a piece), embedded by
+WordPiece sub-words (an eojeol splits into pieces, so 고양이가 and 고양이 share pieces: partial credit), embedded by
 one hidden layer of a BERT (layer 9 of bert-base-multilingual-cased, the package's choice for Korean), and each
 token is matched to its most similar token on the other side (cosine); P averages over the candidate's tokens, R
 over the reference's, with idf weights from the references when asked (rare pieces count more than endings).
