@@ -5,20 +5,32 @@
     python experiments.py --with-crossattn                    # also E9-E10: the plan's cross-attention abstractor
 
 Options other than the grid's own are passed through to every train.py run. A run whose logs/final_metrics.json
-exists is skipped, so an interrupted grid continues where it stopped. Writes summary/all_results.csv,
-summary/comparison_plots.png, and prints a recommendation: the best METEOR, and the best METEOR per unit of cost.
+exists is skipped, so an interrupted grid continues where it stopped; that file must be the run's own test result
+(train.py writes it; evaluate.py run by hand writes under RUN/eval/, which is never read here). Writes
+summary/all_results.csv, summary/comparison_plots.png, summary/learning_curves.png and summary/report.html (the
+table, the plots, links to each run's report.html), and prints a recommendation: the best METEOR, and the best
+METEOR per unit of cost. With --bertscore-model DIR each run's test predictions are also scored with BERTScore
+(P / R / F1 columns and a plot); without it those columns are absent and the summary says how to add them.
 """
 import argparse
 import csv
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from checkpoint import atomic_write_text
+from errors import user_errors
+from report import render_summary
 
 GRID = [(projector, peft) for projector in ("linear", "mlp", "cabstractor", "perceiver") for peft in ("lora", "dora")]
 EXTRA = [("crossattn", "lora"), ("crossattn", "dora")]
 COLUMNS = ["experiment", "projector", "peft", "meteor", "meteor_coco", "cider_d", "bleu4", "chrf",
            "trainable_parameters", "median_step_seconds", "peak_memory_gib", "run_dir"]
+BERTSCORE_COLUMNS = ["bertscore_p", "bertscore_r", "bertscore_f1"]
+BERTSCORE_OFF = "BERTScore not computed: add --bertscore-model DIR (a BERT snapshot folder) to score each run with it"
 
 
 def run_experiment(name: str, projector: str, peft: str, runs: Path, passthrough: list[str]) -> Path:
@@ -33,12 +45,30 @@ def run_experiment(name: str, projector: str, peft: str, runs: Path, passthrough
     return run_dir
 
 
-def result_row(name: str, projector: str, peft: str, run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "logs" / "final_metrics.json").read_text())["metrics"]
+def result_row(name: str, projector: str, peft: str, run_dir: Path, bertscore: dict | None = None) -> dict:
+    """The run's own test result (train.py's logs/final_metrics.json, refused when it is not the test split), its
+    training summary, and with `bertscore` ({"model", "layer"}) the BERTScore of its test predictions."""
+    final = run_dir / "logs" / "final_metrics.json"
+    result = json.loads(final.read_text())
+    if result.get("split") != "test" or result.get("manifest"):
+        raise ValueError(f"{final}: holds an evaluation of {result.get('manifest') or result.get('split')!r}, not "
+                         f"the run's test split; rerun the experiment or evaluate the test split into that folder")
+    metrics = result["metrics"]
+    if bertscore and "bertscore_f1" not in metrics:
+        metrics = metrics | bertscore_metrics(run_dir / "samples" / "predictions.json", bertscore)
     summary = json.loads((run_dir / "logs" / "train_summary.json").read_text())
     return {"experiment": name, "projector": projector, "peft": peft, "run_dir": str(run_dir),
             **{key: metrics[key]["value"] for key in ("meteor", "meteor_coco", "cider_d", "bleu4", "chrf")},
+            **{key: metrics[key]["value"] for key in BERTSCORE_COLUMNS if key in metrics},
             **{key: summary[key] for key in ("trainable_parameters", "median_step_seconds", "peak_memory_gib")}}
+
+
+def bertscore_metrics(predictions_file: Path, bertscore: dict) -> dict:
+    from metrics import score_captions
+    predictions = json.loads(predictions_file.read_text())
+    metrics, _ = score_captions([p["prediction"] for p in predictions], [p["references"] for p in predictions],
+                                bertscore_model=bertscore["model"], bertscore_layer=bertscore["layer"])
+    return {key: metrics[key] for key in BERTSCORE_COLUMNS}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -46,9 +76,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = [f"{r['experiment']}\n{r['projector']}\n{r['peft']}" for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(18, 4.5))
-    for axis, key, title in zip(axes, ("meteor", "median_step_seconds", "peak_memory_gib"),
-                                ("test METEOR", "median step time (s), stage 2", "peak memory (GiB)")):
+    panels = [("meteor", "test METEOR"), ("median_step_seconds", "median step time (s), stage 2"),
+              ("peak_memory_gib", "peak memory (GiB)")]
+    panels += [("bertscore_f1", "test BERTScore F1")] if all("bertscore_f1" in r for r in rows) else []
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    for axis, (key, title) in zip(axes, panels):
         axis.bar(labels, [r[key] for r in rows], color=["tab:blue" if r["peft"] == "lora" else "tab:orange"
                                                         for r in rows])
         axis.set_title(title)
@@ -67,30 +99,72 @@ def recommend(rows: list[dict]) -> str:
             f"{per_cost['meteor']:.4f} at {per_cost['median_step_seconds']:.3f} s/step")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="runs", help="folder of the experiments' run folders")
-    parser.add_argument("--summary", default="summary", help="folder of all_results.csv and comparison_plots.png")
-    parser.add_argument("--with-crossattn", action="store_true", help="also run the cross-attention abstractor")
-    args, passthrough = parser.parse_known_args(argv)
-    grid = GRID + (EXTRA if args.with_crossattn else [])
-    rows = []
-    for number, (projector, peft) in enumerate(grid, start=1):
-        name = f"E{number}"
-        run_dir = run_experiment(name, projector, peft, Path(args.runs), passthrough)
-        rows.append(result_row(name, projector, peft, run_dir))
-    summary = Path(args.summary)
+def plot_learning_curves(rows: list[dict], path: Path) -> None:
+    """Every run's training loss and validation METEOR against the optimizer step, overlaid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (loss_axis, meteor_axis) = plt.subplots(1, 2, figsize=(14, 4.5))
+    for r in rows:
+        with open(Path(r["run_dir"]) / "logs" / "training_log.csv", newline="") as f:
+            log = list(csv.DictReader(f))
+        label = f"{r['experiment']} {r['projector']} + {r['peft']}"
+        steps = [(int(x["step"]), float(x["loss"])) for x in log if x["loss"]]
+        val = [(int(x["step"]), float(x["val_meteor"])) for x in log if x["val_meteor"]]
+        loss_axis.plot([s for s, _ in steps], [v for _, v in steps], label=label)
+        meteor_axis.plot([s for s, _ in val], [v for _, v in val], "o-", label=label)
+    loss_axis.set(title="training loss", xlabel="step", yscale="log")
+    meteor_axis.set(title="validation METEOR", xlabel="step")
+    meteor_axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_summary(rows: list[dict], summary: Path, bertscore: bool) -> None:
+    """all_results.csv, the two figures and report.html, each file written atomically."""
     summary.mkdir(parents=True, exist_ok=True)
-    with open(summary / "all_results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = COLUMNS[:8] + (BERTSCORE_COLUMNS if bertscore else []) + COLUMNS[8:]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(summary / "all_results.csv", table.getvalue())
     plot(rows, summary / "comparison_plots.png")
+    plot_learning_curves(rows, summary / "learning_curves.png")
+    links = {f"{r['experiment']} {r['projector']} + {r['peft']}":
+             os.path.relpath(Path(r["run_dir"]) / "samples" / "report.html", summary) for r in rows}
+    page = render_summary("kovlm experiments", rows, columns[:-1],
+                          {"comparison": summary / "comparison_plots.png",
+                           "learning curves": summary / "learning_curves.png"}, links,
+                          notes=[] if bertscore else [BERTSCORE_OFF])
+    atomic_write_text(summary / "report.html", page)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--runs", default="runs", help="folder of the experiments' run folders")
+    parser.add_argument("--summary", default="summary", help="folder of all_results.csv, the plots and report.html")
+    parser.add_argument("--with-crossattn", action="store_true", help="also run the cross-attention abstractor")
+    parser.add_argument("--bertscore-model", help="a BERT snapshot folder: adds BERTScore P/R/F1 of each run")
+    parser.add_argument("--bertscore-layer", type=int, default=9, help="BERT layer whose embeddings BERTScore uses")
+    args, passthrough = parser.parse_known_args(argv)
+    bertscore = {"model": args.bertscore_model, "layer": args.bertscore_layer} if args.bertscore_model else None
+    grid = GRID + (EXTRA if args.with_crossattn else [])
+    with user_errors():
+        rows = []
+        for number, (projector, peft) in enumerate(grid, start=1):
+            name = f"E{number}"
+            run_dir = run_experiment(name, projector, peft, Path(args.runs), passthrough)
+            rows.append(result_row(name, projector, peft, run_dir, bertscore))
+        write_summary(rows, Path(args.summary), bertscore is not None)
     print(f"\n{'exp':<4} {'projector':<12} {'peft':<5} {'METEOR':>7} {'CIDEr-D':>8} {'params':>12} {'s/step':>7}")
     for r in rows:
         print(f"{r['experiment']:<4} {r['projector']:<12} {r['peft']:<5} {r['meteor']:>7.4f} {r['cider_d']:>8.4f} "
               f"{r['trainable_parameters']:>12,} {r['median_step_seconds']:>7.3f}")
-    print("\n" + recommend(rows))
+    print("\n" + recommend(rows) + ("" if bertscore else "\n" + BERTSCORE_OFF))
+    print(f"summary: {Path(args.summary) / 'report.html'}")
     return rows
 
 

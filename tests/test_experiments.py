@@ -30,3 +30,49 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_bases, tiny_manifest,
         raise AssertionError("a finished experiment ran again")
     monkeypatch.setattr(subprocess, "run", must_not_run)
     assert [r["meteor"] for r in experiments.main(flags)] == [r["meteor"] for r in rows]
+
+
+def fake_run(run_dir, meteor: float, *, split: str = "test") -> None:
+    """A finished run's files as train.py leaves them (so the grid skips training and only summarises)."""
+    import json
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "samples").mkdir()
+    names = ("meteor", "meteor_coco", "cider_d", "bleu4", "chrf")
+    (run_dir / "logs" / "final_metrics.json").write_text(json.dumps(
+        {"split": split, "manifest": None, "metrics": {n: {"value": meteor, "reference": n} for n in names}}))
+    (run_dir / "logs" / "train_summary.json").write_text(json.dumps(
+        {"trainable_parameters": 10, "median_step_seconds": 0.5, "peak_memory_gib": 1.0}))
+    (run_dir / "logs" / "training_log.csv").write_text(
+        "step,epoch,stage,loss,lr,grad_norm,step_seconds,tokens_per_s,val_loss,val_meteor\n"
+        "1,1,1,2.0,0.001,1.0,0.5,10,,\n1,1,1,,,,,,1.9,0.1\n2,2,1,1.0,0.001,1.0,0.5,10,,\n2,2,1,,,,,,1.5,0.3\n")
+    (run_dir / "samples" / "predictions.json").write_text("[]")
+
+
+def test_summary_page_csv_and_plots_from_finished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "GRID", [("perceiver", "lora"), ("linear", "dora")])
+    fake_run(tmp_path / "runs" / "E1_perceiver_lora", 0.4)
+    fake_run(tmp_path / "runs" / "E2_linear_dora", 0.6)
+    rows = experiments.main(["--runs", str(tmp_path / "runs"), "--summary", str(tmp_path / "summary")])
+    assert [r["meteor"] for r in rows] == [0.4, 0.6]
+    page = (tmp_path / "summary" / "report.html").read_text()
+    assert page.count('<tr class="run">') == 2 and page.count('src="data:image/png;base64,') == 2
+    assert 'href="../runs/E1_perceiver_lora/samples/report.html"' in page
+    assert "--bertscore-model" in page and "bertscore" not in (tmp_path / "summary" / "all_results.csv").read_text()
+    assert (tmp_path / "summary" / "learning_curves.png").stat().st_size > 0
+    assert "best METEOR: E2" in capsys.readouterr().out
+
+
+def test_an_evaluation_of_another_split_is_not_taken_for_the_test_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "GRID", [("perceiver", "lora")])
+    fake_run(tmp_path / "runs" / "E1_perceiver_lora", 0.4, split="val")
+    with pytest.raises(SystemExit, match="not the run's test split"):
+        experiments.main(["--runs", str(tmp_path / "runs"), "--summary", str(tmp_path / "summary")])
+
+
+def test_help_shows_defaults():
+    import os
+    import sys
+    from pathlib import Path
+    shown = subprocess.run([sys.executable, "experiments.py", "--help"], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, env=dict(os.environ, COLUMNS="200")).stdout
+    assert "(default: runs)" in shown and "(default: 9)" in shown
