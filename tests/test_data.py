@@ -322,3 +322,28 @@ def test_check_reports_every_problem_at_once(colour_videos, tmp_path, caplog):
     assert len(reported) == 5
     assert all(message.startswith(f"{tmp_path / 'm.jsonl'}:{line}:") and problem in message
                for message, (line, problem) in zip(reported, expected)), reported
+
+
+def test_short_training_run_on_a_converted_manifest_of_spans(colour_videos, tiny_bases, tmp_path):
+    from train import TrainConfig, main as train_main
+    clip, llm = tiny_bases
+    labels, captions = tmp_path / "labels", ["빨간 화면", "초록 화면", "파란 화면", "흰 화면"]
+    for v in range(4):
+        (tmp_path / "videos" / f"clip{v}.mp4").parent.mkdir(exist_ok=True)
+        (tmp_path / "videos" / f"clip{v}.mp4").write_bytes((colour_videos / ("vfr.mp4", "bframes.mp4")[v % 2])
+                                                           .read_bytes() + b"\0" * v)  # four distinct files
+        entries = [{"timestamps": [f"0:0{k}.00000", f"0:0{k + 1}.00000"], "trigger_action": captions[k]}
+                   for k in range(4)]
+        labels.mkdir(exist_ok=True)
+        (labels / f"clip{v}.json").write_text(json.dumps({"video_name": f"clip{v}.mp4", "duration": 4.0,
+                                                          "trigger_info": entries}, ensure_ascii=False))
+    main(["convert", "aihub", str(labels), str(tmp_path / "videos"), "--output", str(tmp_path / "train.jsonl")])
+    assert len(read_manifest(tmp_path / "train.jsonl")) == 16
+    cfg = TrainConfig(clip=str(clip), llm=str(llm), train_manifest=str(tmp_path / "train.jsonl"),
+                      output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), projector="perceiver",
+                      peft="lora", stage1_epochs=1, stage2_epochs=1, batch_size=4, num_frames=2, num_queries=4,
+                      lora_r=4, lora_alpha=8, eval_batch_size=8, max_new_tokens=4, num_workers=0, dtype="fp32",
+                      val_fraction=0.25, test_fraction=0.25)
+    train_main(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "final_model.pt").is_file()
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 16  # one entry per segment
