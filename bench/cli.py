@@ -3,6 +3,8 @@
     python -m bench --preset cpu-small        # = python -m bench model --preset cpu-small; qwen3-8b on a GPU
     python -m bench model [--preset cpu-small|qwen3-8b] [--tasks train,generate,loss,vision] [--quick] [--json PATH]
     python -m bench memory SNAPSHOT [--quant nf4] [--device cuda]
+    python -m bench profile [--preset cpu-small|qwen3-8b] [--layers N] [--quick] [--json PATH]
+    python -m bench grid-estimate RESULTS_JSON [--videos 500] [--val-videos 50]
     python -m bench adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
 
 `model` writes random weights with the preset's Qwen3 / CLIP shapes once to a temporary snapshot folder, so both
@@ -32,8 +34,10 @@ from pathlib import Path
 
 import torch
 
+from bench import grid
 from bench.adapters import bench_adapters
 from bench.memory import bench_memory
+from bench.profile import bench_profile
 from bench.snapshots import PRESETS, preset_for
 from bench.stacks import METHODS, SHAPES, STACKS
 from bench.table import model_rows, print_model_table
@@ -107,7 +111,7 @@ def run_measurements(args, tasks: list[str]) -> dict:
     if "train" in tasks:
         results["train"] = {shape: {method: {} for method in args.methods} for shape in args.shapes}
         for shape in args.shapes:  # ours' LoRA and DoRA back to back: their ratio's target is the tightest
-            for stack in STACKS:
+            for stack in args.stacks:
                 for method in args.methods:
                     expect = root / f"expect-train-{shape}-{method}.json"
                     results["train"][shape][method][stack] = run_stack(args, "train", stack, expect, method=method,
@@ -118,7 +122,7 @@ def run_measurements(args, tasks: list[str]) -> dict:
             expect = root / f"expect-generate-{method}.json"
             results["generate"][method] = {
                 name: run_stack(args, "generate", stack, expect, method=method, variant=variant)
-                for name, stack, variant in GENERATE_RUNS}
+                for name, stack, variant in GENERATE_RUNS if stack in args.stacks}
     if "loss" in tasks:
         results["loss"] = {variant: run_worker(args, "loss", variant=variant)
                            for variant in ("label-only", "full-logits")}
@@ -235,10 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training shapes, comma-separated: " + ",".join(SHAPES))
     model.add_argument("--methods", type=comma_list(METHODS), default=list(METHODS),
                        help="adapters, comma-separated: " + ",".join(METHODS))
+    model.add_argument("--stacks", type=comma_list(STACKS), default=list(STACKS),
+                       help="stacks, comma-separated, ours first: " + ",".join(STACKS))
     model.add_argument("--snapshot-dir", type=Path, help="keep the random snapshot folders here and reuse them "
                                                           "(default: a temporary folder, removed at the end)")
     model.add_argument("--inline", action="store_true", help="run every measurement in this process (tests)")
     model.set_defaults(run=bench_model)
+    profiler = commands.add_parser("profile", parents=[common], help="torch.profiler summary of ours' training "
+                                   "step and decode step: top ops, kernel launches, synchronisations")
+    profiler.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    profiler.add_argument("--snapshot-dir", type=Path, help="reuse (or keep) the random snapshot folders here")
+    profiler.set_defaults(run=bench_profile)
+    grid.add_parser(commands)
     memory = commands.add_parser("memory", help="load one Qwen3 snapshot folder; its size, load time, peak memory")
     memory.add_argument("path", help="a Qwen3 snapshot folder")
     memory.add_argument("--quant", choices=["nf4"], default=None)
@@ -264,6 +276,8 @@ def main(argv=None) -> dict:
         argv = ["model", *argv]  # `python -m bench --preset cpu-small` is `python -m bench model --preset cpu-small`
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "stacks", ["ours"])[0] != "ours":
+        raise SystemExit("bench: --stacks must start with ours: the references are checked against its losses")
     if args.command == "model" and args.json is None:
         args.json = Path("bench_results.json")  # not a set_defaults: --json is one action shared by the subcommands
     result = args.run(args)

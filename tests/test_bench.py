@@ -145,3 +145,41 @@ def test_fp32_greedy_captions_equal_the_reference(snapshot_dir, tmp_path):
                          "--methods", "lora", "--snapshot-dir", str(snapshot_dir), "--json", str(tmp_path / "r.json")])
     runs = result["results"]["generate"]["lora"]
     assert [runs[k]["greedy_equal"] for k in ("ours-eager", "ours-merged", "reference")] == [1, 1, 1]
+
+
+def test_profile_reports_ops_and_where_each_synchronising_call_comes_from(snapshot_dir, tmp_path):
+    result = bench.main(["profile", "--quick", "--threads", "1", "--snapshot-dir", str(snapshot_dir),
+                         "--json", str(tmp_path / "p.json")])
+    train = result["train_step"]
+    assert train["top_host"] and train["host_ms"] > 0
+    # the only data-dependent op on ours' step path is the label positions, found on the host-side labels
+    nonzero = [call for call in train["sync_calls"] if call.startswith("aten::nonzero")]
+    assert nonzero and all(" on cpu from vlm.py:" in call for call in nonzero)
+    assert "decode_step" not in result and result["decode_step_eager"]["top_host"]  # no CUDA graph on the CPU
+    assert not result["decode_step_eager"]["sync_calls"]  # the static decode step never reads back
+
+
+def grid_results(layers: int, step_s: dict, captions_per_s: float) -> dict:
+    train = {shape: {method: {"ours": {"median_s": step_s[shape], "batch": batch}} for method in ("lora", "dora")}
+             for shape, batch in (("resampler", 4), ("per-patch", 1))}
+    generate = {method: {"ours": {"captions_per_s": captions_per_s}} for method in ("lora", "dora")}
+    return {"preset": {"name": "qwen3-8b", "layers": layers}, "results": {"train": train, "generate": generate}}
+
+
+def test_grid_estimate_projects_the_plan_from_measured_times(tmp_path):
+    train_file, generate_file = tmp_path / "train.json", tmp_path / "generate.json"
+    results = grid_results(36, {"resampler": 0.2, "per-patch": 0.5}, captions_per_s=10.0)
+    train_file.write_text(json.dumps(results | {"results": {"train": results["results"]["train"]}}))
+    generate_file.write_text(json.dumps(results | {"results": {"generate": results["results"]["generate"]}}))
+    estimate = bench.main(["grid-estimate", str(train_file), str(generate_file), "--json", str(tmp_path / "g.json")])
+    # per-patch: 500 steps of 0.5 s per epoch, 7 epochs; validation: 50 / 10 s + 50 steps x 0.5 s / 3 per epoch
+    per_patch = (7 * 500 * 0.5 + 7 * (50 / 10.0 + 50 * 0.5 / 3)) / 3600
+    resampler = (7 * 125 * 0.2 + 7 * (50 / 10.0 + 13 * 0.2 / 3)) / 3600
+    assert estimate["total_h"] == pytest.approx(4 * per_patch + 4 * resampler)
+    assert estimate["verdict"] == "met"
+    train_file.write_text(json.dumps(grid_results(8, {"resampler": 0.2, "per-patch": 0.5}, 10.0)))
+    assert bench.main(["grid-estimate", str(train_file)])["verdict"].startswith("not judged")
+    del results["results"]["train"]["per-patch"]
+    train_file.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="train/per-patch/lora/ours"):
+        bench.main(["grid-estimate", str(train_file)])
