@@ -1,6 +1,7 @@
 """Caption metrics, each equal to a named reference implementation: METEOR (two of them), CIDEr-D, BLEU-4, chrF,
-BERTScore (with our BERT, bert.py). `python metrics.py FILE [--json] [--bertscore-model DIR]` scores a predictions
-file: evaluate.py's predictions.json or JSON lines {"id", "prediction", "references": [...]} from any system.
+BERTScore (bertscore.py, with our BERT). `python metrics.py FILE [--json] [--bertscore-model DIR]` scores a
+predictions file: evaluate.py's predictions.json or JSON lines {"id", "prediction", "references": [...]} from any
+system.
 
 Users compare kovlm's numbers with published ones, so each metric reproduces one reference and says which;
 tests/test_metrics.py checks it against that reference. Every metric takes `hyps: list[str]` (one caption per
@@ -19,55 +20,22 @@ Why two METEORs: papers report both, and on Korean they are different numbers.
   `meteor` and 0.3563 with `meteor_coco`; "빨간 원이 파란 배경 위에서 왼쪽으로 움직인다." against "파란 배경에서
   빨간 원이 왼쪽으로 이동한다." scores 0.5174 and 0.4351 (more words, in more chunks, for the jar).
 
-BERTScore (Zhang et al. 2020, arXiv 1904.09675) is the bert-score package's (0.3) number: each caption is cut into
-WordPiece sub-words (an eojeol splits into pieces, so 고양이가 and 고양이 share pieces: partial credit), embedded by
-one hidden layer of a BERT (layer 9 of bert-base-multilingual-cased, the package's choice for Korean), and each
-token is matched to its most similar token on the other side (cosine); P averages over the candidate's tokens, R
-over the reference's, with idf weights from the references when asked (rare pieces count more than endings).
+BERTScore is bertscore.py's (imported here), which also holds the input check every metric shares.
 """
 import argparse
 import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import sacrebleu
-import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from bert import embed_token_ids, load_bert, load_bert_tokenizer
+from bertscore import BERTSCORE_REFERENCE, bertscore, check_caption, check_captions
 from errors import user_errors
 from meteor_coco import corpus_meteor
 
 BLEU_TOKENIZE = "char"  # sacrebleu tokenizer for BLEU; see `bleu` for why
-
-
-def _check_caption(hyp, references, hyp_name: str, refs_name: str) -> None:
-    if not isinstance(hyp, str):
-        raise ValueError(f"{hyp_name} must be one caption string, got {type(hyp).__name__}")
-    if isinstance(references, str) or not isinstance(references, (list, tuple)):
-        raise ValueError(f"{refs_name} must be a list of reference captions, got {type(references).__name__}")
-    if not references:
-        raise ValueError(f"{refs_name} is empty; every video needs at least one reference caption")
-    for k, ref in enumerate(references):
-        if not isinstance(ref, str):
-            raise ValueError(f"{refs_name}[{k}] must be a caption string, got {type(ref).__name__}")
-
-
-def _check_captions(hyps, refs) -> None:
-    """One-line ValueErrors naming the offending entry: metrics over malformed input would be silently wrong."""
-    for name, value in (("hyps", hyps), ("refs", refs)):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list with one entry per video, got {type(value).__name__}")
-    if len(hyps) != len(refs):
-        raise ValueError(f"got {len(hyps)} hypotheses but {len(refs)} reference lists; "
-                         f"pass one list of reference captions per hypothesis")
-    if not hyps:
-        raise ValueError("no captions to score: hyps and refs are empty")
-    for i, (hyp, references) in enumerate(zip(hyps, refs)):
-        _check_caption(hyp, references, f"hyps[{i}]", f"refs[{i}]")
 
 
 # ---------------------------------------------------------------------------------------------- METEOR (NLTK)
@@ -97,14 +65,14 @@ def _nltk_single_meteor(hyp: list[str], ref: list[str], alpha=0.9, beta=3.0, gam
 def meteor_sentence(hyp: str, refs: list[str]) -> float:
     """NLTK `meteor_score(refs, hyp)` on whitespace tokens (lower-cased, as NLTK's default preprocess does):
     exact stage only, alpha 0.9, beta 3, gamma 0.5, the best score over the references."""
-    _check_caption(hyp, refs, "hyp", "refs")
+    check_caption(hyp, refs, "hyp", "refs")
     hyp_words = [word.lower() for word in hyp.split()]
     return max(_nltk_single_meteor(hyp_words, [word.lower() for word in ref.split()]) for ref in refs)
 
 
 def meteor(hyps: list[str], refs: list[list[str]]) -> float:
     """Mean over captions of `meteor_sentence`: NLTK's METEOR on Korean eojeol (see the module docstring)."""
-    _check_captions(hyps, refs)
+    check_captions(hyps, refs)
     return sum(meteor_sentence(hyp, references) for hyp, references in zip(hyps, refs)) / len(hyps)
 
 
@@ -122,7 +90,7 @@ def meteor_coco(hyps: list[str], refs: list[list[str]]) -> float:
     paraphrase table links: "고양이 102 마리가 잔다" against "고양이 100 마리가 잔다" is 0.9556 for the jar (102 ~ 100
     counts as a paraphrase match, weight 0.6) and 0.4847 here. tests/test_metrics.py checks both cases.
     """
-    _check_captions(hyps, refs)
+    check_captions(hyps, refs)
     return corpus_meteor(hyps, refs)
 
 
@@ -169,7 +137,7 @@ def cider_scores(hyps: list[str], refs: list[list[str]]) -> list[float]:
     mean over n and over a video's references, x10. The COCO pipeline first runs the Java PTBTokenizer (English
     punctuation removal); kovlm does not. CIDEr over a single video is 0 by construction: every reference n-gram
     then has df = #videos = 1, so its idf is log(1) = 0."""
-    _check_captions(hyps, refs)
+    check_captions(hyps, refs)
     ref_counts = [[_ngram_counts(ref) for ref in references] for references in refs]
     document_frequency = Counter(ngram for counts in ref_counts for ngram in set().union(*counts))
     log_videos = np.log(float(len(hyps)))
@@ -197,7 +165,7 @@ def _reference_streams(refs: list[list[str]]) -> list[list]:
 
 
 def _sacrebleu_score(metric, hyps: list[str], refs: list[list[str]]):
-    _check_captions(hyps, refs)
+    check_captions(hyps, refs)
     return metric.corpus_score(hyps, _reference_streams(refs)).score, str(metric.get_signature())
 
 
@@ -233,7 +201,7 @@ def evaluate_captions(hyps: list[str], refs: list[list[str]]) -> dict:
     """Every metric with the reference it equals, ready for logs/final_metrics.json:
     {"meteor" | "meteor_coco" | "cider_d" | "bleu4" | "chrf": {"value": float, "reference": str}}, where bleu4
     and chrf also carry sacrebleu's "signature" (tokenizer, number of references, version)."""
-    _check_captions(hyps, refs)
+    check_captions(hyps, refs)
     bleu_value, bleu_signature = _sacrebleu_score(sacrebleu.BLEU(tokenize=BLEU_TOKENIZE), hyps, refs)
     chrf_value, chrf_signature = _sacrebleu_score(sacrebleu.CHRF(), hyps, refs)
     values = {"meteor": meteor(hyps, refs), "meteor_coco": meteor_coco(hyps, refs), "cider_d": cider(hyps, refs),
@@ -243,94 +211,7 @@ def evaluate_captions(hyps: list[str], refs: list[list[str]]) -> dict:
     return report
 
 
-# ----------------------------------------------------------------------------------------------- BERTScore
-
-def _token_weights(reference_ids: list[list[int]], cls_id: int, sep_id: int, idf: bool) -> Callable[[int], float]:
-    """bert-score's idf_dict. Without idf every token weighs 1 and [CLS] / [SEP] 0. With idf (get_idf_dict), each
-    reference is a document: log((M + 1) / (df + 1)) over the M references (a token in none: log(M + 1)), so
-    [CLS] and [SEP], in every reference, weigh log(1) = 0."""
-    if not idf:
-        return lambda token: 0.0 if token in (cls_id, sep_id) else 1.0
-    document_frequency = Counter(token for ids in reference_ids for token in set(ids))
-    return lambda token: math.log((len(reference_ids) + 1) / (document_frequency[token] + 1))
-
-
-def _unit_padded(states: list[torch.Tensor]) -> torch.Tensor:
-    """Token vectors scaled to length 1, padded with zeros: [(T_i, C)] -> (B, T, C)."""
-    return pad_sequence([state / state.norm(dim=-1, keepdim=True) for state in states], batch_first=True)
-
-
-def _weight_shares(weights: list[torch.Tensor]) -> torch.Tensor:
-    """Token weights as shares of their caption's total, padded with zeros: [(T_i,)] -> (B, T)."""
-    padded = pad_sequence(weights, batch_first=True)  # (B, T)
-    return padded / padded.sum(dim=1, keepdim=True)
-
-
-def _greedy_matching(hyp_states, hyp_weights, ref_states, ref_weights) -> torch.Tensor:
-    """bert-score's greedy_cos_idf over one batch of (candidate, reference) pairs -> (B, 3) P, R, F1.
-
-    Every token (with [CLS] and [SEP]) is a match target; each token's best cosine is weighted by its idf share.
-    As there, the batch is padded and a padded position counts as cosine 0, so a token whose best cosine is
-    negative scores 0 unless its partner is the batch's longest: never with real BERT layers (cosines > 0), but
-    it keeps us equal to the package on random weights too. A caption of only [CLS] [SEP] (empty) on either side
-    gets P = R = F1 = 0."""
-    similarity = _unit_padded(hyp_states) @ _unit_padded(ref_states).transpose(1, 2)  # (B, Th, C) @ (B, C, Tr)
-    precision = (similarity.max(dim=2).values * _weight_shares(hyp_weights)).sum(dim=1)  # (B, Th) -> (B,)
-    recall = (similarity.max(dim=1).values * _weight_shares(ref_weights)).sum(dim=1)  # (B, Tr) -> (B,)
-    f1 = 2 * precision * recall / (precision + recall)
-    empty = torch.tensor([len(h) == 2 or len(r) == 2 for h, r in zip(hyp_states, ref_states)])
-    precision, recall = precision.masked_fill(empty, 0.0), recall.masked_fill(empty, 0.0)
-    return torch.stack([precision, recall, f1.masked_fill(f1.isnan(), 0.0)], dim=-1)  # (B, 3)
-
-
-def read_bertscore_baseline(path, num_layers: int) -> torch.Tensor:
-    """(P, R, F1) baselines of one layer from a file in bert-score's rescale_baseline format: a CSV with the header
-    LAYER,P,R,F and one row per layer from 0 (the package takes row `num_layers` by position, as here)."""
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not lines or lines[0].strip() != "LAYER,P,R,F":
-        raise ValueError(f"{path}:1: expected the header LAYER,P,R,F (bert-score's rescale_baseline format)")
-    if num_layers + 1 >= len(lines):
-        raise ValueError(f"{path}: no row for layer {num_layers} (the file has {len(lines) - 1} layers)")
-    try:
-        values = [float(value) for value in lines[num_layers + 1].split(",")[1:]]
-    except ValueError as error:
-        raise ValueError(f"{path}:{num_layers + 2}: {error}") from error
-    if len(values) != 3:
-        raise ValueError(f"{path}:{num_layers + 2}: expected LAYER,P,R,F, got {lines[num_layers + 1]!r}")
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def bertscore(candidates: list[str], references: list[list[str]], model_path, num_layers: int, idf: bool = False,
-              batch_size: int = 64, baseline=None) -> dict[str, list[float]]:
-    """BERTScore P / R / F1 per candidate, equal to bert-score 0.3's `score(candidates, references,
-    model_type=model_path, num_layers=num_layers, idf=idf, batch_size=batch_size)` (plus `baseline_path=baseline,
-    rescale_with_baseline=True` when a baseline file is given), with our BERT (bert.py) and no transformers.
-
-    Like the package: every (candidate, reference) pair is scored; a candidate with several references keeps the
-    largest P, the largest R and the largest F1 among them, each taken separately; idf comes from all references."""
-    _check_captions(candidates, references)
-    tokenizer = load_bert_tokenizer(model_path)
-    model = load_bert(model_path, num_layers)
-    pairs = [(hyp, ref) for hyp, refs in zip(candidates, references) for ref in refs]  # the package's flat order
-    sentences = list(dict.fromkeys(candidates + [ref for refs in references for ref in refs]))
-    token_ids = {sentence: tokenizer.encode(sentence) for sentence in sentences}
-    states = dict(zip(sentences, embed_token_ids(model, list(token_ids.values()), tokenizer.pad_id, batch_size)))
-    weigh = _token_weights([token_ids[ref] for _, ref in pairs], tokenizer.cls_id, tokenizer.sep_id, idf)
-    weights = {s: torch.tensor([weigh(token) for token in ids], dtype=torch.float32) for s, ids in token_ids.items()}
-    scores = torch.cat([_greedy_matching([states[h] for h, _ in chunk], [weights[h] for h, _ in chunk],
-                                         [states[r] for _, r in chunk], [weights[r] for _, r in chunk])
-                        for chunk in (pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size))])  # (pairs, 3)
-    bounds = np.cumsum([0] + [len(refs) for refs in references])
-    best = torch.stack([scores[begin:end].max(dim=0).values for begin, end in zip(bounds, bounds[1:])])  # (B, 3)
-    if baseline is not None:
-        base = read_bertscore_baseline(baseline, num_layers)
-        best = (best - base) / (1 - base)
-    return {"precision": best[:, 0].tolist(), "recall": best[:, 1].tolist(), "f1": best[:, 2].tolist()}
-
-
-BERTSCORE_REFERENCE = ("bert-score 0.3 (score with model_type=FOLDER, num_layers={layer}, idf={idf}{baseline}): "
-                       "greedy cosine matching of layer-{layer} token embeddings, mean over captions")
-
+# -------------------------------------------------------------------------------------- a report and its table
 
 def score_captions(hyps: list[str], refs: list[list[str]], *, bertscore_model=None, bertscore_layer: int = 9,
                    bertscore_idf: bool = False, bertscore_baseline=None,
@@ -391,7 +272,7 @@ def read_predictions(path) -> tuple[list[str], list[list[str]]]:
         if not isinstance(entry, dict) or "prediction" not in entry or "references" not in entry:
             raise ValueError(f'{where}: expected an object with "prediction" and "references", got {entry!r:.80}')
         try:
-            _check_caption(entry["prediction"], entry["references"], "prediction", "references")
+            check_caption(entry["prediction"], entry["references"], "prediction", "references")
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from error
         hyps.append(entry["prediction"])

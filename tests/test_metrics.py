@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import metrics
+from test_bertscore import BERT_CANDIDATES, BERT_REFERENCES, MALFORMED_CAPTIONS
 
 
 def korean_like_corpus(seed, videos, syllables="고양이가다는에서", max_words=10):
@@ -157,15 +158,7 @@ PUBLIC_METRICS = [metrics.meteor, metrics.meteor_coco, metrics.cider, metrics.ci
 
 
 @pytest.mark.parametrize("metric", PUBLIC_METRICS, ids=lambda metric: metric.__name__)
-@pytest.mark.parametrize("hyps, refs, message", [
-    (["가", "나"], [["가"]], "got 2 hypotheses but 1 reference lists"),
-    ([], [], "no captions to score"),
-    (["가", "나"], [["가"], "나"], r"refs\[1\] must be a list of reference captions, got str"),
-    (["가"], [[]], r"refs\[0\] is empty"),
-    ([None], [["가"]], r"hyps\[0\] must be one caption string, got NoneType"),
-    (["가"], [["가", 3]], r"refs\[0\]\[1\] must be a caption string, got int"),
-    ("가", [["가"]], "hyps must be a list with one entry per video, got str"),
-])
+@pytest.mark.parametrize("hyps, refs, message", MALFORMED_CAPTIONS)
 def test_malformed_input_is_refused_with_a_message_naming_the_entry(metric, hyps, refs, message):
     with pytest.raises(ValueError, match=message):
         metric(hyps, refs)
@@ -197,72 +190,12 @@ def test_format_metrics_table_prints_one_line_per_metric_and_how_to_enable_berts
     assert table.splitlines()[-1] == "  bertscore_f1 0.5000   bert-score" and "--bertscore-model" not in table
 
 
-# ----------------------------------------------------------------------------------------------- BERTScore
+# ----------------------------------------------------------------------------- BERTScore in the report and CLI
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     from test_bert import save_tiny_bert
     return save_tiny_bert(tmp_path_factory.mktemp("bert"), max_length=16)
-
-
-@pytest.fixture
-def package_bertscore(monkeypatch):
-    """bert_score.score as it runs with transformers 4, where an empty caption is encoded as [CLS] [SEP]: under
-    transformers 5 the package's sent_encode calls build_inputs_with_special_tokens, which BertTokenizer lost."""
-    import bert_score
-    from transformers import BertTokenizer
-    monkeypatch.setattr(BertTokenizer, "build_inputs_with_special_tokens",
-                        lambda self, ids: [self.cls_token_id] + ids + [self.sep_token_id], raising=False)
-
-    def score(cands, refs, folder, layer, **options):
-        return [values.tolist() for values in bert_score.score(cands, refs, model_type=str(folder), num_layers=layer,
-                                                                nthreads=0, **options)]
-    return score
-
-
-BERT_CANDIDATES = ["빨간 원이 움직인다!", "파란 배경에서 빨간 원이 왼쪽으로 이동한다.", "", "고양이가 소파 위에서 잔다",
-                   "노란 삼각형이 검은 배경에서 위로 올라간다. " * 4, "Café 뷁 강아지", "   "]
-BERT_REFERENCES = [["빨간 원이 왼쪽으로 간다", "파란 배경", "원이 움직인다."], ["파란 배경에서 빨간 원이 왼쪽으로 이동한다."],
-                   ["고양이가 잔다"], ["고양이 한 마리가 소파 위에서 자고 있다.", ""], ["노란 삼각형이 위로 올라간다."],
-                   ["강아지가 공원에서 공을 쫓아 달린다.", "개"], ["흰 배경"]]
-
-
-@pytest.mark.parametrize("layer", [1, 3])
-@pytest.mark.parametrize("idf", [False, True])
-def test_bertscore_equals_the_bert_score_package(bert_dir, package_bertscore, layer, idf):
-    """Several and single references, an empty candidate and reference, a whitespace-only one, one longer than
-    model_max_length (16), idf from the references; batch_size 3 so batches pad and split groups of references."""
-    expected = package_bertscore(BERT_CANDIDATES, BERT_REFERENCES, bert_dir, layer, idf=idf, batch_size=3)
-    ours = metrics.bertscore(BERT_CANDIDATES, BERT_REFERENCES, bert_dir, layer, idf=idf, batch_size=3)
-    for name, values in zip(("precision", "recall", "f1"), expected):
-        assert ours[name] == pytest.approx(values, abs=1e-5), name
-    assert ours["f1"][2] == ours["precision"][2] == ours["f1"][6] == 0.0  # empty candidates score 0, as there
-    assert 0.5 < ours["f1"][1] and all(value < 1.0 for value in ours["f1"][2:])
-
-
-def test_bertscore_with_one_reference_each_and_baseline_rescaling_equals_the_package(bert_dir, package_bertscore,
-                                                                                     tmp_path):
-    baseline = tmp_path / "baseline.tsv"
-    baseline.write_text("LAYER,P,R,F\n0,0.1,0.2,0.3\n1,0.5,0.55,0.52\n2,0.6,0.61,0.62\n")
-    hyps, refs = BERT_CANDIDATES[:2] + BERT_CANDIDATES[3:6], [[r[0]] for r in BERT_REFERENCES[:2] + BERT_REFERENCES[3:6]]
-    plain = package_bertscore(hyps, [r[0] for r in refs], bert_dir, 1)
-    expected = package_bertscore(hyps, [r[0] for r in refs], bert_dir, 1, lang="ko", rescale_with_baseline=True,
-                                 baseline_path=str(baseline))
-    ours = metrics.bertscore(hyps, refs, bert_dir, 1, baseline=baseline)
-    for name, values, unscaled in zip(("precision", "recall", "f1"), expected, plain):
-        assert ours[name] == pytest.approx(values, abs=1e-5) and values != pytest.approx(unscaled, abs=1e-3)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("LAYER,P,R\n0,1,2\n", r"baseline.tsv:1: expected the header LAYER,P,R,F"),
-    ("LAYER,P,R,F\n0,0.1,0.2,0.3\n", r"baseline.tsv: no row for layer 1 \(the file has 1 layers\)"),
-    ("LAYER,P,R,F\n0,0.1,0.2,0.3\n1,0.1,x,0.3\n", r"baseline.tsv:3: could not convert string to float: 'x'"),
-    ("LAYER,P,R,F\n0,0.1,0.2,0.3\n1,0.1,0.3\n", r"baseline.tsv:3: expected LAYER,P,R,F, got '1,0.1,0.3'"),
-])
-def test_a_malformed_baseline_file_is_refused_naming_its_line(tmp_path, text, message):
-    (tmp_path / "baseline.tsv").write_text(text)
-    with pytest.raises(ValueError, match=message):
-        metrics.read_bertscore_baseline(tmp_path / "baseline.tsv", 1)
 
 
 def test_score_captions_adds_bertscore_to_the_report_and_to_each_caption(bert_dir):
