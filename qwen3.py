@@ -9,6 +9,9 @@ and adds QK-Norm, an RMSNorm over each head's query and key before RoPE (q_norm 
 quant="nf4" each decoder-layer linear is quantized to 4-bit NormalFloat (QLoRA, arXiv 2305.14314) as soon as it is
 read, so the whole model never sits in memory in bf16.
 
+The KV cache, prefill and the static-shape decode step (a CUDA graph on a GPU) are decode.py's; `run_layers` is
+the part of the forward they share with `hidden_states`.
+
 Shape legend: B batch, T positions in this forward, S key positions (cached + T), C hidden_size, nh query heads,
 nkv key/value heads, hs head_dim, I intermediate_size, V vocab_size.
 """

@@ -1,11 +1,13 @@
 """kovlm's side-by-side benchmark, off the teaching path: ours against transformers + PEFT + bitsandbytes.
 
     python -m bench --preset cpu-small         # = python -m bench model --preset cpu-small
-    python -m bench adapters | memory SNAPSHOT | model ...
+    python -m bench adapters | memory SNAPSHOT | model ... | profile ... | grid-estimate RESULTS_JSON...
+    bash bench/gpu_suite.sh OUT_DIR            # every GPU figure in one command (Qwen3-8B, 36 layers)
 
 cli.py holds the command line and the worker processes; snapshots.py the presets and random snapshot folders;
 stacks.py ours and the reference stack; workers.py one measurement each; table.py rows, ratios and targets;
-adapters.py the layer-level adapters benchmark; memory.py one snapshot's load.
+adapters.py the layer-level adapters benchmark; memory.py one snapshot's load; profile.py the profiler summary of
+a training and a decode step; grid.py the E1-E8 projection.
 """
 from bench.cli import main
 from bench.snapshots import PRESETS, preset_for, write_snapshots
