@@ -78,26 +78,30 @@ def forget_adapter_norms(llm) -> None:
 
 
 class Decoder:
-    """A cache for batch B and S_max slots, and the decode step over it: a CUDA graph on a GPU when cuda_graphs,
-    else eager. The graph reads the weights and adapters at their addresses, so in-place training updates are seen;
-    `matches` tells the caller when a new Decoder is needed (another shape, or parameters moved)."""
+    """A cache for batch B and S_max slots, and the decode step over it: on a GPU with cuda_graphs, captured as a
+    CUDA graph at the first step and replayed after; else eager. The graph reads the weights and adapters at their
+    addresses, so in-place training updates are seen; `matches` tells the caller when a new Decoder is needed
+    (another batch size, a longer generation, or parameters moved)."""
 
     def __init__(self, llm, batch_size: int, max_len: int, *, cuda_graphs: bool = True):
-        self.llm, self.key = llm, decoder_key(llm, batch_size, max_len)
+        self.llm, self.batch_size, self.max_len = llm, batch_size, max_len
+        self.parameters_at = parameter_addresses(llm)
         self.cache = llm.new_kv_cache(batch_size, max_len)
         device = self.cache.slots.device
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        self.graph = None
-        if cuda_graphs and device.type == "cuda":
-            self.capture()
+        self.use_graph, self.graph = cuda_graphs and device.type == "cuda", None
 
     def matches(self, batch_size: int, max_len: int) -> bool:
-        return self.key == decoder_key(self.llm, batch_size, max_len)
+        """Usable for this batch size and at least max_len slots, with the parameters where they were (unfilled
+        slots are masked, so a longer cache gives the same numbers)."""
+        return (batch_size == self.batch_size and max_len <= self.max_len and
+                parameter_addresses(self.llm) == self.parameters_at)
 
     def capture(self) -> None:
-        """Warm up on a side stream (cuBLAS and bitsandbytes set up their state), then capture one step; the
-        warm-up writes slot 0 of the cache, which the next prefill overwrites (torch.cuda.graphs' recipe)."""
+        """Warm up on a side stream (cuBLAS and bitsandbytes set up their state), then capture one step. Called
+        at the first step, with that step's token and position in place: the warm-up writes the very key and value
+        the step itself writes (torch.cuda.graphs' recipe, no slot of the prompt touched)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -127,13 +131,14 @@ class Decoder:
             raise ValueError(f"position {position} is past the cache's {self.cache.max_len} slots")
         self.token.copy_(token[:, None])
         self.position.fill_(position)  # a host scalar into a device tensor: no synchronisation
-        if self.graph is None:
+        if not self.use_graph:
             return decode_one_token(self.llm, self.cache, self.token, self.position)
+        if self.graph is None:
+            self.capture()
         self.graph.replay()
         return self.logits
 
 
-def decoder_key(llm, batch_size: int, max_len: int) -> tuple:
-    """What a captured step depends on: the shapes, and where every parameter lives (a .to() or a swapped module
-    moves them)."""
-    return (batch_size, max_len, tuple(p.data_ptr() for p in llm.parameters()))
+def parameter_addresses(llm) -> tuple:
+    """Where every parameter lives: a captured step reads them there (a .to() or a swapped module moves them)."""
+    return tuple(p.data_ptr() for p in llm.parameters())

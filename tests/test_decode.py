@@ -49,7 +49,7 @@ def test_static_step_equals_dynamic_cache_and_full_recompute(model):
 def test_decoder_greedy_tokens_equal_the_dynamic_path_and_reuse_overwrites_the_cache(model):
     _, embeds = prompt_embeds(model, seed=1)
     decoder = Decoder(model, 3, 12)
-    assert decoder.graph is None  # the CPU: eager steps, nothing captured
+    assert not decoder.use_graph  # the CPU: eager steps, nothing to capture
 
     def greedy(count):
         logits, tokens = decoder.prefill(embeds), []
@@ -78,9 +78,24 @@ def test_prefill_refuses_a_used_cache(model):
         prefill(model, embeds, cache)
 
 
+@torch.no_grad()
+def test_a_longer_cache_gives_the_same_tokens(model):
+    _, embeds = prompt_embeds(model, seed=2)
+    tokens = []
+    for max_len in (5 + 4, 5 + 20):  # masked unfilled slots add nothing
+        decoder, row = Decoder(model, 3, max_len), []
+        logits = decoder.prefill(embeds)
+        for i in range(4):
+            row.append(logits.argmax(-1))
+            logits = decoder.step(row[-1], 5 + i) if i < 3 else logits
+        tokens.append(torch.stack(row, 1))
+    assert torch.equal(tokens[0], tokens[1])
+
+
 def test_decoder_matches_only_its_shapes_and_parameter_storage(tmp_path):
     model = load_qwen3(save_tiny_qwen3(tmp_path, vocab_size=96, layers=1), dtype=torch.float32)
     decoder = Decoder(model, 2, 8)
-    assert decoder.matches(2, 8) and not decoder.matches(3, 8) and not decoder.matches(2, 9)
+    assert decoder.matches(2, 8) and decoder.matches(2, 5)  # a shorter generation fits in the longer cache
+    assert not decoder.matches(3, 8) and not decoder.matches(2, 9)
     apply_adapters(model, r=2, targets=("q_proj",))  # new parameters: a captured step would not read them
     assert not decoder.matches(2, 8)
