@@ -8,7 +8,7 @@ captions, drawn per epoch); the loss is the summed caption cross-entropy over th
 number of supervised tokens (torchtune's normalisation), so accumulation and data parallelism change nothing but
 speed. The learning rate warms up linearly, then decays on a cosine, per stage. After each epoch: validation loss
 and METEOR on the val split, the best model by val METEOR kept; at the end the best model is evaluated on the test
-split. Run without model or data paths, it trains the embedded demo (demo.py).
+split. Run without model or data paths, it trains the embedded demo (demo.py), whose defaults replace the ones below.
 
     python train.py --projector perceiver --peft dora                      # the demo, on the CPU
     python train.py --clip CLIP_DIR --llm QWEN3_DIR --train-manifest m.jsonl --projector perceiver --peft dora
@@ -18,19 +18,22 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import checkpoint
-from data import load_splits
+import demo
+from data import check_splits, load_splits
 from distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
     teardown_distributed, wrap_ddp
+from errors import user_errors
 from evaluate import evaluate_checkpoint, evaluate_split
 from features import batch_features, collate_features, prepare_splits, video_dataset
-from lora import AdapterConfig, after_optimizer_step, parameter_report
+from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
 from projectors import PROJECTORS
 from schedule import epoch_caption_choice, epoch_windows, get_lr
 from vlm import VLMConfig, build_vlm
@@ -46,11 +49,13 @@ class TrainConfig:
     peft: str = option("dora", "adapters on the 4-bit LLM in stage 2", choices=["lora", "dora", "none"])
     clip: str | None = option(None, "CLIP snapshot folder (default: the demo's tiny tower)")
     llm: str | None = option(None, "Qwen3 snapshot folder with tokenizer.json (default: the demo's tiny LM)")
-    train_manifest: str | None = option(None, "JSONL / CSV / JSON manifest (its split field, else a seeded split)")
+    train_manifest: str | None = option(None, "JSONL / CSV / JSON manifest or a folder of label files (its split "
+                                        "field, else a seeded split)")
     val_manifest: str | None = option(None, "separate validation manifest")
     test_manifest: str | None = option(None, "separate test manifest")
     val_fraction: float = option(0.1, "validation share when the manifest has no split")
     test_fraction: float = option(0.1, "test share when the manifest has no split")
+    max_samples: int = option(0, "keep a seeded subset of this many samples, stratified by split (0: all)")
     output_dir: str | None = option(None, "run folder (default runs/{projector}_{peft})")
     stage1_epochs: int = option(2, "stage 1 epochs (projector only)")
     stage1_lr: float = option(1e-3, "stage 1 peak learning rate")
@@ -67,13 +72,16 @@ class TrainConfig:
     warmup_ratio: float = option(0.03, "share of each stage's steps spent warming up")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
+    max_caption_tokens: int = option(128, "training captions longer than this many tokens are cut (one warning "
+                                     "counts them)")
     quant: str = option("nf4", "storage of the frozen LLM (nf4: 4-bit NormalFloat, none: the compute dtype)",
                         choices=["nf4", "none"])
     grad_checkpointing: str = option("auto", "activation checkpointing per decoder layer (auto: on for long "
                                      "sequences, i.e. per-patch projectors)", choices=["auto", "on", "off"])
     dtype: str = option("auto", "compute dtype (auto: bf16 on CUDA, fp32 on the CPU)", choices=["auto", "bf16", "fp32"])
     resume: str | None = option(None, "training state to continue from, or 'auto' for the run folder's latest")
-    skip_bad: bool = option(False, "skip unreadable videos (reported by path) instead of stopping")
+    start_over: bool = option(False, "when the run folder already holds a run, move it aside and start anew")
+    skip_bad: bool = option(False, "skip unreadable or missing videos (reported by path) instead of stopping")
     max_bad_fraction: float = option(0.05, "abort when more than this share of videos is bad")
     max_new_tokens: int = option(64, "caption length limit at validation and test time")
     eval_batch_size: int = option(16, "videos per generation batch")
@@ -91,14 +99,21 @@ class TrainConfig:
         if self.cache_dir is None:
             self.cache_dir = str(Path(".cache") / "features")
 
+    @property
+    def uses_demo(self) -> bool:
+        return self.clip is None and self.llm is None and self.train_manifest is None
+
 
 def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
     """TrainConfig from the command line, and the names of the options the user set explicitly."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                                     epilog="Without --clip/--llm/--train-manifest the embedded demo runs, with "
+                                            "its own defaults (demo.demo_defaults) for the options not given.")
     for f in fields(TrainConfig):
         flag, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        extra["help"] += f" (default: {f.default})"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=extra["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
         else:
             kind = type(f.default) if f.default is not None else str
             parser.add_argument(flag, type=kind, **extra)
@@ -106,7 +121,130 @@ def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
     return TrainConfig(**explicit), set(explicit)
 
 
-# ---- setup -------------------------------------------------------------------------------------------------------
+def check_config(cfg: TrainConfig) -> None:
+    """Flags that cannot work, refused before anything is loaded."""
+    positive = ["stage1_epochs", "stage2_epochs", "batch_size", "grad_accum", "lora_r", "num_frames", "num_queries",
+                "max_new_tokens", "eval_batch_size", "save_every", "max_caption_tokens"]
+    non_negative = ["stage1_lr", "stage2_lr", "lora_alpha", "weight_decay", "max_grad_norm", "max_steps",
+                    "num_workers", "max_samples"]
+    fractions = ["val_fraction", "test_fraction", "warmup_ratio", "max_bad_fraction", "lora_dropout"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.val_fraction + cfg.test_fraction >= 1:
+        raise ValueError("--val-fraction + --test-fraction must leave samples to train on")
+    if not (cfg.clip and cfg.llm and cfg.train_manifest):
+        raise ValueError("give --clip, --llm and --train-manifest together, or none of them for the embedded demo")
+
+
+# ---- before any model is loaded ----------------------------------------------------------------------------------
+def read_splits(cfg: TrainConfig, tokenizer: Tokenizer) -> dict[str, list]:
+    """The run's splits, every one present with captions, training captions cut to --max-caption-tokens."""
+    splits = load_splits(cfg.train_manifest, val_manifest=cfg.val_manifest, test_manifest=cfg.test_manifest,
+                         seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                         max_samples=cfg.max_samples or None)
+    check_splits(splits)
+    return splits | {"train": cut_long_captions(splits["train"], tokenizer, cfg.max_caption_tokens)}
+
+
+def cut_long_captions(samples: list, tokenizer: Tokenizer, max_tokens: int) -> list:
+    """Each training caption cut at the end of its max_tokens-th token (the tokenizer's character offsets), so one
+    pasted paragraph cannot pad its batch to thousands of tokens or dominate its loss window."""
+    cut, kept = 0, []
+    for sample in samples:
+        captions = []
+        for caption in sample.captions:
+            encoding = tokenizer.encode(caption.strip(), add_special_tokens=False)
+            if len(encoding.ids) > max_tokens:
+                caption, cut = caption.strip()[:encoding.offsets[max_tokens - 1][1]], cut + 1
+            captions.append(caption)
+        kept.append(replace(sample, captions=captions))
+    if cut:
+        print(f"warning: {cut} training captions are longer than {max_tokens} tokens and were cut "
+              "(--max-caption-tokens)")
+    return kept
+
+
+def llm_tokenizer(llm: str) -> Tokenizer:
+    path = Path(llm) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the LLM folder must hold Qwen3's tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+def resume_state(cfg: TrainConfig) -> dict | None:
+    """The training state to continue from (checked against this run's options), or None for a fresh run."""
+    if not cfg.resume:
+        return None
+    state = checkpoint.load_training_state(cfg.resume, Path(cfg.output_dir))
+    checkpoint.check_same_run(state, cfg)
+    return state
+
+
+# ---- the model and the data --------------------------------------------------------------------------------------
+def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
+    """Bases and projector, and the splits with every video encoded into the feature cache."""
+    projector = {"name": cfg.projector, "num_queries": cfg.num_queries}
+    vlm_config = VLMConfig(clip_path=cfg.clip, llm_path=cfg.llm, projector=projector, num_frames=cfg.num_frames,
+                           quant=None if cfg.quant == "none" else cfg.quant)
+    model = build_vlm(vlm_config, device=run.device, dtype=compute_dtype(cfg.dtype, run.device))
+    long_inputs = cfg.projector in ("linear", "mlp")
+    model.llm.gradient_checkpointing = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto"
+                                                                           and long_inputs)
+    check_positions(model, cfg)
+    if run.is_main:
+        checkpoint.check_writable(Path(cfg.output_dir), needed_bytes=checkpoint_bytes(model, cfg))
+        if not cfg.feature_cache:
+            print("feature cache off: the vision tower encodes every batch")
+    splits, cache = prepare_splits(model, splits, cache_dir=cfg.cache_dir if cfg.feature_cache else None,
+                                   skip_bad=cfg.skip_bad, max_bad_fraction=cfg.max_bad_fraction,
+                                   batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, run=run,
+                                   show_progress=run.is_main)
+    return model, splits, cache
+
+
+def check_positions(model, cfg: TrainConfig) -> None:
+    """The longest sequence (prompt with its visual tokens + caption or generated tokens) within the LM's limit."""
+    patches = (model.vision.config.image_size // model.vision.config.patch_size) ** 2
+    visual = model.projector.config.output_tokens(cfg.num_frames, patches)
+    longest = len(model.template.prompt_ids(visual)) + max(cfg.max_caption_tokens, cfg.max_new_tokens) + 1
+    limit = model.llm.config.max_position_embeddings
+    if longest > limit:
+        raise ValueError(f"prompt ({visual} visual tokens) + {max(cfg.max_caption_tokens, cfg.max_new_tokens)} "
+                         f"caption tokens = {longest} positions, over the LM's {limit}: lower --max-caption-tokens "
+                         "/ --max-new-tokens or use a resampling projector")
+
+
+def checkpoint_bytes(model, cfg: TrainConfig) -> int:
+    """About what the run keeps on disk at once: fp32 trainable weights in four files and AdamW's two moments, with
+    the adapters' share included (counted at stage 2's size)."""
+    trainable, _ = parameter_counts(model)
+    adapter_share = 0 if cfg.peft == "none" else cfg.lora_r * 2 * model.llm.config.hidden_size * 7 * \
+        model.llm.config.num_hidden_layers
+    return (trainable + adapter_share) * 4 * 6
+
+
+# ---- one optimizer step ------------------------------------------------------------------------------------------
+@dataclass
+class Position:
+    """Where the loop is: what a resumable training state records besides weights, optimizer and RNGs."""
+    stage: int = 1
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_meteor: float = -1.0
+
+    @classmethod
+    def of(cls, state: dict | None) -> "Position":
+        return cls(**{f.name: state[f.name] for f in fields(cls)}) if state else cls()
+
+
 def ensure_finite(value: torch.Tensor, what: str, step: int, sample_ids: list) -> None:
     """Stop on a NaN / inf before it reaches the weights; the last good checkpoint stays as it is."""
     if not torch.isfinite(value).all():
@@ -114,171 +252,179 @@ def ensure_finite(value: torch.Tensor, what: str, step: int, sample_ids: list) -
                                  "stopping without saving. Lower the learning rate or check these samples")
 
 
-def prepare(cfg: TrainConfig, run: Distributed):
-    """Bases, projector, and the splits with every video encoded into the feature cache."""
-    dtype = compute_dtype(cfg.dtype, run.device)
-    projector = {"name": cfg.projector, "num_queries": cfg.num_queries}
-    vlm_config = VLMConfig(clip_path=cfg.clip, llm_path=cfg.llm, projector=projector, num_frames=cfg.num_frames,
-                           quant=None if cfg.quant == "none" else cfg.quant)
-    model = build_vlm(vlm_config, device=run.device, dtype=dtype)
-    long_inputs = cfg.projector in ("linear", "mlp")
-    model.llm.gradient_checkpointing = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto"
-                                                                           and long_inputs)
-    if run.is_main and not cfg.feature_cache:
-        print("feature cache off: the vision tower encodes every batch")
-    splits, cache = prepare_splits(model, load_splits(cfg.train_manifest, val_manifest=cfg.val_manifest, test_manifest=cfg.test_manifest, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction), cache_dir=cfg.cache_dir if cfg.feature_cache else None,
-                                   skip_bad=cfg.skip_bad, max_bad_fraction=cfg.max_bad_fraction,
-                                   batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, run=run,
-                                   show_progress=run.is_main)
-    return model, splits, cache
+def optimizer_step(model, wrapped, optimizer, trainable, window: list[int], captions: list[str], train_set,
+                   cfg: TrainConfig, run: Distributed, global_step: int) -> dict:
+    """One window: grad_accum micro-batches per process, each rank its slice, then clip and step. The loss of each
+    micro-batch is its summed cross-entropy over the whole window's supervised tokens."""
+    num_label_tokens = model.count_label_tokens(captions)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16,
+                              enabled=compute_dtype(cfg.dtype, run.device) == torch.bfloat16)
+    started, loss_total = time.perf_counter(), 0.0
+    for micro in range(cfg.grad_accum):
+        first = (micro * run.world + run.rank) * cfg.batch_size
+        batch = collate_features([train_set[i] for i in window[first:first + cfg.batch_size]])
+        mine = captions[first:first + cfg.batch_size]
+        # DDP all-reduces gradients after the window's last micro-batch only; it averages over ranks, so each
+        # rank's loss is scaled by world (the normaliser already counts the whole window).
+        with wrapped.no_sync() if run.world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
+            with autocast:
+                features = batch_features(model, batch, run.device)  # (B, F, P, Dv)
+            loss = wrapped(features, mine, num_label_tokens) * run.world
+            ensure_finite(loss, "loss", global_step, batch["ids"])
+            loss.backward()
+        loss_total += loss.item() / run.world
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+    ensure_finite(grad_norm, "gradient norm", global_step, [train_set[i]["id"] for i in window])
+    optimizer.step()
+    after_optimizer_step(model)  # DoRA: the detached weight norms changed with the weights
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    return {"loss": all_reduce_mean(loss_total, run), "grad_norm": float(grad_norm), "step_seconds": seconds,
+            "tokens_per_s": num_label_tokens / run.world / seconds}
+
+
+# ---- the end of an epoch, of a stage, of the run -----------------------------------------------------------------
+def end_of_epoch(model, optimizer, splits, cache, cfg: TrainConfig, run: Distributed, log, position: Position,
+                 epoch: int) -> Position:
+    """Validation loss and METEOR, the best model by val METEOR, and a resumable state at the epoch boundary."""
+    val = evaluate_split(model, splits["val"], cache, batch_size=cfg.eval_batch_size,
+                         max_new_tokens=cfg.max_new_tokens, run=run, with_loss=True)
+    meteor = val["metrics"]["meteor"]["value"]
+    log.write(step=position.global_step, epoch=epoch + 1, stage=position.stage, val_loss=val["loss"],
+              val_meteor=meteor)
+    improved = meteor > position.best_meteor
+    position = replace(position, epoch=epoch + 1, step_in_epoch=0, best_meteor=max(position.best_meteor, meteor))
+    if run.is_main:
+        print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}")
+        out = Path(cfg.output_dir) / "checkpoints"
+        if improved:
+            checkpoint.save_model(out / "best_model.pt", model, cfg,
+                                  {"stage": position.stage, "epoch": epoch + 1, "val": val["metrics"]})
+        checkpoint.save_training_state(cfg.output_dir, model, optimizer, cfg, asdict(position))
+    return position
+
+
+def finish(model, cfg: TrainConfig, run: Distributed, log) -> None:
+    if run.is_main:
+        out = Path(cfg.output_dir)
+        checkpoint.save_model(out / "checkpoints" / "final_model.pt", model, cfg, {"stage": 2})
+        log.plot(out / "logs" / "training_curves.png")
+        log.write_summary(out / "logs" / "train_summary.json", model, run.device)
+
+
+def start_stage(model, stage: int, peak_lr: float, cfg: TrainConfig, run: Distributed):
+    """Stage 2 wraps the LLM's linears with adapters first; each stage has its own AdamW over what it trains."""
+    if stage == 2 and cfg.peft != "none":
+        model.add_adapters(AdapterConfig(method=cfg.peft, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                         dropout=cfg.lora_dropout))
+        model.to(run.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=cfg.weight_decay)
+    return trainable, optimizer, wrap_ddp(model) if run.world > 1 else model
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, run: Distributed) -> bool:
     """Both stages; True when they finished (False when stopped early by --max-steps)."""
-    seed_everything(cfg.seed)
+    check_config(cfg)
     out = Path(cfg.output_dir)
-    model, splits, cache = prepare(cfg, run)
+    lock = checkpoint.claim_run_folder(out, resume=cfg.resume, start_over=cfg.start_over) if run.is_main else None
+    try:
+        state = resume_state(cfg)
+        splits = read_splits(cfg, llm_tokenizer(cfg.llm))
+        seed_everything(cfg.seed)
+        model, splits, cache = prepare(cfg, splits, run)
+        return train_stages(model, splits, cache, cfg, run, state)
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state: dict | None) -> bool:
     train_set = video_dataset(splits["train"], cache, num_frames=cfg.num_frames,
                               image_size=model.vision.config.image_size)
-    adapter = AdapterConfig(method=cfg.peft, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) \
-        if cfg.peft != "none" else None
+    position = Position.of(state)
+    log = checkpoint.TrainingLog(Path(cfg.output_dir) / "logs" / "training_log.csv", enabled=run.is_main,
+                                 keep_until=position.global_step if state else None)
     window = cfg.batch_size * cfg.grad_accum * run.world
-    state = checkpoint.load_training_state(cfg.resume, out) if cfg.resume else None
-    if state:
-        checkpoint.check_same_run(state, cfg)
-    log = checkpoint.TrainingLog(out / "logs" / "training_log.csv", enabled=run.is_main,
-                                 keep_until=state["global_step"] if state else None)
-    best_meteor = state["best_meteor"] if state else -1.0
-    global_step = state["global_step"] if state else 0
     if run.is_main:
-        print(f"config: {asdict(cfg)}\ndevice: {run.device} x {run.world}, {checkpoint.peak_memory(run.device)}")
-    stages = [(1, cfg.stage1_epochs, cfg.stage1_lr), (2, cfg.stage2_epochs, cfg.stage2_lr)]
-    for stage, epochs, peak_lr in stages:
-        if state and state["stage"] > stage:
+        checkpoint.write_config(cfg.output_dir, asdict(cfg))
+        print(f"device: {run.device} x {run.world}, {checkpoint.peak_memory(run.device)}")
+    for stage, epochs, peak_lr in [(1, cfg.stage1_epochs, cfg.stage1_lr), (2, cfg.stage2_epochs, cfg.stage2_lr)]:
+        if position.stage > stage:
             continue
-        if stage == 2 and adapter is not None:
-            model.add_adapters(adapter)
-            model.to(run.device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        autocast = torch.autocast(run.device.type, dtype=torch.bfloat16,
-                                  enabled=compute_dtype(cfg.dtype, run.device) == torch.bfloat16)
-        optimizer = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=cfg.weight_decay)
-        wrapped = wrap_ddp(model) if run.world > 1 else model
-        start_epoch, start_step = 0, 0
+        trainable, optimizer, wrapped = start_stage(model, stage, peak_lr, cfg, run)
         if state and state["stage"] == stage:
             checkpoint.restore_training_state(state, model, optimizer)
-            start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         steps_per_epoch = len(epoch_windows(len(train_set), window, cfg.seed, stage, 0))
         total_steps = epochs * steps_per_epoch
         warmup_steps = max(1, round(cfg.warmup_ratio * total_steps))
         if run.is_main:
             print(f"stage {stage}: {parameter_report(model)}; {total_steps} steps of {window} videos, lr {peak_lr}")
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(position.epoch, epochs):
             windows = epoch_windows(len(train_set), window, cfg.seed, stage, epoch)
             choice = epoch_caption_choice([len(s.captions) for s in splits["train"]], cfg.seed, stage, epoch)
-            progress = tqdm(range(start_step, len(windows)), desc=f"stage {stage} epoch {epoch + 1}/{epochs}",
-                            disable=not run.is_main)
             model.train()
+            progress = tqdm(range(position.step_in_epoch, len(windows)), disable=not run.is_main,
+                            desc=f"stage {stage} epoch {epoch + 1}/{epochs}")
             for step_in_epoch in progress:
-                step = epoch * steps_per_epoch + step_in_epoch
-                lr = get_lr(step, total_steps, warmup_steps, peak_lr)
+                lr = get_lr(epoch * steps_per_epoch + step_in_epoch, total_steps, warmup_steps, peak_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                indices = windows[step_in_epoch]
-                num_label_tokens = model.count_label_tokens(
-                    [splits["train"][i].captions[choice[i]] for i in indices])
-                started, loss_total = time.perf_counter(), 0.0
-                for micro in range(cfg.grad_accum):
-                    first = (micro * run.world + run.rank) * cfg.batch_size
-                    mine = indices[first:first + cfg.batch_size]
-                    batch = collate_features([train_set[i] for i in mine])
-                    captions = [caps[choice[i]] for caps, i in zip(batch["captions"], mine)]
-                    last_micro = micro == cfg.grad_accum - 1
-                    # DDP all-reduces gradients after the window's last micro-batch only; it averages over ranks,
-                    # so each rank's loss is scaled by world (the normaliser already counts the whole window).
-                    with wrapped.no_sync() if run.world > 1 and not last_micro else nullcontext():
-                        with autocast:
-                            features = batch_features(model, batch, run.device)  # (B, F, P, Dv)
-                        loss = wrapped(features, captions, num_label_tokens) * run.world
-                        ensure_finite(loss, "loss", global_step, batch["ids"])
-                        loss.backward()
-                    loss_total += loss.item() / run.world
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                ensure_finite(grad_norm, "gradient norm", global_step, [splits["train"][i].id for i in indices])
-                optimizer.step()
-                after_optimizer_step(model)
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                step_seconds = time.perf_counter() - started
-                tokens_per_s = num_label_tokens / run.world / step_seconds
-                loss_total = all_reduce_mean(loss_total, run)
-                progress.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-                log.write(step=global_step, epoch=epoch + 1, stage=stage, loss=loss_total, lr=lr,
-                          grad_norm=float(grad_norm), step_seconds=step_seconds, tokens_per_s=tokens_per_s)
-                position = dict(stage=stage, epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=global_step,
-                                best_meteor=best_meteor)
-                stop = cfg.max_steps and global_step >= cfg.max_steps
-                if run.is_main and (global_step % cfg.save_every == 0 or stop):
-                    checkpoint.save_training_state(out, model, optimizer, cfg, position)
-                if stop:
-                    if run.is_main:
-                        print(f"stopped after {global_step} steps (--max-steps); continue with --resume auto")
+                captions = [splits["train"][i].captions[choice[i]] for i in windows[step_in_epoch]]
+                stats = optimizer_step(model, wrapped, optimizer, trainable, windows[step_in_epoch], captions,
+                                       train_set, cfg, run, position.global_step)
+                position = replace(position, step_in_epoch=step_in_epoch + 1, global_step=position.global_step + 1)
+                log.write(step=position.global_step, epoch=epoch + 1, stage=stage, lr=lr, **stats)
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
+                if not keep_going(model, optimizer, cfg, run, position):
                     return False
-            start_step = 0
-            val = evaluate_split(model, splits["val"], cache, batch_size=cfg.eval_batch_size,
-                                 max_new_tokens=cfg.max_new_tokens, run=run, with_loss=True)
-            log.write(step=global_step, epoch=epoch + 1, stage=stage, val_loss=val["loss"],
-                      val_meteor=val["metrics"]["meteor"]["value"])
-            if run.is_main:
-                print(f"stage {stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, "
-                      f"val METEOR {val['metrics']['meteor']['value']:.4f}")
-                if val["metrics"]["meteor"]["value"] > best_meteor:
-                    best_meteor = val["metrics"]["meteor"]["value"]
-                    checkpoint.save_model(out / "checkpoints" / "best_model.pt", model, cfg,
-                                          {"stage": stage, "epoch": epoch + 1, "val": val["metrics"]})
-                position = dict(stage=stage, epoch=epoch + 1, step_in_epoch=0, global_step=global_step,
-                                best_meteor=best_meteor)
-                checkpoint.save_training_state(out, model, optimizer, cfg, position)
+            position = end_of_epoch(model, optimizer, splits, cache, cfg, run, log, position, epoch)
         if stage == 1 and run.is_main:
-            checkpoint.save_model(out / "checkpoints" / "stage1_projector.pt", model, cfg, {"stage": 1})
-        state = None
-    if run.is_main:
-        checkpoint.save_model(out / "checkpoints" / "final_model.pt", model, cfg, {"stage": 2})
-        log.plot(out / "logs" / "training_curves.png")
-        log.write_summary(out / "logs" / "train_summary.json", model, run.device)
+            checkpoint.save_model(Path(cfg.output_dir) / "checkpoints" / "stage1_projector.pt", model, cfg,
+                                  {"stage": 1})
+        position, state = replace(position, stage=2, epoch=0, step_in_epoch=0), None
+    finish(model, cfg, run, log)
     return True
+
+
+def keep_going(model, optimizer, cfg: TrainConfig, run: Distributed, position: Position) -> bool:
+    """Save a resumable state every --save-every steps, and stop (saved) at --max-steps."""
+    stop = bool(cfg.max_steps) and position.global_step >= cfg.max_steps
+    if run.is_main and (position.global_step % cfg.save_every == 0 or stop):
+        checkpoint.save_training_state(cfg.output_dir, model, optimizer, cfg, asdict(position))
+    if stop and run.is_main:
+        print(f"stopped after {position.global_step} steps (--max-steps); continue with --resume auto")
+    return not stop
 
 
 def main(cfg: TrainConfig) -> dict | None:
     """Train, then evaluate the best model on the test split (the same code as evaluate.py)."""
     run = setup_distributed()
     demo_assets = None
-    if cfg.clip is None and cfg.llm is None and cfg.train_manifest is None:
-        import demo
+    if cfg.uses_demo:
         demo_assets = demo.build_assets(cfg.demo_dir, scale=cfg.demo_scale, seed=cfg.seed, is_main=run.is_main)
-        cfg.clip, cfg.llm, cfg.train_manifest = demo_assets.clip, demo_assets.llm, demo_assets.manifest
-    elif not (cfg.clip and cfg.llm and cfg.train_manifest):
-        raise SystemExit("give --clip, --llm and --train-manifest together, or none of them for the embedded demo")
+        cfg = replace(cfg, clip=demo_assets.clip, llm=demo_assets.llm, train_manifest=demo_assets.manifest)
     results = None
     if train(cfg, run):
         best = Path(cfg.output_dir) / "checkpoints" / "best_model.pt"
         results = evaluate_checkpoint(best, split="test", batch_size=cfg.eval_batch_size,
-                                      max_new_tokens=cfg.max_new_tokens, run=run)
+                                      max_new_tokens=cfg.max_new_tokens, run=run, output_dir=cfg.output_dir)
         if demo_assets is not None and run.is_main:
-            import demo
             table = demo.report(results, demo_assets)  # also kept beside the run's other metrics
-            (Path(cfg.output_dir) / "logs" / "demo_table.json").write_text(json.dumps(table, indent=2))
+            checkpoint.atomic_write_text(Path(cfg.output_dir) / "logs" / "demo_table.json", json.dumps(table, indent=2))
     teardown_distributed(run)
     return results
 
 
-if __name__ == "__main__":
-    config, explicit = parse_config()
-    if config.clip is None and config.llm is None and config.train_manifest is None:
-        import demo
+def command_line_config(argv=None) -> TrainConfig:
+    """The options given, over the demo's defaults when no model or data paths are given."""
+    config, explicit = parse_config(argv)
+    if config.uses_demo:
         config = TrainConfig(**(demo.demo_defaults(config.demo_scale) | {k: getattr(config, k) for k in explicit}))
-    try:
-        main(config)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad input: one line, not a traceback
-        raise SystemExit(f"error: {error}")
+    return config
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(command_line_config())

@@ -3,6 +3,7 @@ boundary), atomic checkpoints, accumulation, NaN stops, what each stage trains, 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -139,19 +140,6 @@ def test_nan_stops_with_the_step_and_samples_and_keeps_the_last_checkpoint(setup
     assert state["global_step"] == 2 and all(torch.isfinite(v).all() for v in state["trainable"].values())
 
 
-def test_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoints" / "model.pt"
-    checkpoint.atomic_save({"format": checkpoint.MODEL_FORMAT, "trainable": {"w": torch.ones(3)}}, path)
-
-    def torn_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint.atomic_save({"format": checkpoint.MODEL_FORMAT, "trainable": {"w": torch.zeros(3)}}, path)
-    assert torch.equal(checkpoint.load_checkpoint(path)["trainable"]["w"], torch.ones(3))
-
-
 def test_resume_with_other_settings_is_refused(setup, tmp_path):
     cfg = config(setup, tmp_path, max_steps=1)
     train(cfg, setup_distributed())
@@ -201,3 +189,95 @@ def test_without_the_feature_cache_the_tower_encodes_every_batch(setup, tmp_path
     cfg = config(setup, tmp_path, feature_cache=False, max_steps=2)
     assert not train(cfg, setup_distributed())
     assert calls == [2, 2, 2, 2]  # 2 steps x 2 micro-batches of 2 videos
+
+
+# ---- a run folder is never lost; every user error is one line, early ------------------------------------------
+def run_train(*flags, cwd=ROOT, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and p.name != checkpoint.LOCK_FILE}
+
+
+def test_rerunning_in_a_folder_that_holds_a_run_is_refused_and_changes_nothing(setup, tmp_path):
+    cfg = config(setup, tmp_path, max_steps=2)
+    train(cfg, setup_distributed())
+    before = folder_bytes(Path(cfg.output_dir))
+    assert Path("checkpoints/training_state.pt") in before and Path("logs/training_log.csv") in before
+    with pytest.raises(ValueError, match="already holds a run .*--resume auto.*--start-over"):
+        train(config(setup, tmp_path, max_steps=2), setup_distributed())
+    assert folder_bytes(Path(cfg.output_dir)) == before
+    train(config(setup, tmp_path, max_steps=1, start_over=True), setup_distributed())
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and folder_bytes(aside[0]) == before
+    assert json.loads((Path(cfg.output_dir) / "config.json").read_text())["max_steps"] == 1
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "--batch-size must be positive, got 0"),
+    ("--grad-accum", "0", "--grad-accum must be positive, got 0"),
+    ("--save-every", "0", "--save-every must be positive, got 0"),
+    ("--stage1-epochs", "0", "--stage1-epochs must be positive, got 0"),
+    ("--stage2-lr", "-1e-4", r"--stage2-lr must not be negative, got -0\.0001"),
+    ("--val-fraction", "1.5", r"--val-fraction must be in \[0, 1\), got 1\.5"),
+])
+def test_a_bad_flag_is_one_line_before_anything_loads(setup, tmp_path, flag, value, message):
+    root, clip, llm = setup
+    result = run_train("--clip", str(clip), "--llm", str(llm), "--train-manifest", str(root / "manifest.jsonl"),
+                       "--output-dir", str(tmp_path / "run"), f"{flag}={value}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(f"error: {message}", result.stderr.strip().splitlines()[-1])
+    assert not (tmp_path / "run").exists()  # refused before the run folder was even claimed
+
+
+def test_a_read_only_run_folder_is_one_line_naming_it(setup, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the check is a write probe, exercised with a full disk "
+                    "in tests/test_checkpoint.py")
+    root, clip, llm = setup
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    result = run_train("--clip", str(clip), "--llm", str(llm), "--train-manifest", str(root / "manifest.jsonl"),
+                       "--output-dir", str(tmp_path / "ro" / "run"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "permission denied" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_missing_val_split_is_refused_before_the_bases_load(setup, tmp_path, monkeypatch):
+    root, _, _ = setup
+    manifest = tmp_path / "no_val.jsonl"
+    lines = [line.replace('"video": "', f'"video": "{root}/') for line in
+             (root / "manifest.jsonl").read_text().splitlines() if '"val"' not in line]
+    manifest.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr("train.build_vlm", lambda *a, **k: pytest.fail("the bases were loaded"))
+    with pytest.raises(ValueError, match="val"):
+        train(config(setup, tmp_path, train_manifest=str(manifest)), setup_distributed())
+
+
+def test_an_over_long_caption_is_cut_with_one_warning(setup, tmp_path, capsys):
+    from dataclasses import replace as replaced
+
+    from data import Sample
+    from train import cut_long_captions, llm_tokenizer
+    _, _, llm = setup
+    tokenizer = llm_tokenizer(str(llm))
+    long = "빨간 원이 움직인다. " * 400  # thousands of tokens
+    samples = [Sample(id="a", video="a.mp4", captions=[long, "짧은 캡션."]), Sample(id="b", video="b.mp4",
+                                                                                   captions=["파란 원."])]
+    kept = cut_long_captions(samples, tokenizer, max_tokens=12)
+    assert len(tokenizer.encode(kept[0].captions[0], add_special_tokens=False).ids) <= 12
+    assert long.strip().startswith(kept[0].captions[0]) and kept[0].captions[1:] == ["짧은 캡션."]
+    assert kept[1] == replaced(samples[1])
+    assert capsys.readouterr().out.count("1 training captions are longer than 12 tokens") == 1
+
+
+def test_help_shows_every_default():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    text = " ".join(result.stdout.split())
+    from dataclasses import fields
+    for f in fields(TrainConfig):
+        assert f"(default: {f.default})" in text, f.name
