@@ -1,6 +1,6 @@
 """The BERT encoder (Devlin et al. 2019, arXiv 1810.04805) that BERTScore reads, loaded from a Hugging Face snapshot.
 
-BERTScore (`metrics.bertscore`) embeds every caption with one hidden layer of a BERT model and matches the token
+BERTScore (bertscore.py) embeds every caption with one hidden layer of a BERT model and matches the token
 vectors of a candidate and a reference. This file gives those vectors: the tokenizer (WordPiece, `[CLS] ... [SEP]`),
 and an encoder equal to transformers' `BertModel` hidden states (reference: transformers/models/bert/
 modeling_bert.py, v5.25). A BERT layer is post-LN, unlike CLIP's and Qwen3's pre-norm blocks:
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -79,9 +80,8 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.query(x).view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        k = self.key(x).view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        v = self.value(x).view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (proj(x).view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+                   for proj in (self.query, self.key, self.value))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # keep (B, 1, 1, T): no padded key is seen
         return y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
 
@@ -98,42 +98,21 @@ class BertDenseLayerNorm(nn.Module):
         return self.LayerNorm(residual + self.dense(x))  # (B, T, C)
 
 
-class BertAttention(nn.Module):
+class BertLayer(nn.Module):
+    """The ModuleDicts only carry transformers' names (attention.self, attention.output, intermediate.dense), so
+    checkpoint keys map 1:1 without a class for each."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.self = BertSelfAttention(config)  # sic: transformers' name, so keys map 1:1
-        self.output = BertDenseLayerNorm(config.hidden_size, config)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, keep), x)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        C, I = config.hidden_size, config.intermediate_size
+        self.attention = nn.ModuleDict({"self": BertSelfAttention(config), "output": BertDenseLayerNorm(C, config)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(C, I)})
+        self.output = BertDenseLayerNorm(I, config)
         self.activation = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(x))  # (B, T, C) -> (B, T, I)
-
-
-class BertLayer(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertDenseLayerNorm(config.intermediate_size, config)
-
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, keep)  # (B, T, C)
-        return self.output(self.intermediate(x), x)  # (B, T, I) -> (B, T, C)
-
-
-class BertEncoder(nn.Module):
-    def __init__(self, config: BertConfig, num_layers: int):
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(num_layers))
+        x = self.attention.output(self.attention.self(x, keep), x)  # (B, T, C)
+        return self.output(self.activation(self.intermediate.dense(x)), x)  # (B, T, C) -> (B, T, I) -> (B, T, C)
 
 
 class Bert(nn.Module):
@@ -144,7 +123,7 @@ class Bert(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config, num_layers)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer(config) for _ in range(num_layers))})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) 1 for tokens, 0 for padding -> hidden states (B, T, C)."""
@@ -182,13 +161,26 @@ def weight_files(folder: Path) -> list[Path]:
                             f"with its shards), as in a Hugging Face BERT snapshot")
 
 
-def read_tensors(file: Path):
-    """(key, tensor) for every tensor of one file; a .bin is read with weights_only (no pickled code runs)."""
-    if file.suffix == ".safetensors":
-        with safe_open(file, framework="pt") as weights:
-            yield from ((key, weights.get_tensor(key)) for key in weights.keys())
-    else:
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+def read_tensors(folder: Path):
+    """(file, key, tensor) for every tensor of the folder's weights; a .bin is read with weights_only (no pickled
+    code runs) and memory-mapped."""
+    for file in weight_files(folder):
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as weights:
+                yield from ((file, key, weights.get_tensor(key)) for key in weights.keys())
+        else:
+            for key, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+                yield file, key, tensor
+
+
+def read_bert_config(folder: Path) -> BertConfig:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face BERT model folder (config.json, "
+                                f"model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt)")
+    try:
+        return BertConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    except ValueError as error:
+        raise ValueError(f"{folder / 'config.json'}: {error}") from error
 
 
 def load_bert(path, num_layers: int, *, dtype: torch.dtype = torch.float32, device="cpu") -> Bert:
@@ -197,13 +189,7 @@ def load_bert(path, num_layers: int, *, dtype: torch.dtype = torch.float32, devi
     Built on the meta device and filled tensor by tensor (`assign=True`); every kept key must match a parameter in
     name and shape, and every parameter must be in the checkpoint."""
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face BERT model folder (config.json, "
-                                f"model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt)")
-    try:
-        config = BertConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    except ValueError as error:
-        raise ValueError(f"{folder / 'config.json'}: {error}") from error
+    config = read_bert_config(folder)
     if not 0 <= num_layers <= config.num_hidden_layers:
         raise ValueError(f"{folder}: layer {num_layers} does not exist; this BERT has layers 0 (the embeddings) "
                          f"to {config.num_hidden_layers}")
@@ -211,17 +197,16 @@ def load_bert(path, num_layers: int, *, dtype: torch.dtype = torch.float32, devi
         model = Bert(config, num_layers)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     state = {}
-    for file in weight_files(folder):
-        for key, tensor in read_tensors(file):
-            if (name := bert_name(key, config, num_layers)) is None:
-                continue
-            if name not in expected or name in state:
-                why = "appears twice" if name in state else f"has no place in a BERT encoder (no '{name}')"
-                raise ValueError(f"{file}: unexpected weight '{key}': it {why}")
-            if tensor.shape != expected[name]:
-                raise ValueError(f"{file}: '{key}' has shape {tuple(tensor.shape)}, but config.json implies "
-                                 f"{tuple(expected[name])}")
-            state[name] = tensor.to(device=device, dtype=dtype, copy=True)  # copy: let the file's memory map close
+    for file, key, tensor in read_tensors(folder):
+        if (name := bert_name(key, config, num_layers)) is None:
+            continue
+        if name not in expected or name in state:
+            why = "appears twice" if name in state else f"has no place in a BERT encoder (no '{name}')"
+            raise ValueError(f"{file}: unexpected weight '{key}': it {why}")
+        if tensor.shape != expected[name]:
+            raise ValueError(f"{file}: '{key}' has shape {tuple(tensor.shape)}, but config.json implies "
+                             f"{tuple(expected[name])}")
+        state[name] = tensor.to(device=device, dtype=dtype, copy=True)  # copy: let the file's memory map close
     missing = sorted(expected.keys() - state.keys())
     if missing:
         raise ValueError(f"{folder}: missing weight '{missing[0]}' ({len(missing)} missing in all); the checkpoint "
@@ -247,13 +232,16 @@ class BertTokenizer:
         return self.tokenizer.encode(text).ids if text else [self.cls_id, self.sep_id]
 
 
-def wordpiece_from_vocab(vocab_file: Path, options: dict) -> Tokenizer:
+SPECIAL_TOKENS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                  "mask_token": "[MASK]"}  # transformers' BertTokenizer defaults; tokenizer_config.json may rename
+
+
+def wordpiece_from_vocab(vocab_file: Path, options: dict, special: dict[str, str]) -> Tokenizer:
     """What transformers' BertTokenizer builds from a vocab.txt (its __init__): BERT's normaliser (lower-casing
     and accent stripping per do_lower_case, default True), punctuation/whitespace pre-splitting, WordPiece,
     `[CLS] $A [SEP]`. Special tokens are added so a literal "[SEP]" in a caption stays one token, as there."""
-    vocab = {line.rstrip("\n"): i for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines(True))}
-    special = {name: options.get(name, f"[{name[:-6].upper()}]") for name in ("unk_token", "cls_token", "sep_token",
-                                                                                "pad_token", "mask_token")}
+    lines = vocab_file.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # load_vocab: one token a line
+    vocab = {token: i for i, token in enumerate(lines)}
     tokenizer = Tokenizer(WordPiece(vocab, unk_token=special["unk_token"]))
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=options.get("tokenize_chinese_chars", True),
@@ -268,7 +256,7 @@ def wordpiece_from_vocab(vocab_file: Path, options: dict) -> Tokenizer:
     return tokenizer
 
 
-def load_bert_tokenizer(path, config: BertConfig | None = None) -> BertTokenizer:
+def load_bert_tokenizer(path) -> BertTokenizer:
     """The folder's tokenizer.json, or a WordPiece tokenizer built from its vocab.txt and tokenizer_config.json.
 
     Captions are cut at tokenizer_config.json's model_max_length; without one, at the model's
@@ -276,22 +264,21 @@ def load_bert_tokenizer(path, config: BertConfig | None = None) -> BertTokenizer
     folder = Path(path).expanduser()
     options_file = folder / "tokenizer_config.json"
     options = json.loads(options_file.read_text()) if options_file.is_file() else {}
+    special = {name: options.get(name, default) for name, default in SPECIAL_TOKENS.items()}
     if (folder / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     elif (folder / "vocab.txt").is_file():
-        tokenizer = wordpiece_from_vocab(folder / "vocab.txt", options)
+        tokenizer = wordpiece_from_vocab(folder / "vocab.txt", options, special)
     else:
         raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt; copy the BERT snapshot's tokenizer "
                                 f"files into the folder")
-    config = config or BertConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    max_length = min(options.get("model_max_length", config.max_position_embeddings), config.max_position_embeddings)
-    ids = {name: tokenizer.token_to_id(options.get(name, default))
-           for name, default in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"))}
-    for name, token_id in ids.items():
-        if token_id is None:
-            raise ValueError(f"{folder}: the tokenizer has no {name}; BERTScore needs "
-                             f"[CLS], [SEP] and [PAD]")
-    return BertTokenizer(tokenizer, max_length, ids["cls_token"], ids["sep_token"], ids["pad_token"])
+    positions = read_bert_config(folder).max_position_embeddings
+    needed = [special[name] for name in ("cls_token", "sep_token", "pad_token")]
+    ids = [tokenizer.token_to_id(token) for token in needed]
+    if None in ids:
+        raise ValueError(f"{folder}: the tokenizer has no {needed[ids.index(None)]} token; BERTScore needs "
+                         f"{', '.join(needed)}")
+    return BertTokenizer(tokenizer, min(options.get("model_max_length", positions), positions), *ids)
 
 
 @torch.no_grad()
@@ -303,12 +290,9 @@ def embed_token_ids(model: Bert, token_ids: list[list[int]], pad_id: int, batch_
     states = [None] * len(token_ids)
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
-        T = len(token_ids[batch[0]])
-        input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
-        for row, i in enumerate(batch):
-            input_ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
+        input_ids = pad_sequence([torch.tensor(token_ids[i]) for i in batch], batch_first=True, padding_value=pad_id)
         lengths = torch.tensor([len(token_ids[i]) for i in batch])
-        attention_mask = torch.arange(T) < lengths[:, None]  # (B, T): True on tokens, False on padding
+        attention_mask = torch.arange(input_ids.shape[1]) < lengths[:, None]  # (B, T): True on tokens, not padding
         hidden = model(input_ids.to(device), attention_mask.to(device)).float().cpu()  # (B, T, C)
         for row, i in enumerate(batch):
             states[i] = hidden[row, :len(token_ids[i])]
@@ -337,9 +321,8 @@ if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Benchmark the BERT encoder as BERTScore runs it (random weights).")
     parser.add_argument("--bench", action="store_true", required=True, help="run the benchmark")
-    parser.add_argument("--layer", type=int, default=9)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--sentences", type=int, default=512)
+    for flag, default in (("--layer", 9), ("--batch-size", 64), ("--sentences", 512)):
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights instead of float32")
     args = parser.parse_args()
     result = bench(layer=args.layer, batch_size=args.batch_size, sentences=args.sentences,
