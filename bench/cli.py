@@ -122,7 +122,7 @@ def run_measurements(args, tasks: list[str]) -> dict:
             expect = root / f"expect-generate-{method}.json"
             results["generate"][method] = {
                 name: run_stack(args, "generate", stack, expect, method=method, variant=variant)
-                for name, stack, variant in GENERATE_RUNS if stack in args.stacks}
+                for name, stack, variant in GENERATE_RUNS if stack in args.stacks and name in args.generate_runs}
     if "loss" in tasks:
         results["loss"] = {variant: run_worker(args, "loss", variant=variant)
                            for variant in ("label-only", "full-logits")}
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adapters, comma-separated: " + ",".join(METHODS))
     model.add_argument("--stacks", type=comma_list(STACKS), default=list(STACKS),
                        help="stacks, comma-separated, ours first: " + ",".join(STACKS))
+    model.add_argument("--generate-runs", type=comma_list([name for name, _, _ in GENERATE_RUNS]),
+                       default=[name for name, _, _ in GENERATE_RUNS],
+                       help="generation runs, comma-separated, ours first: " + ",".join(n for n, _, _ in GENERATE_RUNS))
     model.add_argument("--snapshot-dir", type=Path, help="keep the random snapshot folders here and reuse them "
                                                           "(default: a temporary folder, removed at the end)")
     model.add_argument("--inline", action="store_true", help="run every measurement in this process (tests)")
@@ -276,8 +279,9 @@ def main(argv=None) -> dict:
         argv = ["model", *argv]  # `python -m bench --preset cpu-small` is `python -m bench model --preset cpu-small`
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if getattr(args, "stacks", ["ours"])[0] != "ours":
-        raise SystemExit("bench: --stacks must start with ours: the references are checked against its losses")
+    if getattr(args, "stacks", ["ours"])[0] != "ours" or getattr(args, "generate_runs", ["ours"])[0] != "ours":
+        raise SystemExit("bench: --stacks and --generate-runs must start with ours: the others are checked "
+                         "against its losses and captions")
     if args.command == "model" and args.json is None:
         args.json = Path("bench_results.json")  # not a set_defaults: --json is one action shared by the subcommands
     result = args.run(args)
