@@ -138,7 +138,9 @@ def test_ci_demo_runs_end_to_end_and_evaluate_reloads_it(tmp_path, capsys, one_t
     again = evaluate_checkpoint(run / "checkpoints" / "best_model.pt", output_dir=tmp_path / "again", show=False)
     assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in results["predictions"]]
     assets = demo.build_assets(tmp_path / "demo", scale="ci", seed=config.seed)
-    assert "reusing" in capsys.readouterr().out and config.clip == assets.clip
+    assert "reusing" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["clip"] == assets.clip  # main replaced, not mutated, its config
+    assert config.clip is None
     table = demo.report(results, assets)
     assert set(table["model"]) == {"METEOR", "CIDEr-D", *ATTRIBUTES, "all four"}
     assert table["model"]["METEOR"] == pytest.approx(results["metrics"]["meteor"]["value"])
