@@ -256,9 +256,8 @@ def merged_for_eval(model: VLM, merge: str = "auto") -> tuple[VLM, str]:
 
 
 def dense_layer_bytes(llm) -> int:
-    """Bytes of the decoder layers' linears in bf16 (what merged_copy allocates)."""
-    return sum(2 * m.in_features * m.out_features for m in llm.model.layers.modules() if hasattr(m, "in_features")
-               and not hasattr(m, "base"))
+    """Bytes of the decoder layers' linears in bf16 (what merged_copy allocates); Linear4bit is an nn.Linear."""
+    return sum(2 * m.in_features * m.out_features for m in llm.model.layers.modules() if isinstance(m, nn.Linear))
 
 
 def free_memory_bytes(device: torch.device) -> int:

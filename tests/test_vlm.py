@@ -141,6 +141,20 @@ def test_merged_for_eval_generates_the_same_captions(bases, method):
     assert any(type(m).__name__ == "LoRALinear" for m in model.llm.modules())  # the model keeps its adapters
     assert merged.generate(feats, max_new_tokens=8) == expected
     assert merged_for_eval(model, "no")[0] is model
+
+
+def test_merge_for_eval_auto_merges_only_when_the_device_has_room(bases, monkeypatch):
+    import vlm
+    model = make_model(bases, adapter={"method": "lora", "r": 2, "alpha": 4, "dropout": 0.0, "targets": ["q_proj"]},
+                       quant="nf4").eval()
+    needed = vlm.dense_layer_bytes(model.llm)
+    # 2 layers of q 48->64, k 48->32, v 48->32, o 64->48, gate / up 48->64, down 64->48: 18432 weights each, bf16
+    assert needed == 2 * 18432 * 2
+    monkeypatch.setattr(vlm, "free_memory_bytes", lambda device: needed)  # under the 1.25x margin
+    unmerged, reason = merged_for_eval(model, "auto")
+    assert unmerged is model and reason.startswith("not merged")
+    monkeypatch.setattr(vlm, "free_memory_bytes", lambda device: 2 * needed)
+    assert merged_for_eval(model, "auto")[0] is not model
     with pytest.raises(ValueError, match="merge="):
         merged_for_eval(model, "maybe")
 
