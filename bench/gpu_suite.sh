@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the benchmark in one command: Qwen3-8B's shapes with all 36 layers, on one H100 / H200.
 #
-#   bash bench/gpu_suite.sh OUT_DIR            # on the GPU machine (aimed at about eight minutes)
+#   bash bench/gpu_suite.sh OUT_DIR            # on the GPU machine (the parts' limits add up to 550 s)
 #   PYTHON=.venv/bin/python bash bench/gpu_suite.sh OUT_DIR --quick --threads 1   # toy sizes, on a CPU
 #
 # In the order of the targets they judge (a part cut short by its limit leaves the others' figures):
@@ -42,14 +42,14 @@ model=("$python" -m bench model --preset $preset --snapshot-dir "$snapshots")
 
 echo "kovlm GPU suite: $(date -u), snapshots in $snapshots, $($python -c 'import torch; print(torch.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')" | tee -a "$log"
-part profile 100 $python -m bench profile --preset $preset --snapshot-dir "$snapshots" --json "$out/profile.json" \
+part profile 90 $python -m bench profile --preset $preset --snapshot-dir "$snapshots" --json "$out/profile.json" \
   "${extra[@]}"
-part train 250 "${model[@]}" --tasks train --stacks ours,tuned --methods lora,dora --json "$out/train.json" \
+part train 240 "${model[@]}" --tasks train --stacks ours,tuned --methods lora,dora --json "$out/train.json" \
   "${extra[@]}"
-part generate 150 "${model[@]}" --tasks generate --methods lora --json "$out/generate.json" "${extra[@]}"
+part generate 140 "${model[@]}" --tasks generate --methods lora --json "$out/generate.json" "${extra[@]}"
 part grid-estimate 20 $python -m bench grid-estimate "$out/train.json" "$out/generate.json" \
   --generation ours-merged --json "$out/grid.json"
-part extra 120 "${model[@]}" --tasks generate,train --methods dora,dora-d0 --shapes resampler \
+part extra 60 "${model[@]}" --tasks generate,train --methods dora,dora-d0 --shapes resampler \
   --stacks ours,reference,tuned --generate-runs ours,reference --json "$out/extra.json" "${extra[@]}"
 cp "$snapshots/workers.log" "$out/workers.log" 2>/dev/null
 echo "kovlm GPU suite: done $(date -u), $SECONDS s" | tee -a "$log"
