@@ -3,8 +3,8 @@
     video.mp4 (+ span) ──read_frames──▶ uint8 RGB (F, H, W, 3) ──preprocess──▶ float (F, 3, S, S)
     manifest / label folder ──manifests.read_manifest──▶ [Sample] ──load_splits──▶ {"train", "val", "test"}
 
-Manifest and label layouts, and the converter of real data sets, live in manifests.py; the synthetic Korean video
-dataset in synth.py (`python synth.py OUT`).
+Manifest layouts live in manifests.py, the label files of real data sets (AI Hub, ActivityNet Captions) in
+labels.py, the synthetic Korean video dataset in synth.py (`python synth.py OUT`).
 
     python data.py convert aihub LABELS_DIR VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
     python data.py convert activitynet train.json VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import user_errors
-from manifests import (SPAN_TOLERANCE, ManifestError, Sample, activitynet_rows, label_folder_rows, read_manifest,
-                       samples_from_rows, write_manifest)
+from labels import SPAN_TOLERANCE, activitynet_rows, label_folder_rows
+from manifests import ManifestError, Sample, read_manifest, samples_from_rows, write_manifest
 
 log = logging.getLogger(__name__)
 # One OpenCV thread per process: the parallelism is DataLoader workers, and N OpenCV threads in each of N workers

@@ -1,8 +1,8 @@
-"""Caption annotations of every layout -> Samples: kovlm's manifests, MSR-VTT, AI Hub label folders, ActivityNet.
+"""Caption manifests of every layout -> Samples: kovlm's own, CSV, JSON, MSR-VTT, and folders of AI Hub labels.
 
-    manifest (.jsonl / .csv / .json) or a folder of AI Hub label files ──read_manifest──▶ [Sample]
-    AI Hub label folder ──label_folder_rows──▶ rows ─┐
-    ActivityNet Captions JSON ──activitynet_rows──▶ rows ─┴─samples_from_rows──▶ [Sample] ──write_manifest──▶ .jsonl
+    manifest (.jsonl / .csv / .json) ──manifest_rows──▶ (where, row) pairs ─┐
+    label folder / ActivityNet (labels.py) ──────────▶ (where, row) pairs ─┴─samples_from_rows──▶ [Sample]
+    [Sample] ──write_manifest──▶ .jsonl          read_manifest does the first two steps for a file or a label folder
 
 Manifests: one row per sample (or per caption); a video path is relative to the manifest's folder.
   JSONL (kovlm's own, what write_manifest writes), one object per line; `start` / `end` make the row a segment:
@@ -17,20 +17,12 @@ Manifests: one row per sample (or per caption); a video path is relative to the 
   whole sample whose id appears once. Without an id, a whole video's id is its path without suffix, a segment's
   `path#k` (k numbers that video's distinct spans in manifest order). The same video and span under two ids is an
   error. Segments: `start` and `end` in seconds, numbers or timestamps ("16.5", "0:16.00000", "1:02:03.5").
-AI Hub label folders: one JSON file per video (UTF-8, with or without a byte-order mark; CP949 files are read and
-  reported). LABEL_LAYOUTS names the keys read: the video's file name, the list of captioned segments, each one's
-  [start, end] and sentence, and the video's duration (to check spans). Every *.json under the folder is a label
-  file; its video is found by file name anywhere under the videos folder (a name with folders is tried relative to
-  it first; of several files with that name, the one in the label file's own relative folder wins). When
-  read_manifest is given the folder itself, the videos are looked for under that same folder. Assumed of layouts not
-  seen: one JSON object per video, a list of entries each holding a span and one Korean sentence; such a layout is
-  one more LABEL_LAYOUTS row. Bad entries (no caption, an empty or out-of-video span, an unparsable timestamp), label
-  files that are not JSON and missing videos are reported (missing videos in one summary line) and skipped.
+A folder given to read_manifest is a folder of AI Hub label files (labels.py), its videos looked for under that
+same folder (or `video_dir`).
 """
 import csv
 import io
 import json
-import math
 import os
 import secrets
 import warnings
@@ -38,12 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SPAN_TOLERANCE = 0.5  # seconds a span may run past the video's end (labels round; containers trim the last frame)
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be read; the message names the file, the line (or entry) and what is wrong."""
+from labels import ManifestError, label_folder_rows, load_json, parse_span, read_text  # ManifestError: re-exported
 
 
 @dataclass
@@ -58,65 +45,10 @@ class Sample:
     where: str | None = field(default=None, compare=False, repr=False)  # "file:line", for messages
 
 
-# ── timestamps ─────────────────────────────────────────────────────────────────────────────────────────────────────
-def parse_timestamp(value) -> float:
-    """Seconds from a number or a "[[H:]M:]S[.fff]" string: 16, "16.5", "0:16.00000", "1:02:03.5"."""
-    problem = f"unparsable timestamp {value!r}; write seconds (16.5) or [H:]M:S (0:16.5, 1:02:03.5)"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        *upper, last = value.strip().split(":")
-        try:
-            seconds = float(last)
-        except ValueError:
-            raise ValueError(problem) from None
-        if len(upper) > 2 or not all(part.isdigit() for part in upper) or (upper and not 0 <= seconds < 60) or (
-                len(upper) == 2 and int(upper[1]) >= 60):
-            raise ValueError(problem)
-        seconds += sum(int(part) * 60 ** (len(upper) - i) for i, part in enumerate(upper))
-    else:
-        raise ValueError(problem)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"timestamp {value!r} is negative or not finite")
-    return seconds
-
-
-def parse_span(start, end, duration=None) -> tuple[float, float]:
-    """(start, end) in seconds; an empty span, or (given the video's duration) one past its end, is refused."""
-    start, end = parse_timestamp(start), parse_timestamp(end)
-    if end <= start:
-        raise ValueError(f"empty span: end {end:g} s is not after start {start:g} s")
-    if duration is not None and end > parse_timestamp(duration) + SPAN_TOLERANCE:
-        raise ValueError(f"span {start:g}-{end:g} s ends after the video ({parse_timestamp(duration):g} s)")
-    return start, end
-
-
 # ── kovlm's manifests ──────────────────────────────────────────────────────────────────────────────────────────────
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "validate": "val", "dev": "val", "test": "test"}  # MSR-VTT says "validate"
 _VIDEO_KEYS = ("video", "video_path", "file_path")  # kovlm's own key, then common layouts (AI Hub: file_path)
-
-
-def read_text(path: Path, *, allow_cp949: bool = False) -> tuple[str, bool]:
-    """(text, whether it was CP949). UTF-8 with or without a byte-order mark (spreadsheets write one)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig"), False
-    except UnicodeDecodeError as error:
-        if allow_cp949:
-            try:
-                return data.decode("cp949"), True
-            except UnicodeDecodeError:
-                pass
-        raise ManifestError(f"{path}: not UTF-8 text (byte {error.start}); a CP949 / EUC-KR file converts with "
-                            f"`iconv -f cp949 -t utf-8 IN > OUT`") from None
-
-
-def _load_json(path: Path, text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
 
 
 def manifest_rows(path: Path, text: str) -> list[tuple[str, dict]]:
@@ -127,7 +59,7 @@ def manifest_rows(path: Path, text: str) -> list[tuple[str, dict]]:
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         return [(f"{path}:{reader.line_num}", row) for row in reader]
-    data = _load_json(path, text)
+    data = load_json(path, text)
     if isinstance(data, dict) and "sentences" in data:  # MSR-VTT: splits live in "videos", captions in "sentences"
         splits = {video.get("video_id"): video.get("split") for video in data.get("videos", [])
                   if isinstance(video, dict)}
@@ -273,140 +205,3 @@ def write_manifest(samples: list[Sample], path) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
-
-
-# ── real segment-caption data sets ─────────────────────────────────────────────────────────────────────────────────
-@dataclass(frozen=True)
-class LabelLayout:
-    """Which keys of a per-video label file hold what."""
-    video: str              # the video's file name (or a path under the videos folder)
-    entries: str            # the list of captioned segments
-    span: tuple[str, ...]   # one key holding [start, end], or two keys holding start and end
-    caption: str            # a segment's sentence
-    duration: str | None = None  # the video's length in seconds, to check spans against
-
-
-LABEL_LAYOUTS = {  # the first whose `entries` key a file has is used
-    # AI Hub 비디오 전환 경계 추론 데이터: {"video_name": "D2_AN_0531_000002.mp4", "duration": 60.0,
-    #   "trigger_info": [{"timestamps": ["0:00.00000", "0:16.00000"], "trigger_action": "여자가 ..."}, ...]}
-    "aihub-trigger": LabelLayout(video="video_name", entries="trigger_info", span=("timestamps",),
-                                 caption="trigger_action", duration="duration"),
-}
-
-
-class VideoFinder:
-    """Every video file under a folder, found by file name (AI Hub) or by name without suffix (ActivityNet)."""
-
-    def __init__(self, root: Path):
-        self.root, self.by_name, self.by_stem = Path(root), defaultdict(list), defaultdict(list)
-        for folder, _, names in sorted(os.walk(self.root)):
-            for name in sorted(names):
-                if Path(name).suffix.lower() in VIDEO_SUFFIXES:
-                    self.by_name[name].append(Path(folder) / name)
-                    self.by_stem[Path(name).stem].append(Path(folder) / name)
-
-    def find(self, name: str, *, near: Path = Path("."), by_stem: bool = False) -> Path | None:
-        """The one video called `name`; of several, the one in the folder `near` (relative to the root)."""
-        if Path(name).parent != Path(".") and (self.root / name).is_file():
-            return self.root / name
-        found = (self.by_stem if by_stem else self.by_name).get(Path(name).name, [])
-        if len(found) > 1:
-            found = [path for path in found if path.parent == self.root / near] or found
-        if len(found) > 1:
-            raise ValueError(f"{len(found)} videos are called {Path(name).name} ({', '.join(map(str, found[:3]))}); "
-                             f"give the path under the videos folder")
-        return found[0] if found else None
-
-
-def segment_row(sample_id: str, video: Path, span, caption, *, duration=None, split=None) -> dict:
-    """One manifest row for a captioned segment; ValueError says what is wrong with it."""
-    if not isinstance(caption, str) or not caption.strip():
-        raise ValueError(f"no caption ({caption!r})")
-    if not isinstance(span, (list, tuple)) or len(span) != 2:
-        raise ValueError(f"the span must be [start, end], got {span!r}")
-    start, end = parse_span(*span, duration)
-    return {"id": sample_id, "video": str(video), "captions": [caption.strip()], "start": start, "end": end} | (
-        {"split": split} if split else {})
-
-
-def _missing_line(missing: list[str], what: str, videos_dir: Path) -> list[str]:
-    if not missing:
-        return []
-    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-    return [f"{len(missing)} {what} have no video under {videos_dir}: {', '.join(missing[:5])}{more}; skipped"]
-
-
-def label_folder_rows(labels_dir: Path, videos_dir: Path, *, split: str | None = None
-                      ) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(where, row) pairs for every captioned segment in the label files under `labels_dir`, and the problems."""
-    finder, rows, problems, missing, cp949 = VideoFinder(videos_dir), [], [], [], []
-    for label in sorted(Path(labels_dir).rglob("*.json")):
-        try:
-            text, is_cp949 = read_text(label, allow_cp949=True)
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            problems.append(f"{label}:{error.lineno}: not valid JSON ({error.msg}); skipped")
-            continue
-        except ManifestError as error:
-            problems.append(f"{error}; skipped")
-            continue
-        cp949 += [label.name] if is_cp949 else []
-        layout = next((layout for layout in LABEL_LAYOUTS.values() if isinstance(data, dict)
-                       and layout.entries in data), None)
-        if layout is None or not isinstance(data.get(layout.video), str) or not isinstance(data[layout.entries],
-                                                                                            list):
-            problems.append(f"{label}: not a known label layout (a video name and a list under "
-                            f"{', '.join(layout.entries for layout in LABEL_LAYOUTS.values())}); skipped")
-            continue
-        try:
-            video = finder.find(data[layout.video], near=label.parent.relative_to(labels_dir))
-        except ValueError as error:
-            problems.append(f"{label}: {error}; skipped")
-            continue
-        if video is None:
-            missing.append(data[layout.video])
-            continue
-        for k, entry in enumerate(data[layout.entries], 1):
-            where = f"{label}: {layout.entries} entry {k}"
-            try:
-                entry = entry if isinstance(entry, dict) else {}
-                span = entry.get(layout.span[0]) if len(layout.span) == 1 else [entry.get(key) for key in layout.span]
-                rows.append((where, segment_row(f"{Path(data[layout.video]).stem}#{k}", video, span,
-                                                entry.get(layout.caption), split=split,
-                                                duration=data.get(layout.duration) if layout.duration else None)))
-            except ValueError as error:
-                problems.append(f"{where}: {error}; skipped")
-    problems += _missing_line(missing, "label files", videos_dir)
-    if cp949:
-        problems.append(f"{len(cp949)} label files are CP949 text, not UTF-8, and were read as CP949: "
-                        f"{', '.join(cp949[:5])}")
-    return rows, problems
-
-
-def activitynet_rows(path: Path, videos_dir: Path, *, split: str | None = None
-                     ) -> tuple[list[tuple[str, dict]], list[str]]:
-    """ActivityNet Captions ({"v_id": {"duration", "timestamps": [[s, e], ...], "sentences": [...]}}) as rows; a
-    video is found by its id as the file name without suffix (with or without the "v_" prefix)."""
-    path = Path(path)
-    data = _load_json(path, read_text(path)[0])
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected ActivityNet Captions' object of video ids, got {type(data).__name__}")
-    finder, rows, problems, missing = VideoFinder(videos_dir), [], [], []
-    for video_id, entry in data.items():
-        where = f"{path}: {video_id}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("timestamps"), list) or not isinstance(
-                entry.get("sentences"), list) or len(entry["timestamps"]) != len(entry["sentences"]):
-            problems.append(f"{where}: needs lists timestamps and sentences of the same length; skipped")
-            continue
-        video = finder.find(video_id, by_stem=True) or (finder.find(video_id[2:], by_stem=True)
-                                                        if video_id.startswith("v_") else None)
-        if video is None:
-            missing.append(video_id)
-            continue
-        for k, (span, sentence) in enumerate(zip(entry["timestamps"], entry["sentences"]), 1):
-            try:
-                rows.append((f"{where} segment {k}", segment_row(f"{video_id}#{k}", video, span, sentence,
-                                                                 duration=entry.get("duration"), split=split)))
-            except ValueError as error:
-                problems.append(f"{where} segment {k}: {error}; skipped")
-    return rows, problems + _missing_line(missing, "video ids", videos_dir)
