@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import user_errors
-from labels import SPAN_TOLERANCE, activitynet_rows, label_folder_rows
-from manifests import ManifestError, Sample, read_manifest, samples_from_rows, write_manifest
+from labels import SPAN_TOLERANCE
+from manifests import ManifestError, Sample, convert_labels, read_manifest, subset_samples, write_manifest
 
 log = logging.getLogger(__name__)
 # One OpenCV thread per process: the parallelism is DataLoader workers, and N OpenCV threads in each of N workers
@@ -169,26 +169,6 @@ def preprocess(frames: np.ndarray, size: int = 336) -> torch.Tensor:
 
 
 # ── splits ─────────────────────────────────────────────────────────────────────────────────────────────────────────
-def subset_samples(samples: list[Sample], max_samples: int, seed: int = 42) -> list[Sample]:
-    """At most `max_samples` samples drawn by `seed`, each split keeping its share (largest remainders); manifest
-    order is kept."""
-    if max_samples < 1:
-        raise ValueError(f"max_samples must be at least 1, got {max_samples}")
-    if max_samples >= len(samples):
-        return list(samples)
-    groups = {}
-    for sample in samples:
-        groups.setdefault(sample.split, []).append(sample)
-    shares = {name: max_samples * len(group) / len(samples) for name, group in groups.items()}
-    counts = {name: int(share) for name, share in shares.items()}
-    for name in sorted(shares, key=lambda n: counts[n] - shares[n])[:max_samples - sum(counts.values())]:
-        counts[name] += 1
-    rng, chosen = random.Random(seed), set()
-    for name, group in groups.items():
-        chosen |= {sample.id for sample in rng.sample(sorted(group, key=lambda s: s.id), counts[name])}
-    return [sample for sample in samples if sample.id in chosen]
-
-
 def split_samples(samples: list[Sample], seed: int = 42, val_fraction: float = 0.1,
                   test_fraction: float = 0.1) -> dict[str, list[Sample]]:
     """{"train", "val", "test"} -> samples: the manifest's own splits when it has them, else a shuffle by `seed` of
@@ -263,22 +243,6 @@ class BadVideos:
 
 
 # ── command line ───────────────────────────────────────────────────────────────────────────────────────────────────
-def convert(source: str, path: Path, videos_dir: Path, output: Path, *, split: str | None = None,
-            max_samples: int | None = None, seed: int = 42) -> list[str]:
-    """Write a kovlm manifest from AI Hub label files or ActivityNet Captions; returns the problems skipped."""
-    reader = label_folder_rows if source == "aihub" else activitynet_rows
-    for given in (path, videos_dir):
-        if not Path(given).exists():
-            raise FileNotFoundError(f"{given}: no such file or folder")
-    rows, problems = reader(Path(path), Path(videos_dir), split=split)
-    samples = samples_from_rows(rows, Path("."), problems)
-    if not samples:
-        raise ManifestError(f"{path}: no usable segments ({len(problems)} problems, the first: "
-                            f"{problems[0] if problems else 'no label files'})")
-    write_manifest(subset_samples(samples, max_samples, seed) if max_samples else samples, output)
-    return problems
-
-
 def check(path: Path, num_frames: int = 8) -> tuple[int, list[str]]:
     """(samples, problems): every bad row, label entry and video of a manifest or label folder, all at once."""
     problems = []
@@ -309,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     if args.command == "convert":
-        problems = convert(args.source, args.labels, args.videos, args.output, split=args.split,
+        problems = convert_labels(args.source, args.labels, args.videos, args.output, split=args.split,
                            max_samples=args.max_samples, seed=args.seed)
         for problem in problems:
             log.warning("%s", problem)

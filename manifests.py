@@ -3,6 +3,7 @@
     manifest (.jsonl / .csv / .json) ──manifest_rows──▶ (where, row) pairs ─┐
     label folder / ActivityNet (labels.py) ──────────▶ (where, row) pairs ─┴─samples_from_rows──▶ [Sample]
     [Sample] ──write_manifest──▶ .jsonl          read_manifest does the first two steps for a file or a label folder
+    label files ──convert_labels──▶ .jsonl        (`python data.py convert`; subset_samples for --max-samples)
 
 Manifests: one row per sample (or per caption); a video path is relative to the manifest's folder.
   JSONL (kovlm's own, what write_manifest writes), one object per line; `start` / `end` make the row a segment:
@@ -24,13 +25,15 @@ import csv
 import io
 import json
 import os
+import random
 import secrets
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labels import ManifestError, label_folder_rows, load_json, parse_span, read_text  # ManifestError: re-exported
+# ManifestError is re-exported: readers of manifests catch it from here
+from labels import ManifestError, activitynet_rows, label_folder_rows, load_json, parse_span, read_text
 
 
 @dataclass
@@ -205,3 +208,40 @@ def write_manifest(samples: list[Sample], path) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+# ── subsets and conversions ────────────────────────────────────────────────────────────────────────────────────────
+def subset_samples(samples: list[Sample], max_samples: int, seed: int = 42) -> list[Sample]:
+    """At most `max_samples` samples drawn by `seed`, each split keeping its share (largest remainders); manifest
+    order is kept."""
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1, got {max_samples}")
+    if max_samples >= len(samples):
+        return list(samples)
+    groups = {}
+    for sample in samples:
+        groups.setdefault(sample.split, []).append(sample)
+    shares = {name: max_samples * len(group) / len(samples) for name, group in groups.items()}
+    counts = {name: int(share) for name, share in shares.items()}
+    for name in sorted(shares, key=lambda n: counts[n] - shares[n])[:max_samples - sum(counts.values())]:
+        counts[name] += 1
+    rng, chosen = random.Random(seed), set()
+    for name, group in groups.items():
+        chosen |= {sample.id for sample in rng.sample(sorted(group, key=lambda s: s.id), counts[name])}
+    return [sample for sample in samples if sample.id in chosen]
+
+
+def convert_labels(source: str, path: Path, videos_dir: Path, output: Path, *, split: str | None = None,
+                   max_samples: int | None = None, seed: int = 42) -> list[str]:
+    """Write a kovlm manifest from AI Hub label files or ActivityNet Captions; returns the problems skipped."""
+    reader = label_folder_rows if source == "aihub" else activitynet_rows
+    for given in (path, videos_dir):
+        if not Path(given).exists():
+            raise FileNotFoundError(f"{given}: no such file or folder")
+    rows, problems = reader(Path(path), Path(videos_dir), split=split)
+    samples = samples_from_rows(rows, Path("."), problems)
+    if not samples:
+        raise ManifestError(f"{path}: no usable segments ({len(problems)} problems, the first: "
+                            f"{problems[0] if problems else 'no label files'})")
+    write_manifest(subset_samples(samples, max_samples, seed) if max_samples else samples, output)
+    return problems

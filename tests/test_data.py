@@ -1,5 +1,5 @@
 """data.py: frames (count, order, short and bad videos, segments of H.264 B-frame and variable-frame-rate videos),
-preprocessing vs transformers' CLIPImageProcessor, subsets and splits, the bad-video policy, and the command line
+preprocessing vs transformers' CLIPImageProcessor, splits (with seeded subsets), the bad-video policy, and the command line
 (convert, check)."""
 import json
 import logging
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data import (CLIP_MEAN, CLIP_STD, BadVideos, Sample, VideoError, check_splits, load_splits, main, preprocess,
-                  read_frames, read_manifest, sample_indices, split_samples, subset_samples, write_manifest)
+                  read_frames, read_manifest, sample_indices, split_samples, write_manifest)
 from synth import write_video
 
 BITS = 8  # a frame's index is written as 8 black / white bars (8 px wide each) in its lower half
@@ -201,7 +201,7 @@ def test_preprocess_matches_clip_image_processor(size, shape):
     assert pixels.max() <= 2 and pixels.mean() <= 0.5, (pixels.max(), pixels.mean())
 
 
-# ── subsets and splits ─────────────────────────────────────────────────────────────────────────────────────────────
+# ── splits ─────────────────────────────────────────────────────────────────────────────────────────────
 def samples_of(root, count, split=None, per_video=1) -> list[Sample]:
     return [Sample(f"{split or 'v'}{i:03d}#{k}", root / f"{split or 'v'}{i:03d}.mp4", ["설명"], split, start=k,
                    end=k + 1) if per_video > 1 else Sample(f"{split or 'v'}{i:03d}", root / f"{split or 'v'}{i:03d}.mp4",
@@ -228,16 +228,6 @@ def test_segments_of_one_video_stay_in_one_split(tmp_path):
     assert not videos["train"] & videos["val"] and not videos["train"] & videos["test"]
     assert not videos["val"] & videos["test"]
     assert [len(part) for part in parts.values()] == [120, 15, 15]
-
-
-def test_subset_is_seeded_and_stratified_by_split(tmp_path):
-    samples = samples_of(tmp_path, 800, "train") + samples_of(tmp_path, 100, "val") + samples_of(tmp_path, 100, "test")
-    subset = subset_samples(samples, 500, seed=3)
-    assert [sum(s.split == name for s in subset) for name in ("train", "val", "test")] == [400, 50, 50]
-    assert subset == subset_samples(samples, 500, seed=3) and subset != subset_samples(samples, 500, seed=4)
-    assert subset == [s for s in samples if s in subset]  # manifest order kept
-    assert len(subset_samples(samples[:7] + samples[800:803], 5, seed=0)) == 5
-    assert subset_samples(samples, 5000) == samples
 
 
 def test_load_splits_with_max_samples(tmp_path):

@@ -1,9 +1,10 @@
-"""manifests.py: kovlm's manifest layouts (JSONL / CSV / JSON / MSR-VTT, segments), malformed rows, bad files."""
+"""manifests.py: kovlm's manifest layouts (JSONL / CSV / JSON / MSR-VTT, segments), malformed rows, bad files, seeded
+subsets."""
 import json
 
 import pytest
 
-from manifests import ManifestError, Sample, read_manifest, write_manifest
+from manifests import ManifestError, Sample, read_manifest, subset_samples, write_manifest
 
 
 # ── manifests ──────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -119,3 +120,15 @@ def test_manifest_file_problems(tmp_path):
     for name, problem in cases.items():
         with pytest.raises(ManifestError, match=problem):
             read_manifest(tmp_path / name)
+
+
+# ── subsets ────────────────────────────────────────────────────────────────────────────────────────────────────────
+def test_subset_is_seeded_and_stratified_by_split(tmp_path):
+    samples = [Sample(f"{split}{i:03d}", tmp_path / f"{split}{i:03d}.mp4", ["설명"], split)
+               for split, count in (("train", 800), ("val", 100), ("test", 100)) for i in range(count)]
+    subset = subset_samples(samples, 500, seed=3)
+    assert [sum(s.split == name for s in subset) for name in ("train", "val", "test")] == [400, 50, 50]
+    assert subset == subset_samples(samples, 500, seed=3) and subset != subset_samples(samples, 500, seed=4)
+    assert subset == [s for s in samples if s in subset]  # manifest order kept
+    assert len(subset_samples(samples[:7] + samples[800:803], 5, seed=0)) == 5
+    assert subset_samples(samples, 5000) == samples
