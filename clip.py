@@ -164,6 +164,7 @@ class CLIPVision(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.fingerprint: str | None = None
+        self.weights_fingerprint: str | None = None
 
     def forward(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """pixel_values (I, 3, S, S), CLIP-normalised -> hidden_states[layer] (I, T, Dv).
@@ -292,7 +293,7 @@ def load_clip_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") 
     with torch.device("meta"):
         model = CLIPVision(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state, digests = {}, {}
+    state, digests, cast = {}, {}, False
     for file in checkpoint_files(folder):
         for key, name, tensor in read_vision_tensors(file):
             if name not in expected or name in state:
@@ -301,14 +302,18 @@ def load_clip_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") 
             if tensor.shape != expected[name]:
                 raise ValueError(f"{folder}: '{key}' in {file.name} has shape {tuple(tensor.shape)}, but config.json "
                                  f"implies {tuple(expected[name])}")
-            tensor = tensor.to(dtype)
-            digests[name] = tensor_digest(name, tensor)  # hashed as read: no second pass over the weights
-            state[name] = tensor.to(device)
+            digests[name] = tensor_digest(name, tensor)  # hashed as stored, while read: no second pass
+            cast |= tensor.dtype != dtype
+            state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(expected.keys() - state.keys())
     if missing:
         raise ValueError(f"{folder}: missing vision weight '{missing[0]}' ({len(missing)} missing in all); "
                          f"the checkpoint does not match its config.json")
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
-    model.fingerprint = combine_fingerprint(asdict(config), digests)
+    # weights_fingerprint names the weights as stored (a checkpoint's base identity, whatever dtype it ran in);
+    # fingerprint the weights as they compute (the feature cache's key: bf16 features are not fp32 features).
+    model.weights_fingerprint = combine_fingerprint(asdict(config), digests)
+    model.fingerprint = combine_fingerprint({"weights": model.weights_fingerprint, "dtype": str(dtype)}, {}) \
+        if cast else model.weights_fingerprint
     return model

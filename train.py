@@ -16,6 +16,7 @@ split. Run without model or data paths, it trains the embedded demo (demo.py), w
 """
 import argparse
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -245,9 +246,9 @@ class Position:
         return cls(**{f.name: state[f.name] for f in fields(cls)}) if state else cls()
 
 
-def ensure_finite(value: torch.Tensor, what: str, step: int, sample_ids: list) -> None:
+def ensure_finite(value: float, what: str, step: int, sample_ids: list) -> None:
     """Stop on a NaN / inf before it reaches the weights; the last good checkpoint stays as it is."""
-    if not torch.isfinite(value).all():
+    if not math.isfinite(value):
         raise FloatingPointError(f"non-finite {what} at step {step + 1} (samples {', '.join(map(str, sample_ids))}); "
                                  "stopping without saving. Lower the learning rate or check these samples")
 
@@ -255,11 +256,12 @@ def ensure_finite(value: torch.Tensor, what: str, step: int, sample_ids: list) -
 def optimizer_step(model, wrapped, optimizer, trainable, window: list[int], captions: list[str], train_set,
                    cfg: TrainConfig, run: Distributed, global_step: int) -> dict:
     """One window: grad_accum micro-batches per process, each rank its slice, then clip and step. The loss of each
-    micro-batch is its summed cross-entropy over the whole window's supervised tokens."""
+    micro-batch is its summed cross-entropy over the whole window's supervised tokens. The host reads the losses
+    and the gradient norm once, after the last backward: one wait for the device per step, not one per micro-batch."""
     num_label_tokens = model.count_label_tokens(captions)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16,
                               enabled=compute_dtype(cfg.dtype, run.device) == torch.bfloat16)
-    started, loss_total = time.perf_counter(), 0.0
+    started, losses, sample_ids = time.perf_counter(), [], []
     for micro in range(cfg.grad_accum):
         first = (micro * run.world + run.rank) * cfg.batch_size
         batch = collate_features([train_set[i] for i in window[first:first + cfg.batch_size]])
@@ -270,16 +272,19 @@ def optimizer_step(model, wrapped, optimizer, trainable, window: list[int], capt
             with autocast:
                 features = batch_features(model, batch, run.device)  # (B, F, P, Dv)
             loss = wrapped(features, mine, num_label_tokens) * run.world
-            ensure_finite(loss, "loss", global_step, batch["ids"])
             loss.backward()
-        loss_total += loss.item() / run.world
+        losses.append(loss.detach() / run.world)
+        sample_ids.append(batch["ids"])
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-    ensure_finite(grad_norm, "gradient norm", global_step, [train_set[i]["id"] for i in window])
+    *loss_values, norm = torch.stack([*losses, grad_norm.to(losses[0].device)]).tolist()  # the step's one sync
+    for value, ids in zip(loss_values, sample_ids):
+        ensure_finite(value, "loss", global_step, ids)
+    ensure_finite(norm, "gradient norm", global_step, [i for ids in sample_ids for i in ids])
     optimizer.step()
     after_optimizer_step(model)  # DoRA: the detached weight norms changed with the weights
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    return {"loss": all_reduce_mean(loss_total, run), "grad_norm": float(grad_norm), "step_seconds": seconds,
+    return {"loss": all_reduce_mean(sum(loss_values), run), "grad_norm": norm, "step_seconds": seconds,
             "tokens_per_s": num_label_tokens / run.world / seconds}
 
 

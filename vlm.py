@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from clip import load_clip_vision
 from decode import Decoder
 from lora import AdapterConfig, adapter_state_dict, apply_adapters, load_adapter_state_dict, merged_copy
-from projectors import PROJECTOR_OPTIONS, build_projector
+from projectors import ProjectorConfig, projector_from_config
 from qwen3 import load_qwen3
 from sampling import next_token
 
@@ -277,14 +277,13 @@ def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
     if not tokenizer_file.exists():
         raise FileNotFoundError(f"{tokenizer_file} not found: the LLM folder must hold Qwen3's tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    name = config.projector["name"]
-    used = PROJECTOR_OPTIONS[name]  # options the chosen projector reads (e.g. linear reads none)
-    options = {k: v for k, v in config.projector.items() if k in used and v is not None}
-    if "num_frames" in used:
-        options.setdefault("num_frames", config.num_frames)
-    projector = build_projector(name, vision.config.hidden_size, llm.config.hidden_size, **options).to(device)
+    requests = {"num_frames": config.num_frames} | {k: v for k, v in config.projector.items() if v is not None}
+    projector_config = ProjectorConfig.requested(vision_dim=vision.config.hidden_size,
+                                                 llm_dim=llm.config.hidden_size, **requests)
+    projector = projector_from_config(projector_config).to(device)
     adapter = config.adapter
-    config = replace(config, adapter=None, base_identity={"clip": vision.fingerprint, "llm": llm.fingerprint},
+    config = replace(config, adapter=None, base_identity={"clip": vision.weights_fingerprint or vision.fingerprint,
+                                                            "llm": llm.fingerprint},
                      projector={k: v for k, v in asdict(projector.config).items() if k not in ("vision_dim", "llm_dim")})
     model = VLM(vision, projector, llm, tokenizer, config)
     if adapter is not None:

@@ -166,7 +166,10 @@ def test_fingerprint(snapshots, tmp_path):
     for kind in ["sharded", "bin", "sharded_bin"]:
         assert load_clip_vision(snapshots[kind]).fingerprint == model.fingerprint, kind
     assert fingerprint_state(asdict(model.config), model.state_dict().items()) == model.fingerprint
-    assert load_clip_vision(snapshots["full"], dtype=torch.bfloat16).fingerprint != model.fingerprint
+    bf16 = load_clip_vision(snapshots["full"], dtype=torch.bfloat16)
+    assert bf16.fingerprint != model.fingerprint  # the feature cache keeps bf16 features apart from fp32 ones
+    # ... but the weights are the same: a checkpoint trained in bf16 on a GPU matches its tower in fp32 on a CPU
+    assert bf16.weights_fingerprint == model.weights_fingerprint == model.fingerprint
 
     def nudge_one_weight(weights):
         weights["vision_model.encoder.layers.1.mlp.fc1.weight"][3, 5] += 1e-3
