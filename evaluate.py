@@ -30,7 +30,7 @@ from features import FeatureCache, batch_features, collate_features, prepare_spl
 from manifests import read_manifest
 from metrics import format_metrics_table, score_captions
 from report import render_report
-from vlm import VLMConfig, build_vlm, describe_mismatch
+from vlm import VLMConfig, build_vlm, describe_mismatch, merged_for_eval
 
 DEFAULT_DECODING = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0,
                     "no_repeat_ngram_size": 0}
@@ -150,15 +150,22 @@ def evaluation_folder(checkpoint_path, name: str, decoding: dict, max_new_tokens
 
 def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batch_size: int = 16,
                         max_new_tokens: int = 64, run=None, clip=None, llm=None, output_dir=None, decoding=None,
-                        show: bool = True, report: bool = True, bertscore_model=None, bertscore_layer: int = 9) -> dict:
+                        show: bool = True, report: bool = True, bertscore_model=None, bertscore_layer: int = 9,
+                        merge_for_eval: str = "no") -> dict:
     """Evaluate a checkpoint on its run's split or on a manifest. With output_dir (train.py's final test), the
-    results go to output_dir/samples/ and output_dir/logs/final_metrics.json; else to evaluation_folder()."""
+    results go to output_dir/samples/ and output_dir/logs/final_metrics.json; else to evaluation_folder().
+    merge_for_eval "auto" / "yes" generates with the adapters folded into a bf16 copy of the base (vlm.merged_for_eval;
+    "auto" on a CUDA device with room for it only: on a CPU bf16 GEMMs may be emulated); "no" keeps the 4-bit path."""
     run = run or Distributed(device=default_device())
     checkpoint = load_checkpoint(path)
     train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
     samples, name = select_samples(train_config, split, manifest)
     model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
                           dtype=compute_dtype(train_config["dtype"], run.device))
+    if merge_for_eval == "yes" or (merge_for_eval == "auto" and run.device.type == "cuda"):
+        model, note = merged_for_eval(model, merge_for_eval)
+        if show and run.is_main:
+            print(f"generation: {note}")
     cache_dir = train_config["cache_dir"] if train_config["feature_cache"] else None
     splits, cache = prepare_splits(model, {name: samples}, cache_dir=cache_dir, skip_bad=train_config["skip_bad"],
                                    run=run, show_progress=show and run.is_main)
@@ -247,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
     parser.add_argument("--bertscore-model", help="a BERT snapshot folder: adds BERTScore P/R/F1 (absent without)")
     parser.add_argument("--bertscore-layer", type=int, default=9, help="BERT layer whose embeddings BERTScore uses")
+    parser.add_argument("--merge-for-eval", choices=["auto", "yes", "no"], default="auto",
+                        help="generate with the adapters folded into a bf16 copy of the base (auto: on a CUDA GPU "
+                             "with room for it; no: the 4-bit path, as training validates)")
     add_decoding_options(parser)
     args = parser.parse_args(argv)
     with user_errors():
@@ -254,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_checkpoint(args.checkpoint, split=args.split, manifest=args.manifest, batch_size=args.batch_size,
                             run=run, max_new_tokens=args.max_new_tokens, clip=args.clip, llm=args.llm,
                             output_dir=args.output_dir, decoding=decoding_from_args(args), report=not args.no_report,
-                            bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
+                            bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
+                            merge_for_eval=args.merge_for_eval)
         teardown_distributed(run)
 
 

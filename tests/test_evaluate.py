@@ -129,3 +129,13 @@ def test_three_processes_give_the_single_process_results(trained, tmp_path):
     assert [p["prediction"] for p in predictions] == [p["prediction"] for p in single["predictions"]]
     metrics = json.loads((tmp_path / "two" / "logs" / "final_metrics.json").read_text())["metrics"]
     assert metrics["meteor"]["value"] == pytest.approx(single["metrics"]["meteor"]["value"], abs=1e-12)
+
+
+def test_merged_weights_generate_the_captions_of_the_4bit_path(trained, tmp_path, capsys):
+    """--merge-for-eval yes folds the adapters into a bf16 copy of the base (plain GEMMs, no per-token 4-bit
+    dequantization): on this tiny model the greedy captions are the 4-bit path's."""
+    four_bit = evaluate_checkpoint(trained, split="test", max_new_tokens=5, output_dir=tmp_path / "a", show=False)
+    merged = evaluate_checkpoint(trained, split="test", max_new_tokens=5, output_dir=tmp_path / "b",
+                                 merge_for_eval="yes")
+    assert "generation: merged into a bf16 copy" in capsys.readouterr().out
+    assert [p["prediction"] for p in merged["predictions"]] == [p["prediction"] for p in four_bit["predictions"]]
