@@ -6,7 +6,9 @@ content (sha256), the segment's span, the number of frames and the image size, t
 weights) and the layer. Change any of them and the key changes, so stale features are never returned. The entry's
 metadata holds that key, the video's path and a sha256 of the tensor's bytes; an entry that does not parse, fails
 its checksum (a changed byte, another entry's data) or carries another key (another video's whole entry) is
-recomputed with one warning naming the video. Features are stored in fp16: (F, P, Dv) = (8, 576, 1024) is 9.4 MB.
+recomputed with one warning naming the video. Features are stored in CACHE_DTYPE (fp16): (F, P, Dv) =
+(8, 576, 1024) is 9.4 MB; a model trained from the cache saw its features rounded to it, so captioning without the
+cache rounds them alike (caption.py).
 """
 import hashlib
 import json
@@ -22,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data import BadVideos, Sample, VideoError, preprocess, read_frames
+
+CACHE_DTYPE = torch.float16  # what every entry holds: half the disk of fp32
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -40,13 +44,11 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 class FeatureCache:
     """Cached features (F, P, Dv) of a Sample (its span included) or of a whole video given by its path."""
 
-    def __init__(self, root: str | Path, *, tower: str, num_frames: int, image_size: int, layer: int,
-                 dtype: torch.dtype = torch.float16):
+    def __init__(self, root: str | Path, *, tower: str, num_frames: int, image_size: int, layer: int):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         settings = json.dumps({"tower": tower, "num_frames": num_frames, "image_size": image_size, "layer": layer})
         self.settings_key = hashlib.sha256(settings.encode()).hexdigest()[:16]
-        self.dtype = dtype
         self._content_keys: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, so a file is hashed once a run
         self._verified: set[tuple] = set()  # entries whose checksum passed this run: (path, size, mtime)
 
@@ -59,7 +61,7 @@ class FeatureCache:
         identity = (str(video), stat.st_size, stat.st_mtime_ns)
         if identity not in self._content_keys:
             self._content_keys[identity] = file_sha256(Path(video))
-        span = "" if start is None else f"@{start!r}-{end!r}"
+        span = "" if start is None else f"@{float(start)!r}-{float(end)!r}"  # 1 and 1.0 are one span
         return f"{self._content_keys[identity]}{span}-{self.settings_key}"
 
     def path_for(self, item: Sample | str | Path) -> Path:
@@ -105,7 +107,7 @@ class FeatureCache:
 
     def save(self, item: Sample | str | Path, features: torch.Tensor) -> None:
         path, key = self.path_for(item), self.entry_key(item)
-        features = features.to(self.dtype).contiguous().cpu()
+        features = features.to(CACHE_DTYPE).contiguous().cpu()
         video = item.video if isinstance(item, Sample) else item
         metadata = {"key": key, "video": str(video), "sha256": tensor_sha256(features)}
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # unique to the writer

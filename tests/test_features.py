@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import struct
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +16,8 @@ from torch import nn
 import features
 from conftest import write_noise_video
 from data import Sample, VideoError, preprocess, read_frames
-from features import (FeatureCache, VideoCaptionDataset, check_videos, collate_features, fill_feature_cache,
-                      prepare_splits)
+from features import (CACHE_DTYPE, FeatureCache, VideoCaptionDataset, check_videos, collate_features,
+                      fill_feature_cache, prepare_splits)
 
 FRAMES, SIZE = 3, 16
 
@@ -76,6 +77,7 @@ def test_key_holds_the_span_the_content_and_the_settings(videos, tmp_path):
     whole, first, second = videos[0], videos[3], videos[4]
     assert len({cache.path_for(s) for s in (whole, first, second)}) == 3 and len(list(cache.root.iterdir())) == 5
     assert cache.path_for(whole) == cache.path_for(whole.video)  # a path means the whole video
+    assert cache.path_for(first) == cache.path_for(replace(first, start=0.0, end=1.0))  # the span 0-1 s, however typed
     assert not torch.equal(cache.load(first), cache.load(second))
     assert not new_cache(tmp_path / "cache", num_frames=4).holds(first)
     write_noise_video(whole.video, seed=99, num_frames=16)  # the same path, new content
@@ -130,6 +132,7 @@ def test_entry_metadata_and_writer_unique_temporary_names(videos, tmp_path, monk
     metadata = header["__metadata__"]
     assert metadata["key"] == cache.entry_key(videos[3]) and metadata["video"] == str(videos[3].video)
     assert metadata["sha256"] == hashlib.sha256(tensor.half().numpy().tobytes()).hexdigest()
+    assert header["features"]["dtype"] == "F16" and cache.load(videos[3]).dtype == CACHE_DTYPE == torch.float16
     assert [p.name for p in cache.root.iterdir()] == [cache.path_for(videos[3]).name]
 
 
