@@ -12,7 +12,7 @@ every other video is still captioned, and the exit status is 1 when any input fa
 The model sees what it saw in training: the checkpoint's frames, image size, tower layer, and, when it was trained
 from the feature cache, features rounded to the cache's fp16. Videos are decoded and preprocessed by a pool of
 background threads (OpenCV and torch release the GIL), a few batches ahead of the tower and the LM; the feature
-cache is read and filled only with --cache-dir.
+cache (one entry per video, and one per segment of a manifest) is read and filled only with --cache-dir.
 """
 import argparse
 import json
@@ -32,13 +32,12 @@ from distributed import compute_dtype, default_device
 from errors import user_errors
 from evaluate import DEFAULT_DECODING, add_decoding_options, decoding_from_args, rebuild_model
 from export import load_exported
-from features import FeatureCache
-from manifests import ManifestError, read_manifest
+from features import CACHE_DTYPE, FeatureCache
+from labels import VIDEO_SUFFIXES
+from manifests import ManifestError, Sample, read_manifest
 from report import render_report
 
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
 MANIFEST_SUFFIXES = {".jsonl", ".csv", ".json"}
-CACHE_DTYPE = torch.float16  # what features.FeatureCache stores: a cache-trained model saw features rounded to it
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,10 @@ class Clip:
     @property
     def name(self) -> str:
         return str(self.video) if self.start is None else f"{self.video}#{self.start:g}-{self.end:g}"
+
+    def as_sample(self) -> Sample:
+        """What the feature cache keys an entry by: the video's content and the span (none for a whole video)."""
+        return Sample(self.name, self.video, [], start=self.start, end=self.end)
 
 
 def collect_videos(paths: list[str], recursive: bool = False) -> tuple[list[Clip], list[tuple[str, str]]]:
@@ -104,17 +107,14 @@ def prefetch(function, items: list, ahead: int, workers: int):
 
 class VideoReader:
     """A clip -> ("features", (F, P, Dv)) from the cache, ("pixels", (F, 3, S, S)) to encode, or ("error", why).
-    The cache holds whole videos only: a segment is always decoded."""
+    A segment has its own cache entry, apart from its whole video's."""
 
     def __init__(self, model, cache: FeatureCache | None):
         self.num_frames, self.image_size, self.cache = model.config.num_frames, model.vision.config.image_size, cache
 
-    def cache_for(self, clip: Clip) -> FeatureCache | None:
-        return self.cache if clip.start is None else None
-
     def __call__(self, clip: Clip):
         try:
-            if self.cache_for(clip) is not None and (features := self.cache.load(clip.video)) is not None:
+            if self.cache is not None and (features := self.cache.load(clip.as_sample())) is not None:
                 return "features", features
             frames = read_frames(clip.video, self.num_frames, start=clip.start, end=clip.end)  # (F, H, W, 3)
             return "pixels", preprocess(frames, self.image_size)
@@ -133,8 +133,8 @@ def caption_batch(model, batch: list, cache: FeatureCache | None, features_dtype
         encoded = model.encode_video(torch.stack([features[i] for i in to_encode]).to(device))  # (b, F, P, Dv)
         for i, row in zip(to_encode, encoded):
             features[i] = row
-            if cache is not None and batch[i][0].start is None:
-                cache.save(batch[i][0].video, row)
+            if cache is not None:
+                cache.save(batch[i][0].as_sample(), row)
     stacked = torch.stack([f.to(device) for f in features])  # (B, F, P, Dv)
     if features_dtype is not None:
         stacked = stacked.to(features_dtype)

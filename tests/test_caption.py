@@ -13,6 +13,7 @@ import torch
 from caption import Clip, caption_videos, collect_videos, load_captioner
 from evaluate import evaluate_checkpoint
 from export import export_checkpoint
+from test_data import encode_colour_seconds
 from test_export import save_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +118,30 @@ def test_cache_is_filled_only_when_asked_and_then_read(checkpoint, videos, tmp_p
     again, _ = caption_videos(model, [Clip(v) for v in good], max_new_tokens=6, cache=cache,
                               features_dtype=features_dtype)
     assert again == first
+
+
+def test_segments_of_one_video_get_one_cache_entry_each(checkpoint, tmp_path):
+    """Two spans of one encoded video (a colour per second) in a manifest, captioned with --cache-dir: two entries,
+    each that span's features, and none for the whole video."""
+    from features import FeatureCache
+    encode_colour_seconds(tmp_path / "colours.mp4", [10, 10, 10, 10])
+    segments = [{"video": "colours.mp4", "caption": "빨간 화면", "start": 0, "end": 1},
+                {"video": "colours.mp4", "caption": "초록 화면", "start": 1, "end": 2}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in segments) + "\n",
+                                      encoding="utf-8")
+    result = run_caption(checkpoint, tmp_path / "m.jsonl", "--cache-dir", tmp_path / "cache", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [
+        f"{tmp_path / 'colours.mp4'}#0-1", f"{tmp_path / 'colours.mp4'}#1-2"]
+    model, _, _ = load_captioner(checkpoint, device=torch.device("cpu"))
+    cache = FeatureCache(tmp_path / "cache", tower=model.vision.fingerprint, num_frames=model.config.num_frames,
+                         image_size=model.vision.config.image_size, layer=model.config.vision_layer)
+    clips = [Clip(tmp_path / "colours.mp4", s["start"], s["end"]) for s in segments]
+    entries = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert entries == sorted(cache.path_for(clip.as_sample()).name for clip in clips) and len(set(entries)) == 2
+    assert not cache.holds(tmp_path / "colours.mp4")  # the whole video was never encoded
+    red, green = (cache.load(clip.as_sample()).float() for clip in clips)
+    assert (red - green).abs().max() > 0.1  # each entry holds its own span's features
 
 
 def test_collect_videos_folders_recursion_and_manifests(videos, tiny_manifest, tmp_path):
