@@ -29,10 +29,11 @@ import copy
 import math
 from dataclasses import dataclass
 
-import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nf4 import bnb, keep_one_layout
 
 QWEN3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,9 +87,7 @@ class LoRALinear(nn.Module):
         if type(base) is not nn.Linear and not isinstance(base, bnb.nn.Linear4bit):
             raise TypeError(f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit, not {type(base).__name__}")
         if isinstance(base, bnb.nn.Linear4bit):
-            # bitsandbytes >= 0.49 repacks a CPU 4-bit weight in place at its first no-grad eval forward into a
-            # bf16 inference layout that dequantize_4bit cannot read and that has no backward: kept off.
-            base.support_avx512bf16_for_cpu = False
+            keep_one_layout(base)  # no CPU repacking into a layout dequantize_4bit cannot read (nf4.py)
         self.base = base.requires_grad_(False)
         self.r, self.scaling, self.dora = r, alpha / r, dora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

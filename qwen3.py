@@ -20,7 +20,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -28,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from decode import KVCache
+from nf4 import bnb, empty_nf4_linear
 
 
 @dataclass
@@ -304,14 +304,8 @@ def swap_linears_to_nf4(model: Qwen3, compute_dtype: torch.dtype) -> None:
     for layer in model.model.layers:
         for name, linear in list(layer.named_modules()):
             if isinstance(linear, nn.Linear):
-                with torch.device("meta"):
-                    nf4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                            compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                # bitsandbytes >= 0.49 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first no-grad
-                # eval forward; that kernel rounds through bf16 and later backward passes through the packed weight
-                # give wrong gradients. Kept off: one weight format, exact fp32 compute, right gradients on CPUs.
-                nf4.support_avx512bf16_for_cpu = False
-                layer.set_submodule(name, nf4)
+                layer.set_submodule(name, empty_nf4_linear(linear.in_features, linear.out_features,
+                                                           bias=linear.bias is not None, compute_dtype=compute_dtype))
 
 
 def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="cpu") -> Qwen3:

@@ -8,11 +8,11 @@ of each pair is compared (max |ours - PEFT| / max |PEFT|).
 import platform
 import statistics
 
-import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 
 from bench.workers import DTYPES, now
+from nf4 import bnb, keep_one_layout
 from lora import LoRALinear
 
 ADAPTER_SHAPES = [(4096, 4096), (4096, 12288)]  # Qwen3-8B: q/o_proj, gate/up_proj (down_proj is 12288 -> 4096)
@@ -28,7 +28,7 @@ def nf4_linear(in_features: int, out_features: int, compute_dtype: torch.dtype, 
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                               compress_statistics=True, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
-    layer.support_avx512bf16_for_cpu = False  # one weight layout for both stacks (see lora.LoRALinear)
+    keep_one_layout(layer)  # one weight layout for both stacks (nf4.py)
     return layer.to(device)  # Params4bit.to quantizes
 
 

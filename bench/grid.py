@@ -76,7 +76,7 @@ def grid_estimate(args) -> dict:
     print(f"E1-E8 on {results.get('device', 'the measured device')} ({results.get('preset', {}).get('name')}; "
           f"{args.videos} videos, {args.stage1_epochs} + {args.stage2_epochs} epochs, {args.val_videos} val videos "
           f"captioned after every epoch, generation run: {args.generation})")
-    print(f"| exp | experiment | stage 1 (h) | stage 2 (h) | validation (h) | total (h) |\n|---|---|---|---|---|---|")
+    print("| exp | experiment | stage 1 (h) | stage 2 (h) | validation (h) | total (h) |\n|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['name']} | {row['experiment']} | {row['stage1_h']:.2f} | {row['stage2_h']:.2f} | "
               f"{row['validation_h']:.2f} | {row['total_h']:.2f} |")

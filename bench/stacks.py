@@ -10,13 +10,13 @@ import random
 import zlib
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from bench.snapshots import CAPTION_TEXTS, Preset
+from nf4 import bnb, keep_one_layout
 from lora import QWEN3_LINEARS, LoRALinear, apply_adapters, dequantized_weight
 from projectors import build_projector
 from qwen3 import load_qwen3
@@ -91,7 +91,7 @@ def reference_llm(folders, device, method: str, *, training: bool, prepared: boo
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False  # as ours: no CPU repacking that breaks later gradients
+                keep_one_layout(module)  # as ours: no CPU repacking that breaks later gradients (nf4.py)
             if hasattr(module, "lora_A") and "default" in module.lora_A:
                 copy_seeded_adapter(name.removeprefix("base_model.model."), module.get_base_layer(),
                                     module.lora_A["default"].weight, module.lora_B["default"].weight,

@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from conftest import save_tiny_qwen3
 from lora import (AdapterConfig, LoRALinear, adapter_state_dict, after_optimizer_step, apply_adapters,
                   dequantized_weight, load_adapter_state_dict, merge_adapters, parameter_counts, parameter_report)
+from nf4 import keep_one_layout
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
 
 IN, OUT, R, ALPHA = 64, 48, 4, 8
@@ -40,9 +41,9 @@ def make_base(kind, bias, seed=1, compute_dtype=torch.float32):
     nf4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
     if bias:
         nf4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    # LoRALinear turns off bitsandbytes' eval-time CPU repacking (see lora.py); PEFT's twin needs it off too, or
-    # an eval forward would repack the weight into a layout PEFT's dequantization misreads.
-    nf4.support_avx512bf16_for_cpu = False
+    # LoRALinear turns off bitsandbytes' eval-time CPU repacking (nf4.keep_one_layout); PEFT's twin needs it off
+    # too, or an eval forward would repack the weight into a layout PEFT's dequantization misreads.
+    keep_one_layout(nf4)
     return nf4.to("cpu")
 
 

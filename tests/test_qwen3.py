@@ -12,6 +12,7 @@ import torch
 from conftest import save_tiny_qwen3
 from safetensors.torch import load_file, save_file
 
+from nf4 import keep_one_layout
 from qwen3 import Qwen3, Qwen3Config, build_attention_mask, default_position_ids, load_qwen3
 
 PARITY_ATOL = 1e-4  # ours vs transformers, fp32
@@ -124,9 +125,9 @@ def test_nf4_matches_transformers_bitsandbytes(snapshot):
     for name, module in ours_4bit.items():  # the same 4-bit codes and the same (double-quantized) block scales
         assert torch.equal(module.weight.data, ref_4bit[name].weight.data), name
         assert torch.equal(module.weight.quant_state.absmax, ref_4bit[name].weight.quant_state.absmax), name
-        # bitsandbytes' AVX512-BF16 CPU kernel (bf16 rounding, and it needs out % 32 == 0, in % 64 == 0) is off in
-        # ours (see swap_linears_to_nf4); off here too, so both run the same dequantize + fp32 matmul.
-        ref_4bit[name].support_avx512bf16_for_cpu = False
+        # bitsandbytes' AVX512-BF16 CPU repacking is off in ours (nf4.keep_one_layout); off here too, so both run
+        # the same dequantize + fp32 matmul.
+        keep_one_layout(ref_4bit[name])
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours_logits, ref_logits = ours(ids), ref(ids).logits
