@@ -30,6 +30,7 @@ from checkpoint import load_checkpoint
 from distributed import compute_dtype
 from errors import user_errors
 from evaluate import rebuild_model
+from features import CACHE_DTYPE
 from lora import dequantized_weight, merge_adapters
 from vlm import VLMConfig, build_vlm
 
@@ -112,7 +113,7 @@ def export_checkpoint(checkpoint_path, output, *, dtype: str = "bf16", clip=None
         info = {"format": EXPORT_FORMAT, "vlm_config": vlm_config, "source_checkpoint": str(checkpoint_path),
                 "merged_adapter": checkpoint["vlm_config"]["adapter"], "merged_linears": len(merged),
                 "dtype": train_config["dtype"], "storage_dtype": dtype,
-                "features_dtype": "float16" if train_config["feature_cache"] else None}
+                "features_dtype": str(CACHE_DTYPE).removeprefix("torch.") if train_config["feature_cache"] else None}
         (temporary / "kovlm.json").write_text(json.dumps(info, ensure_ascii=False, indent=1))
         os.replace(temporary, output)
     except BaseException:
