@@ -234,16 +234,22 @@ def test_a_bad_flag_is_one_line_before_anything_loads(setup, tmp_path, flag, val
 
 
 def test_a_read_only_run_folder_is_one_line_naming_it(setup, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders; the check is a write probe, exercised with a full disk "
-                    "in tests/test_checkpoint.py")
+    """A read-only file system (a tmpfs remounted read-only: root writes anywhere else) refuses the run at once."""
     root, clip, llm = setup
-    (tmp_path / "ro").mkdir()
-    os.chmod(tmp_path / "ro", 0o500)
-    result = run_train("--clip", str(clip), "--llm", str(llm), "--train-manifest", str(root / "manifest.jsonl"),
-                       "--output-dir", str(tmp_path / "ro" / "run"))
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs (needs root / CAP_SYS_ADMIN)")
+    try:
+        (disk / "run").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        result = run_train("--clip", str(clip), "--llm", str(llm), "--train-manifest", str(root / "manifest.jsonl"),
+                           "--output-dir", str(disk / "run"))
+    finally:
+        subprocess.run(["umount", str(disk)])
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "permission denied" in result.stderr.strip().splitlines()[-1]
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: {disk / 'run' / checkpoint.LOCK_FILE}: the file system is read-only: choose a writable folder"
 
 
 def test_a_missing_val_split_is_refused_before_the_bases_load(setup, tmp_path, monkeypatch):
