@@ -140,8 +140,8 @@ def synchronize(device) -> None:
 def kovlm_frame() -> str:
     """The innermost stack frame in kovlm's own files: the line that asked for the synchronisation."""
     root = Path(__file__).resolve().parents[1]
-    frames = [f for f in traceback.extract_stack() if f.filename.startswith(str(root)) and "/.venv/" not in
-              f.filename and "bench/profile" not in f.filename]
+    frames = [f for f in traceback.extract_stack() if f.filename.startswith(str(root)) and "site-packages" not in
+              f.filename and "bench/profile" not in f.filename]  # a virtualenv inside the checkout is not kovlm
     return f"{Path(frames[-1].filename).relative_to(root)}:{frames[-1].lineno}" if frames else "outside kovlm"
 
 
