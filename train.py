@@ -37,7 +37,7 @@ from features import batch_features, collate_features, prepare_splits, video_dat
 from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
 from projectors import PROJECTORS
 from schedule import epoch_caption_choice, epoch_windows, get_lr
-from vlm import VLMConfig, build_vlm
+from vlm import VLMConfig, build_vlm, load_tokenizer
 
 
 def option(default, help, **argparse_kwargs):
@@ -170,13 +170,6 @@ def cut_long_captions(samples: list, tokenizer: Tokenizer, max_tokens: int) -> l
         print(f"warning: {cut} training captions are longer than {max_tokens} tokens and were cut "
               "(--max-caption-tokens)")
     return kept
-
-
-def llm_tokenizer(llm: str) -> Tokenizer:
-    path = Path(llm) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the LLM folder must hold Qwen3's tokenizer.json")
-    return Tokenizer.from_file(str(path))
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
@@ -336,7 +329,7 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
     lock = checkpoint.claim_run_folder(out, resume=cfg.resume, start_over=cfg.start_over) if run.is_main else None
     try:
         state = resume_state(cfg)
-        splits = read_splits(cfg, llm_tokenizer(cfg.llm))
+        splits = read_splits(cfg, load_tokenizer(cfg.llm))
         seed_everything(cfg.seed)
         model, splits, cache = prepare(cfg, splits, run)
         return train_stages(model, splits, cache, cfg, run, state)

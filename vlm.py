@@ -268,15 +268,20 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(line.split()[1]) * 1024
 
 
+def load_tokenizer(llm_path) -> Tokenizer:
+    """Qwen3's tokenizer.json from the LLM's snapshot folder (its chat tokens make the prompt)."""
+    path = Path(llm_path) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the LLM folder must hold Qwen3's tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
 def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
     """Load the frozen bases from their snapshot folders, build the projector (and adapters when configured).
     The model holds a completed copy of `config` (projector defaults, base fingerprints); `config` is unchanged."""
     vision = load_clip_vision(config.clip_path, dtype=dtype, device=device)
     llm = load_qwen3(config.llm_path, quant=config.quant, dtype=dtype, device=device)
-    tokenizer_file = Path(config.llm_path) / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise FileNotFoundError(f"{tokenizer_file} not found: the LLM folder must hold Qwen3's tokenizer.json")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = load_tokenizer(config.llm_path)
     requests = {"num_frames": config.num_frames} | {k: v for k, v in config.projector.items() if v is not None}
     projector_config = ProjectorConfig.requested(vision_dim=vision.config.hidden_size,
                                                  llm_dim=llm.config.hidden_size, **requests)

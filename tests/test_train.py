@@ -267,9 +267,10 @@ def test_an_over_long_caption_is_cut_with_one_warning(setup, tmp_path, capsys):
     from dataclasses import replace as replaced
 
     from data import Sample
-    from train import cut_long_captions, llm_tokenizer
+    from train import cut_long_captions
+    from vlm import load_tokenizer
     _, _, llm = setup
-    tokenizer = llm_tokenizer(str(llm))
+    tokenizer = load_tokenizer(str(llm))
     long = "빨간 원이 움직인다. " * 400  # thousands of tokens
     samples = [Sample(id="a", video="a.mp4", captions=[long, "짧은 캡션."]), Sample(id="b", video="b.mp4",
                                                                                    captions=["파란 원."])]
