@@ -1,9 +1,11 @@
 """The embedded default: tiny, generated, self-contained assets that `train.py` uses when no paths are given.
 
 Real CLIP / Qwen3 weights and real datasets cannot be fetched offline, so the demo builds its own with our own code,
-once per (scale, seed, VERSION), into .cache/demo/{scale}-seed{seed}-v{VERSION}/:
+once per (scale, held-out kind, seed, VERSION), into .cache/demo/{scale}-seed{seed}-v{VERSION}/ (with
+--demo-heldout pairs: .cache/demo/{scale}-pairs-seed{seed}-v{VERSION}/):
 
-    data/   synthetic Korean videos (synth.synth_dataset): val and test hold attribute combinations never trained on;
+    data/   synthetic Korean videos (synth.synth_dataset): val and test hold attribute combinations never trained on
+            (--demo-heldout pairs: colour-shape pairs never trained on);
             each video has 2-5 captions in different templates of synth.py's grammar, each attribute named by one
             word (plain_caption; with synth.py's synonyms even a perfect captioner scores METEOR ~0.45, because
             METEOR counts a synonym as a miss)
@@ -71,6 +73,8 @@ SCALES = {"full": DemoScale(num_videos=3060, num_val=100, num_test=400, frames=8
           "ci": DemoScale(num_videos=192, num_val=24, num_test=24, frames=8, tower_steps=40, tower_batch=32,
                           lm_steps=40, lm_batch=32)}
 LM_LR = 2e-3  # AdamW peak of the LM pretraining
+UNSEEN = {"combinations": "attribute combinations never seen in training",
+          "pairs": "colour-shape pairs never seen together in training"}
 NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_queries), and the LM's keyword slots
 
 
@@ -95,14 +99,18 @@ class DemoAssets:
     clip: str
     llm: str
     manifest: str
+    heldout: str = "combinations"  # what the test split holds that training never showed (synth.HELDOUT)
 
 
-def build_assets(demo_dir, scale: str = "full", seed: int = 42, is_main: bool = True) -> DemoAssets:
-    """The demo's data, tokenizer, vision tower and LM, built once into a folder keyed by scale, seed and VERSION
-    (written under a temporary name and renamed when complete, so an interrupted build is never reused)."""
+def build_assets(demo_dir, scale: str = "full", seed: int = 42, is_main: bool = True,
+                 heldout: str = "combinations") -> DemoAssets:
+    """The demo's data, tokenizer, vision tower and LM, built once into a folder keyed by scale, held-out kind, seed
+    and VERSION (written under a temporary name and renamed when complete, so an interrupted build is never reused)."""
     torch.set_flush_denormal(True)  # tiny models hit denormal floats on the CPU; flushing them is 3x faster here
-    folder = Path(demo_dir).resolve() / f"{scale}-seed{seed}-v{VERSION}"
-    assets = DemoAssets(str(folder), str(folder / "clip"), str(folder / "llm"), str(folder / "data/manifest.jsonl"))
+    kind = "" if heldout == "combinations" else f"-{heldout}"
+    folder = Path(demo_dir).resolve() / f"{scale}{kind}-seed{seed}-v{VERSION}"
+    assets = DemoAssets(str(folder), str(folder / "clip"), str(folder / "llm"), str(folder / "data/manifest.jsonl"),
+                        heldout)
     if folder.is_dir():
         print(f"demo: reusing the assets in {folder}")
         return assets
@@ -121,9 +129,9 @@ def build_assets(demo_dir, scale: str = "full", seed: int = 42, is_main: bool = 
         clock = time.perf_counter()
 
     manifest = synth_dataset(building / "data", size.num_videos, seed, num_val=size.num_val, num_test=size.num_test,
-                             frames=size.frames)
+                             heldout=heldout, frames=size.frames)
     samples = recaption(manifest, seed)
-    done(f"{len(samples)} synthetic videos, {size.frames} frames of 64 x 64, test = unseen combinations")
+    done(f"{len(samples)} synthetic videos, {size.frames} frames of 64 x 64, test = {UNSEEN[heldout]}")
     keywords = [word for table in ATTRIBUTES.values() for word in table.values()]
     train_tokenizer([c for s in samples if s.split == "train" for c in s.captions] + keywords + [DEFAULT_INSTRUCTION],
                     building / "llm")
@@ -297,8 +305,8 @@ def report(results: dict, assets: DemoAssets) -> dict:
     attributes = {s.id: s.attributes for s in read_manifest(assets.manifest)}
     table = {"model": caption_scores(results, attributes),
              "blind": caption_scores(blind_baseline(results["checkpoint"]), attributes)}
-    print(f"\nthe embedded demo, test split: {len(results['predictions'])} videos, attribute combinations never seen "
-          f"in training\n  blind = the same model given another video's features ({time.perf_counter() - started:.0f}"
+    print(f"\nthe embedded demo, test split: {len(results['predictions'])} videos, {UNSEEN[assets.heldout]}"
+          f"\n  blind = the same model given another video's features ({time.perf_counter() - started:.0f}"
           f" s)\n\n  {'':<12}{'model':>8}{'blind':>8}")
     for name in table["model"]:
         print(f"  {name:<12}{table['model'][name]:>8.3f}{table['blind'][name]:>8.3f}")

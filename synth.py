@@ -12,8 +12,10 @@ plain background, one short video each, with 2-5 Korean captions that name what 
   attribute has synonyms (빨간 / 빨간색 / 붉은, 원 / 동그라미, 오른쪽으로 / 우측으로, 검은 / 까만, ...). Every caption
   names all four attributes, so parse_caption_attributes can read each one back from a reference or a model's
   caption. A video gets 2-5 captions from different templates.
-  Splits: 20% of the 480 combinations are held out, half for val and half for test, so val and test each hold
-  combinations that never occur in train nor in each other: a model must compose attributes, not memorise them.
+  Splits (--heldout): "combinations", 20% of the 480 combinations held out, half for val and half for test, so val
+  and test each hold combinations that never occur in train nor in each other: a model must compose attributes,
+  not memorise them. "pairs" (harder): 6 colour-shape pairs never occur in train (3 in val, 3 in test), so no
+  training video shows, say, a red star at all; the same 20% of the combinations leave train.
 """
 import argparse
 import itertools
@@ -180,24 +182,55 @@ def _synth_sample(out_dir: Path, seed: int, split: str, k: int, attributes: dict
     return Sample(f"{split}{k:05d}", video, captions, split, dict(attributes))
 
 
+def heldout_combinations(seed: int, fraction: float = 0.2) -> dict[str, list[dict[str, str]]]:
+    """The "combinations" split: `fraction` of the 480 combinations held out, half for val and half for test."""
+    combinations = attribute_combinations()
+    random.Random(seed).shuffle(combinations)
+    num_heldout = round(fraction * len(combinations))
+    return {"val": combinations[:num_heldout // 2], "test": combinations[num_heldout // 2:num_heldout],
+            "train": combinations[num_heldout:]}
+
+
+def heldout_pairs(seed: int) -> dict[str, list[dict[str, str]]]:
+    """The "pairs" split: one (colour, shape) pair per colour is held out, 6 of the 30 pairs, and every combination
+    holding one (6 x 16 = 96 of 480, 20% as in "combinations") leaves train: no training video shows, say, a red
+    star, though red things and stars are everywhere in it. Val gets three held-out pairs, test the other three.
+    The shapes are dealt so that each shape loses at most two of its six colours."""
+    rng = random.Random(seed)
+    colours, shapes = list(ATTRIBUTES["colour"]), list(ATTRIBUTES["shape"])
+    rng.shuffle(colours)
+    dealt = rng.sample(shapes, len(shapes)) + rng.sample(shapes, len(colours) - len(shapes))
+    pairs = list(zip(colours, dealt))
+    held = {"val": pairs[:3], "test": pairs[3:]}
+    pools = {"train": [], "val": [], "test": []}
+    for combination in attribute_combinations():
+        pair = (combination["colour"], combination["shape"])
+        pools[next((split for split, chosen in held.items() if pair in chosen), "train")].append(combination)
+    for pool in pools.values():
+        rng.shuffle(pool)
+    return pools
+
+
+HELDOUT = {"combinations": heldout_combinations, "pairs": heldout_pairs}
+
+
 def synth_dataset(out_dir, num: int = 500, seed: int = 42, *, num_val: int | None = None,
-                  num_test: int | None = None, heldout_fraction: float = 0.2, size: int = 64, frames: int = 16,
+                  num_test: int | None = None, heldout: str = "combinations", size: int = 64, frames: int = 16,
                   fps: int = 8) -> Path:
     """Write `num` synthetic videos (out_dir/videos/*.mp4) and out_dir/manifest.jsonl; returns the manifest's path.
 
-    val and test (10% of `num` each unless given) use the held-out combinations (half each), train the rest; which
-    combinations are held out depends on `seed` only. Videos cycle through their split's combinations, so each is
-    equally represented.
+    val and test (10% of `num` each unless given) use the held-out combinations, train the rest; `heldout` says
+    which (HELDOUT: "combinations", 20% of the 4-attribute combinations; "pairs", every combination holding one
+    of 6 held-out colour-shape pairs), and depends on `seed` only. Videos cycle through their split's
+    combinations, so each is equally represented.
     """
     num_val = round(0.1 * num) if num_val is None else num_val
     num_test = round(0.1 * num) if num_test is None else num_test
     if num_val + num_test > num:
         raise ValueError(f"num_val + num_test ({num_val} + {num_test}) exceeds num ({num})")
-    combinations = attribute_combinations()
-    random.Random(seed).shuffle(combinations)
-    num_heldout = round(heldout_fraction * len(combinations))
-    pools = {"val": combinations[:num_heldout // 2], "test": combinations[num_heldout // 2:num_heldout],
-             "train": combinations[num_heldout:]}
+    if heldout not in HELDOUT:
+        raise ValueError(f"heldout must be one of {list(HELDOUT)}, got {heldout!r}")
+    pools = HELDOUT[heldout](seed)
     counts = {"train": num - num_val - num_test, "val": num_val, "test": num_test}
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
@@ -215,11 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-test", type=int, default=None, help="default: 10%% of --num")
     parser.add_argument("--size", type=int, default=64, help="frame side in pixels")
     parser.add_argument("--frames", type=int, default=16, help="frames per video")
+    parser.add_argument("--heldout", choices=list(HELDOUT), default="combinations",
+                        help="what val and test hold that train never shows: 4-attribute combinations, or "
+                             "colour-shape pairs (harder: the model must compose a colour and a shape it never "
+                             "saw together)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     manifest = synth_dataset(args.out, args.num, args.seed, num_val=args.num_val, num_test=args.num_test,
-                             size=args.size, frames=args.frames)
+                             heldout=args.heldout, size=args.size, frames=args.frames)
     megabytes = sum(file.stat().st_size for file in (args.out / "videos").glob("*.mp4")) / 2**20
     logging.getLogger(__name__).info("wrote %s: %d videos, %.1f MiB, %.1f s", manifest, args.num, megabytes,
                                      time.perf_counter() - start)

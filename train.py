@@ -93,6 +93,9 @@ class TrainConfig:
     num_workers: int = option(2, "DataLoader workers for video decoding")
     demo_dir: str = option(".cache/demo", "where the embedded demo's assets are built")
     demo_scale: str = option("full", "size of the embedded demo", choices=["full", "ci"])
+    demo_heldout: str = option("combinations", "what the demo's val and test hold that training never shows: "
+                               "4-attribute combinations, or colour-shape pairs (harder)",
+                               choices=["combinations", "pairs"])
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -401,7 +404,8 @@ def main(cfg: TrainConfig) -> dict | None:
     run = setup_distributed()
     demo_assets = None
     if cfg.uses_demo:
-        demo_assets = demo.build_assets(cfg.demo_dir, scale=cfg.demo_scale, seed=cfg.seed, is_main=run.is_main)
+        demo_assets = demo.build_assets(cfg.demo_dir, scale=cfg.demo_scale, seed=cfg.seed, is_main=run.is_main,
+                                        heldout=cfg.demo_heldout)
         cfg = replace(cfg, clip=demo_assets.clip, llm=demo_assets.llm, train_manifest=demo_assets.manifest)
     results = None
     if train(cfg, run):

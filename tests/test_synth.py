@@ -1,10 +1,10 @@
 """synth.py: the caption grammar reads back (every template, value and synonym), the dataset is deterministic and
-holds out attribute combinations, and `python synth.py` writes it."""
+holds out attribute combinations (or colour-shape pairs), and `python synth.py` writes it."""
 import numpy as np
 
 from data import read_frames, read_manifest
-from synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices, main,
-                   make_caption, parse_caption_attributes, synth_dataset)
+from synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices,
+                   heldout_combinations, heldout_pairs, main, make_caption, parse_caption_attributes, synth_dataset)
 
 
 def test_parse_inverts_every_template_value_and_synonym():
@@ -59,7 +59,31 @@ def test_synth_heldout_is_the_same_for_any_size(tmp_path):
     assert [s.attributes for s in small if s.split == "test"] == [s.attributes for s in big if s.split == "test"][:5]
 
 
+def test_heldout_pairs_never_meet_in_train():
+    """--heldout pairs: 6 colour-shape pairs (one per colour, each shape losing at most two colours) appear only in
+    val (3) or test (3), every colour and shape still trains, and 20% of the combinations leave train as in the
+    standard split."""
+    for seed in range(5):
+        pools = heldout_pairs(seed)
+        pairs = {name: {(c["colour"], c["shape"]) for c in pool} for name, pool in pools.items()}
+        assert len(pairs["val"]) == len(pairs["test"]) == 3 and len(pairs["train"]) == 24
+        assert not pairs["train"] & pairs["val"] and not pairs["train"] & pairs["test"]
+        assert not pairs["val"] & pairs["test"]
+        held = pairs["val"] | pairs["test"]
+        assert sorted(colour for colour, _ in held) == sorted(ATTRIBUTES["colour"])
+        assert max(sum(shape == s for _, s in held) for shape in ATTRIBUTES["shape"]) <= 2
+        assert {c["colour"] for c in pools["train"]} == set(ATTRIBUTES["colour"])
+        assert {c["shape"] for c in pools["train"]} == set(ATTRIBUTES["shape"])
+        assert [len(pools[n]) for n in ("train", "val", "test")] == [len(heldout_combinations(seed)[n])
+                                                                     for n in ("train", "val", "test")]
+        assert sorted(map(str, sum(pools.values(), []))) == sorted(map(str, attribute_combinations()))
+    assert heldout_pairs(0) == heldout_pairs(0) and heldout_pairs(0) != heldout_pairs(1)
+
+
 def test_synth_command_line(tmp_path):
+    main([str(tmp_path / "pairs"), "--num", "10", "--seed", "1", "--size", "32", "--frames", "8", "--heldout", "pairs"])
+    test = [s.attributes for s in read_manifest(tmp_path / "pairs" / "manifest.jsonl") if s.split == "test"]
+    assert (test[0]["colour"], test[0]["shape"]) in {(c["colour"], c["shape"]) for c in heldout_pairs(1)["test"]}
     main([str(tmp_path / "out"), "--num", "10", "--seed", "1", "--size", "32", "--frames", "8"])
     samples = read_manifest(tmp_path / "out" / "manifest.jsonl")
     assert [s.split for s in samples] == ["train"] * 8 + ["val", "test"]
