@@ -6,13 +6,16 @@
     python -m bench profile [--preset cpu-small|qwen3-8b] [--layers N] [--quick] [--json PATH]
     python -m bench grid-estimate RESULTS_JSON [--videos 500] [--val-videos 50]
     python -m bench adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
+    python -m bench probe [--projector cabstractor] [--attribute colour] [--cut stage1,readout] [--json PATH]
 
 `model` writes random weights with the preset's Qwen3 / CLIP shapes once to a temporary snapshot folder, so both
 stacks load the same files the normal way, then measures, each in its own process (peak memory is per process):
 a stage-2 training step (LoRA and DoRA, resampler and per-patch shapes), batched greedy generation, one caption-loss
 computation (label-only vs full logits, T ≈ 4700) and two epochs of the vision side (feature cache vs re-encoding).
 Before timing, every reference process checks that its per-label losses (dropout off) agree with ours.
-`adapters` compares one adapted NF4 linear at Qwen3-8B's layer shapes.
+`adapters` compares one adapted NF4 linear at Qwen3-8B's layer shapes. `probe` (bench/probe.py) is not a comparison:
+it trains linear heads at cuts inside a projector on the embedded default's cached features, to see where an attribute
+is lost.
 
 Each subcommand is one function taking the parsed arguments and returning a JSON-ready dict. transformers and PEFT
 are test-only references of kovlm: only this benchmark (and the tests) import them.
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench import grid
+from bench import grid, probe
 from bench.adapters import bench_adapters
 from bench.memory import bench_memory
 from bench.profile import bench_profile
@@ -254,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     profiler.add_argument("--snapshot-dir", type=Path, help="reuse (or keep) the random snapshot folders here")
     profiler.set_defaults(run=bench_profile)
     grid.add_parser(commands)
+    probe.add_parser(commands)
     memory = commands.add_parser("memory", help="load one Qwen3 snapshot folder; its size, load time, peak memory")
     memory.add_argument("path", help="a Qwen3 snapshot folder")
     memory.add_argument("--quant", choices=["nf4"], default=None)

@@ -183,3 +183,38 @@ def test_grid_estimate_projects_the_plan_from_measured_times(tmp_path):
     train_file.write_text(json.dumps(results))
     with pytest.raises(ValueError, match="train/per-patch/lora/ours"):
         bench.main(["grid-estimate", str(train_file)])
+
+
+def probe_splits(num_train: int = 96, num_test: int = 48, frames: int = 4, patches: int = 16, width: int = 16):
+    """Features where each video's colour is one fixed direction added to the object's patches (a quarter of the
+    grid) over noise: a linear readout of the right tensor recovers it, a random projector mostly hides it."""
+    from manifests import Sample
+    from synth import ATTRIBUTES
+    colours = list(ATTRIBUTES["colour"])
+    directions = torch.randn(len(colours), width, generator=torch.Generator().manual_seed(1)) * 2
+    splits, generator = {}, torch.Generator().manual_seed(0)
+    for split, count in (("train", num_train), ("test", num_test)):
+        labels = torch.arange(count) % len(colours)
+        x = torch.randn(count, frames, patches, width, generator=generator)
+        x[:, :, :patches // 4] += directions[labels][:, None, None, :]
+        samples = [Sample(f"{split}{i}", None, [], split, {"colour": colours[c]})
+                   for i, c in enumerate(labels.tolist())]
+        splits[split] = (x, samples)
+    return splits
+
+
+def test_probe_reads_the_cut_it_names_and_learns_a_clear_attribute():
+    """bench probe: `stage2:in` is the C-Abstractor's pooled map (B·F', Dm, s, s), `readout` its tokens; a trained
+    projector + head classifies an attribute that the features hold linearly, on the held-out videos."""
+    from bench.probe import capture, demo_projector_config, probe
+    from projectors import projector_from_config
+    config = demo_projector_config("cabstractor", 16, 32, num_frames=4, depth=1)
+    projector = projector_from_config(config)
+    pooled, tokens = capture(projector, "stage2:in"), capture(projector, "readout")
+    projector(torch.randn(3, 4, 16, 16))
+    s = projector.pooled_side
+    assert pooled["x"].shape == (3 * config.pooled_frames, config.width, s, s)
+    assert tokens["x"].shape == (3, config.num_queries, 32)
+    result = probe(probe_splits(), config, "colour", "readout", steps=[60], frozen=False)
+    assert result["width"] == config.num_queries * 32
+    assert result["accuracy"][60] >= 0.9, result
