@@ -268,12 +268,14 @@ class TrainingLog:
             return list(csv.DictReader(f))
 
     def write_summary(self, path: Path, model, device: torch.device) -> None:
-        """logs/train_summary.json: parameters, median step time and tokens/s of the last stage, peak memory."""
+        """logs/train_summary.json: parameters, median step time and tokens/s of the last stage, the seconds all the
+        steps took (validation and evaluation not counted), peak memory."""
         from lora import parameter_counts
         rows = [r for r in self.rows() if r["step_seconds"]]
         last_stage = [r for r in rows if r["stage"] == rows[-1]["stage"]] if rows else []
         trainable, total = parameter_counts(model)
         summary = {"trainable_parameters": trainable, "total_parameters": total, "steps": len(rows),
+                   "train_seconds": round(sum(float(r["step_seconds"]) for r in rows), 1),
                    "median_step_seconds": statistics.median(float(r["step_seconds"]) for r in last_stage)
                    if last_stage else None,
                    "median_tokens_per_s": statistics.median(float(r["tokens_per_s"]) for r in last_stage)

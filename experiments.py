@@ -28,7 +28,7 @@ from report import render_summary
 GRID = [(projector, peft) for projector in ("linear", "mlp", "cabstractor", "perceiver") for peft in ("lora", "dora")]
 EXTRA = [("crossattn", "lora"), ("crossattn", "dora")]
 COLUMNS = ["experiment", "projector", "peft", "meteor", "meteor_coco", "cider_d", "bleu4", "chrf",
-           "trainable_parameters", "median_step_seconds", "peak_memory_gib", "run_dir"]
+           "budget", "trainable_parameters", "median_step_seconds", "train_seconds", "peak_memory_gib", "run_dir"]
 BERTSCORE_COLUMNS = ["bertscore_p", "bertscore_r", "bertscore_f1"]
 BERTSCORE_OFF = "BERTScore not computed: add --bertscore-model DIR (a BERT snapshot folder) to score each run with it"
 
@@ -60,7 +60,17 @@ def result_row(name: str, projector: str, peft: str, run_dir: Path, bertscore: d
     return {"experiment": name, "projector": projector, "peft": peft, "run_dir": str(run_dir),
             **{key: metrics[key]["value"] for key in ("meteor", "meteor_coco", "cider_d", "bleu4", "chrf")},
             **{key: metrics[key]["value"] for key in BERTSCORE_COLUMNS if key in metrics},
-            **{key: summary[key] for key in ("trainable_parameters", "median_step_seconds", "peak_memory_gib")}}
+            "budget": budget(json.loads((run_dir / "config.json").read_text()), summary),
+            **{key: summary.get(key) for key in ("trainable_parameters", "median_step_seconds", "train_seconds",
+                                                 "peak_memory_gib")}}
+
+
+def budget(config: dict, summary: dict) -> str:
+    """What a run was given: epochs per stage, optimizer steps and videos per step, and the minutes they took."""
+    videos = config["batch_size"] * config["grad_accum"]
+    minutes = f", {summary['train_seconds'] / 60:.1f} min" if summary.get("train_seconds") is not None else ""
+    return (f"{config['stage1_epochs']} + {config['stage2_epochs']} epochs, {summary['steps']} steps of {videos} "
+            f"videos{minutes}")
 
 
 def bertscore_metrics(predictions_file: Path, bertscore: dict) -> dict:
@@ -159,10 +169,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             run_dir = run_experiment(name, projector, peft, Path(args.runs), passthrough)
             rows.append(result_row(name, projector, peft, run_dir, bertscore))
         write_summary(rows, Path(args.summary), bertscore is not None)
-    print(f"\n{'exp':<4} {'projector':<12} {'peft':<5} {'METEOR':>7} {'CIDEr-D':>8} {'params':>12} {'s/step':>7}")
+    print(f"\n{'exp':<4} {'projector':<12} {'peft':<5} {'METEOR':>7} {'CIDEr-D':>8} {'params':>12} {'s/step':>7}  budget")
     for r in rows:
         print(f"{r['experiment']:<4} {r['projector']:<12} {r['peft']:<5} {r['meteor']:>7.4f} {r['cider_d']:>8.4f} "
-              f"{r['trainable_parameters']:>12,} {r['median_step_seconds']:>7.3f}")
+              f"{r['trainable_parameters']:>12,} {r['median_step_seconds']:>7.3f}  {r['budget']}")
     print("\n" + recommend(rows) + ("" if bertscore else "\n" + BERTSCORE_OFF))
     print(f"summary: {Path(args.summary) / 'report.html'}")
     return rows

@@ -7,8 +7,10 @@ Each optimizer step sees one window of batch_size x grad_accum x world_size vide
 captions, drawn per epoch); the loss is the summed caption cross-entropy over the window divided by the window's
 number of supervised tokens (torchtune's normalisation), so accumulation and data parallelism change nothing but
 speed. The learning rate warms up linearly, then decays on a cosine, per stage. After each epoch: validation loss
-and METEOR on the val split, the best model by val METEOR kept; at the end the best model is evaluated on the test
-split. Run without model or data paths, it trains the embedded demo (demo.py), whose defaults replace the ones below.
+and METEOR on the val split, the best stage-2 model by val METEOR kept (stage 1's frozen LM writes in its
+pretraining's style, which can score a higher METEOR while naming less of the video right: its projector is kept as
+stage1_projector.pt); at the end the best model is evaluated on the test split. Run without model or data paths,
+it trains the embedded demo (demo.py), whose defaults replace the ones below.
 
     python train.py --projector perceiver --peft dora                      # the demo, on the CPU
     python train.py --clip CLIP_DIR --llm QWEN3_DIR --train-manifest m.jsonl --projector perceiver --peft dora
@@ -384,7 +386,7 @@ def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state
         if stage == 1 and run.is_main:
             checkpoint.save_model(Path(cfg.output_dir) / "checkpoints" / "stage1_projector.pt", model, cfg,
                                   {"stage": 1})
-        position, state = replace(position, stage=2, epoch=0, step_in_epoch=0), None
+        position, state = replace(position, stage=2, epoch=0, step_in_epoch=0, best_meteor=-1.0), None
     finish(model, cfg, run, log)
     return True
 
@@ -423,7 +425,8 @@ def command_line_config(argv=None) -> TrainConfig:
     """The options given, over the demo's defaults when no model or data paths are given."""
     config, explicit = parse_config(argv)
     if config.uses_demo:
-        config = TrainConfig(**(demo.demo_defaults(config.demo_scale) | {k: getattr(config, k) for k in explicit}))
+        given = {k: getattr(config, k) for k in explicit}
+        config = TrainConfig(**(demo.demo_defaults(config.demo_scale, config.projector) | given))
     return config
 
 

@@ -23,6 +23,8 @@ def test_grid_runs_summarises_and_skips_finished_runs(tiny_bases, tiny_manifest,
         saved = list(csv.DictReader(f))
     assert [float(r["meteor"]) for r in saved] == pytest.approx([r["meteor"] for r in rows])
     assert all(int(r["trainable_parameters"]) > 0 and float(r["median_step_seconds"]) > 0 for r in saved)
+    assert [r["budget"].split(" steps")[0] for r in saved] == ["1 + 1 epochs, 6"] * 2  # 3 windows of 4 a stage
+    assert all(0 < float(r["train_seconds"]) and r["budget"].endswith(" min") for r in saved)
     assert (tmp_path / "summary" / "comparison_plots.png").stat().st_size > 0
     assert "best METEOR: E" in capsys.readouterr().out
 
@@ -41,7 +43,10 @@ def fake_run(run_dir, meteor: float, *, split: str = "test") -> None:
     (run_dir / "logs" / "final_metrics.json").write_text(json.dumps(
         {"split": split, "manifest": None, "metrics": {n: {"value": meteor, "reference": n} for n in names}}))
     (run_dir / "logs" / "train_summary.json").write_text(json.dumps(
-        {"trainable_parameters": 10, "median_step_seconds": 0.5, "peak_memory_gib": 1.0}))
+        {"trainable_parameters": 10, "steps": 480, "median_step_seconds": 0.5, "train_seconds": 300.0,
+         "peak_memory_gib": 1.0}))
+    (run_dir / "config.json").write_text(json.dumps(
+        {"stage1_epochs": 2, "stage2_epochs": 4, "batch_size": 16, "grad_accum": 2}))
     (run_dir / "logs" / "training_log.csv").write_text(
         "step,epoch,stage,loss,lr,grad_norm,step_seconds,tokens_per_s,val_loss,val_meteor\n"
         "1,1,1,2.0,0.001,1.0,0.5,10,,\n1,1,1,,,,,,1.9,0.1\n2,2,1,1.0,0.001,1.0,0.5,10,,\n2,2,1,,,,,,1.5,0.3\n")
@@ -59,7 +64,8 @@ def test_summary_page_csv_and_plots_from_finished_runs(tmp_path, monkeypatch, ca
     assert 'href="../runs/E1_perceiver_lora/samples/report.html"' in page
     assert "--bertscore-model" in page and "bertscore" not in (tmp_path / "summary" / "all_results.csv").read_text()
     assert (tmp_path / "summary" / "learning_curves.png").stat().st_size > 0
-    assert "best METEOR: E2" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "best METEOR: E2" in shown and shown.count("2 + 4 epochs, 480 steps of 32 videos, 5.0 min") == 2
 
 
 def test_an_evaluation_of_another_split_is_not_taken_for_the_test_result(tmp_path, monkeypatch):

@@ -68,6 +68,7 @@ def test_outputs_exist_and_parse(setup, tmp_path):
     run = Path(cfg.output_dir)
     for name in ("stage1_projector.pt", "best_model.pt", "final_model.pt", "training_state.pt"):
         assert checkpoint.load_checkpoint(run / "checkpoints" / name)["trainable"]
+    assert checkpoint.load_checkpoint(run / "checkpoints" / "best_model.pt")["info"]["stage"] == 2  # the adapted LM
     rows = list(csv.DictReader(open(run / "logs" / "training_log.csv")))
     step_rows = [r for r in rows if r["loss"]]
     assert [int(r["step"]) for r in step_rows] == list(range(1, 7))  # 3 steps a stage, one row each
