@@ -267,9 +267,9 @@ class TrainingLog:
         with open(self.path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def write_summary(self, path: Path, model, device: torch.device) -> None:
+    def write_summary(self, path: Path, model, device: torch.device, processes: int = 1) -> None:
         """logs/train_summary.json: parameters, median step time and tokens/s of the last stage, the seconds all the
-        steps took (validation and evaluation not counted), peak memory."""
+        steps took (validation and evaluation not counted), peak memory, and the processes that shared each step."""
         from lora import parameter_counts
         rows = [r for r in self.rows() if r["step_seconds"]]
         last_stage = [r for r in rows if r["stage"] == rows[-1]["stage"]] if rows else []
@@ -280,7 +280,7 @@ class TrainingLog:
                    if last_stage else None,
                    "median_tokens_per_s": statistics.median(float(r["tokens_per_s"]) for r in last_stage)
                    if last_stage else None,
-                   "peak_memory_gib": peak_memory_gib(device), "device": str(device)}
+                   "peak_memory_gib": peak_memory_gib(device), "device": str(device), "processes": processes}
         atomic_write_text(path, json.dumps(summary, indent=1))
 
     def plot(self, path: Path) -> None:

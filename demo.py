@@ -85,8 +85,9 @@ NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_qu
 #   2 stage-1 epochs colour is in its tokens too weakly for the LM (19% right), and stage 2's adapters then learn
 #   colour from the other three attributes, which is wrong for every unseen combination (8-14%, below blind).
 # - linear, mlp: 1 + 1 epochs, not 2 + 4. They feed the LM 8 x 64 = 512 tokens instead of 16, so a step takes
-#   ~3 s in stage 1 and ~4.5 s in stage 2 (fp32, 2 threads; 40% matmuls, 20% element-wise products, 20% attention),
-#   and 1 + 1 epochs already fill the 10 minutes a demo run may take.
+#   2.7-3.2 s in stage 1 and 3.6-4.3 s in stage 2 (fp32, 2 threads; 40% matmuls, 20% element-wise products, 20%
+#   attention), and 1 + 1 epochs already fill the 10 minutes a demo run may take. They learn motion, only later:
+#   linear + LoRA names all four attributes in 13% with 1 + 1 epochs, 81% with 1 + 3, 95% with 1 + 4 (22 min).
 PROJECTOR_DEFAULTS = {"cabstractor": dict(stage1_epochs=8), "linear": dict(stage1_epochs=1, stage2_epochs=1),
                       "mlp": dict(stage1_epochs=1, stage2_epochs=1)}
 

@@ -67,7 +67,7 @@ def result_row(name: str, projector: str, peft: str, run_dir: Path, bertscore: d
 
 def budget(config: dict, summary: dict) -> str:
     """What a run was given: epochs per stage, optimizer steps and videos per step, and the minutes they took."""
-    videos = config["batch_size"] * config["grad_accum"]
+    videos = config["batch_size"] * config["grad_accum"] * summary.get("processes", 1)
     minutes = f", {summary['train_seconds'] / 60:.1f} min" if summary.get("train_seconds") is not None else ""
     return (f"{config['stage1_epochs']} + {config['stage2_epochs']} epochs, {summary['steps']} steps of {videos} "
             f"videos{minutes}")

@@ -312,7 +312,7 @@ def finish(model, cfg: TrainConfig, run: Distributed, log) -> None:
         out = Path(cfg.output_dir)
         checkpoint.save_model(out / "checkpoints" / "final_model.pt", model, cfg, {"stage": 2})
         log.plot(out / "logs" / "training_curves.png")
-        log.write_summary(out / "logs" / "train_summary.json", model, run.device)
+        log.write_summary(out / "logs" / "train_summary.json", model, run.device, run.world)
 
 
 def start_stage(model, stage: int, peak_lr: float, cfg: TrainConfig, run: Distributed):
