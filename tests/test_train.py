@@ -17,6 +17,10 @@ from distributed import setup_distributed
 from train import TrainConfig, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# Two batchings of the same examples agree to 1% of one Adam step at lr 1e-3. Not tighter: where a gradient element
+# is near zero, Adam's division by sqrt(v) turns fp32 summation order into a few millionths (3.9e-6 seen on
+# AVX-512), while a micro-batch or rank weighted wrongly moves the update by a whole step.
+STEP_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +86,8 @@ def test_outputs_exist_and_parse(setup, tmp_path):
 
 
 def test_accumulation_equals_one_big_batch(setup, tmp_path):
-    """batch 4 x accum 1 == batch 1 x accum 4 after the same optimizer steps (fp32, 1e-6), here with the plan's
-    learning rates: through stage 1 and one step of stage 2."""
+    """batch 4 x accum 1 == batch 1 x accum 4 after the same optimizer steps (fp32, within 1% of a step), here with
+    the plan's learning rates: through stage 1 and one step of stage 2."""
     common = dict(grad_accum=1, stage1_epochs=1, stage2_epochs=1, lora_dropout=0.0, max_steps=4, stage1_lr=1e-3,
                   stage2_lr=5e-5)
     big = config(setup, tmp_path / "big", batch_size=4, **common)
@@ -93,7 +97,7 @@ def test_accumulation_equals_one_big_batch(setup, tmp_path):
     a = checkpoint.load_training_state("auto", big.output_dir)["trainable"]
     b = checkpoint.load_training_state("auto", small.output_dir)["trainable"]
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a[key], b[key], atol=STEP_TOLERANCE, rtol=0)
 
 
 def test_each_stage_trains_only_its_weights(setup, tmp_path, monkeypatch):
@@ -149,7 +153,7 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path):
 
 
 def test_two_gloo_processes_equal_one_process(setup, tmp_path):
-    """torchrun with 2 CPU processes x batch 2 == 1 process x batch 4 (weights after 4 steps, 1e-6)."""
+    """torchrun with 2 CPU processes x batch 2 == 1 process x batch 4 (weights after 4 steps, within 1% of a step)."""
     common = dict(stage1_epochs=1, stage2_epochs=1, lora_dropout=0.0, grad_accum=1, max_steps=4, stage1_lr=1e-3,
                   stage2_lr=5e-5)
     single = config(setup, tmp_path / "single", batch_size=4, **common)
