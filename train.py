@@ -98,6 +98,8 @@ class TrainConfig:
     demo_heldout: str = option("combinations", "what the demo's val and test hold that training never shows: "
                                "4-attribute combinations, or colour-shape pairs (harder)",
                                choices=["combinations", "pairs"])
+    demo_seed: int | None = option(None, "seed of the demo's assets (videos, tower, LM); default --seed, so "
+                                   "--seed S --demo-seed 42 trains anew on the same assets")
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -121,7 +123,7 @@ def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
         else:
-            kind = type(f.default) if f.default is not None else str
+            kind = type(f.default) if f.default is not None else int if f.type == int | None else str
             parser.add_argument(flag, type=kind, **extra)
     explicit = vars(parser.parse_args(argv))
     return TrainConfig(**explicit), set(explicit)
@@ -406,7 +408,8 @@ def main(cfg: TrainConfig) -> dict | None:
     run = setup_distributed()
     demo_assets = None
     if cfg.uses_demo:
-        demo_assets = demo.build_assets(cfg.demo_dir, scale=cfg.demo_scale, seed=cfg.seed, is_main=run.is_main,
+        demo_seed = cfg.seed if cfg.demo_seed is None else cfg.demo_seed
+        demo_assets = demo.build_assets(cfg.demo_dir, scale=cfg.demo_scale, seed=demo_seed, is_main=run.is_main,
                                         heldout=cfg.demo_heldout)
         cfg = replace(cfg, clip=demo_assets.clip, llm=demo_assets.llm, train_manifest=demo_assets.manifest)
     results = None
