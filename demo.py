@@ -53,7 +53,7 @@ from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
 QWEN3_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                         "<|video_pad|>"]
 QWEN3_THINK_TOKENS = ["<think>", "</think>"]
-VERSION = 3  # part of the asset folder's name: bump it when the builder changes, so old assets are not reused
+VERSION = 4  # part of the asset folder's name: bump it when the builder changes, so old assets are not reused
 
 
 @dataclass(frozen=True)

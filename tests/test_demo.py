@@ -63,6 +63,21 @@ def test_frame_targets_find_the_object_patch():
         demo_tower.frame_targets(np.full((1, 64, 64, 3), 128, np.uint8), patch=8)
 
 
+def test_recolour_permutes_the_channels_of_half_the_frames_and_hides_their_colour():
+    """The tower's recoloured frames: the second half of a batch in another RGB order (never the identity), with no
+    colour or background label there; the first half, the shape labels and the caller's arrays stay as they were."""
+    frames = np.full((6, 8, 8, 3), 128, np.uint8)
+    frames[:, 2:5, 2:5] = (220, 40, 90)  # one red-ish object, three distinct channel values
+    labels = {"colour": torch.arange(6), "background": torch.arange(6) + 10, "shape": torch.arange(6) + 20}
+    pixels, targets = demo_tower.recolour(frames, labels, torch.Generator().manual_seed(0))
+    assert np.array_equal(pixels[:3], frames[:3]) and (frames[:, 3, 3] == (220, 40, 90)).all()
+    for frame in pixels[3:]:
+        assert sorted(frame[3, 3]) == [40, 90, 220] and tuple(frame[3, 3]) != (220, 40, 90)
+        assert (frame[0, 0] == 128).all()  # grey stays grey
+    assert targets["colour"].tolist() == [0, 1, 2, -100, -100, -100] and labels["colour"].tolist() == list(range(6))
+    assert targets["background"][3:].eq(-100).all() and torch.equal(targets["shape"], labels["shape"])
+
+
 def test_keyword_prompt_is_the_vlm_prompt_with_the_keywords_in_the_video_slots(tokenizer_dir):
     template = ChatTemplate(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), DEFAULT_INSTRUCTION)
     attributes = {"colour": "red", "shape": "circle", "motion": "left", "background": "white"}
