@@ -18,6 +18,7 @@ from clip import CLIPConfig, CLIPVision
 from data import preprocess, read_frames
 from synth import ATTRIBUTES
 from schedule import get_lr
+from vlm import IGNORE_INDEX
 
 TOWER = CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    image_size=64, patch_size=8)
@@ -25,7 +26,6 @@ TOWER_FRAMES = 8  # frames of each training video the tower pretrains on
 TOWER_LR = 2e-3  # AdamW peak; slower (1e-3) or faster (4e-3) left shape at 0.3-0.6 in the feasibility probe
 # The RGB channel orders a recoloured frame takes (the identity excluded); grey backgrounds stay as they are.
 CHANNEL_ORDERS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
-IGNORE = -100  # F.cross_entropy's ignore_index: no colour or background loss on a recoloured frame
 
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ def recolour(frames: np.ndarray, targets: dict, generator: torch.Generator) -> t
     targets = dict(targets)
     for name in ("colour", "background"):
         targets[name] = targets[name].clone()
-        targets[name][half:] = IGNORE
+        targets[name][half:] = IGNORE_INDEX  # no colour or background loss on a recoloured frame
     return frames, targets
 
 

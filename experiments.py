@@ -39,6 +39,7 @@ BERTSCORE_COLUMNS = ["bertscore_p", "bertscore_r", "bertscore_f1"]
 COLUMNS = ["experiment", "projector", "peft", "seed", "meteor", "meteor_coco", "cider_d", "bleu4", "chrf",
            *BERTSCORE_COLUMNS, "all_four", "budget", "trainable_parameters", "median_step_seconds", "train_seconds",
            "peak_memory_gib", "run_dir"]
+SPREAD_HEADING = "each pair over its seeds, mean (lowest-highest run)"
 BERTSCORE_OFF = "BERTScore not computed: add --bertscore-model DIR (a BERT snapshot folder) to score each run with it"
 
 
@@ -195,7 +196,7 @@ def write_summary(rows: list[dict], summary: Path, bertscore: bool, pairs: list[
     notes = [] if bertscore else [BERTSCORE_OFF]
     if pairs:
         atomic_write_text(summary / "across_seeds.csv", csv_text(pairs, list(pairs[0])))
-        notes = ["each pair over its seeds, mean (lowest-highest run):", *spread_lines(pairs), *notes]
+        notes = [f"{SPREAD_HEADING}:", *spread_lines(pairs), *notes]
     plot(rows, summary / "comparison_plots.png")
     plot_learning_curves(rows, summary / "learning_curves.png")
     links = {run_label(r): os.path.relpath(Path(r["run_dir"]) / "samples" / "report.html", summary) for r in rows}
@@ -216,8 +217,8 @@ def print_summary(rows: list[dict], pairs: list[dict] | None, bertscore: bool) -
               + f" {r['meteor']:>7.4f} {r['cider_d']:>8.4f}" + (f" {r['all_four']:>8.3f}" if demo else "")
               + f" {r['trainable_parameters']:>12,} {r['median_step_seconds']:>7.3f}  {r['budget']}")
     if seeded:
-        print("\neach pair over its seeds, mean (lowest-highest run); a gap between two pairs that is not wider than "
-              "these ranges is a draw:\n  " + "\n  ".join(spread_lines(pairs)))
+        print(f"\n{SPREAD_HEADING}; a gap between two pairs that is not wider than these ranges is a draw:\n  "
+              + "\n  ".join(spread_lines(pairs)))
     print("\n" + recommend(pairs or rows) + ("" if bertscore else "\n" + BERTSCORE_OFF))
 
 
@@ -241,13 +242,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--seeds sets each run's --seed and --demo-seed; drop those options")
     bertscore = {"model": args.bertscore_model, "layer": args.bertscore_layer} if args.bertscore_model else None
     grid = GRID + (EXTRA if args.with_crossattn else [])
+    demo_seed = args.seeds[0] if args.seeds else None  # every seed trains on the first seed's demo assets
     with user_errors():
         rows = []
         for number, (projector, peft) in enumerate(grid, start=1):
             name = f"E{number}"
             for seed in args.seeds or [None]:
-                run_dir = run_experiment(name, projector, peft, Path(args.runs), passthrough, seed,
-                                         args.seeds and args.seeds[0])
+                run_dir = run_experiment(name, projector, peft, Path(args.runs), passthrough, seed, demo_seed)
                 rows.append(result_row(name, projector, peft, run_dir, bertscore, seed))
         pairs = across_seeds(rows) if args.seeds else None
         write_summary(rows, Path(args.summary), bertscore is not None, pairs)
