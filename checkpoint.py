@@ -242,7 +242,7 @@ def check_writable(out: Path, needed_bytes: int = 0) -> None:
 
 # ---- the training log --------------------------------------------------------------------------------------------
 LOG_COLUMNS = ["step", "epoch", "stage", "loss", "lr", "grad_norm", "step_seconds", "tokens_per_s", "val_loss",
-               "val_meteor"]
+               "val_meteor", "val_all_four"]
 
 
 class TrainingLog:
@@ -284,7 +284,8 @@ class TrainingLog:
         atomic_write_text(path, json.dumps(summary, indent=1))
 
     def plot(self, path: Path) -> None:
-        """logs/training_curves.png: training loss and learning rate per step, validation METEOR per epoch."""
+        """logs/training_curves.png: training loss and learning rate per step, validation METEOR (and the share
+        of captions naming every attribute right, when logged) per epoch."""
         if not self.enabled:
             return
         import matplotlib
@@ -300,8 +301,12 @@ class TrainingLog:
         axes[0].legend()
         axes[1].plot([s for s, _, _ in steps], [lr for _, _, lr in steps])
         axes[1].set(title="learning rate", xlabel="step")
-        axes[2].plot([s for s, _, _ in val], [m for _, _, m in val], "o-")
-        axes[2].set(title="val METEOR", xlabel="step")
+        axes[2].plot([s for s, _, _ in val], [m for _, _, m in val], "o-", label="METEOR")
+        all_four = [(int(r["step"]), float(r["val_all_four"])) for r in rows if r.get("val_all_four")]
+        if all_four:  # --select-by attributes
+            axes[2].plot([s for s, _ in all_four], [a for _, a in all_four], "s--", label="all attributes right")
+            axes[2].legend()
+        axes[2].set(title="validation", xlabel="step")
         figure.tight_layout()
         atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
         plt.close(figure)

@@ -100,6 +100,14 @@ def parse_caption_attributes(caption: str) -> dict[str, str | None]:
     return found
 
 
+def attribute_scores(predictions: list[dict], attributes: dict[str, dict]) -> dict[str, float]:
+    """The share of predicted captions ({"id", "prediction"}) that name each attribute right, and all four at once;
+    `attributes` maps a sample id to its true values."""
+    parsed = [(parse_caption_attributes(p["prediction"]), attributes[p["id"]]) for p in predictions]
+    shares = {name: float(np.mean([found[name] == true[name] for found, true in parsed])) for name in ATTRIBUTES}
+    return shares | {"all four": float(np.mean([found == true for found, true in parsed]))}
+
+
 _COLOUR_RGB = {"red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 215, 40), "green": (40, 170, 60),
                "blue": (40, 80, 225), "purple": (140, 60, 190)}
 _BACKGROUND_RGB = {"black": (25, 25, 25), "white": (235, 235, 235), "gray": (128, 128, 128), "skyblue": (150, 200, 240)}

@@ -7,9 +7,10 @@ Each optimizer step sees one window of batch_size x grad_accum x world_size vide
 captions, drawn per epoch); the loss is the summed caption cross-entropy over the window divided by the window's
 number of supervised tokens (torchtune's normalisation), so accumulation and data parallelism change nothing but
 speed. The learning rate warms up linearly, then decays on a cosine, per stage. After each epoch: validation loss
-and METEOR on the val split, the best stage-2 model by val METEOR kept (stage 1's frozen LM writes in its
-pretraining's style, which can score a higher METEOR while naming less of the video right: its projector is kept as
-stage1_projector.pt); at the end the best model is evaluated on the test split. Run without model or data paths,
+and METEOR on the val split, and the best stage-2 model kept, by val METEOR (on the demo, by the share of val
+captions that name every attribute right: --select-by attributes). Stage 1's frozen LM writes in its pretraining's
+style, which can score a higher METEOR while naming less of the video right, so its projector is kept apart as
+stage1_projector.pt. At the end the best model is evaluated on the test split. Run without model or data paths,
 it trains the embedded demo (demo.py), whose defaults replace the ones below.
 
     python train.py --projector perceiver --peft dora                      # the demo, on the CPU
@@ -39,6 +40,7 @@ from features import batch_features, collate_features, prepare_splits, video_dat
 from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
 from projectors import PROJECTORS
 from schedule import epoch_caption_choice, epoch_windows, get_lr
+from synth import attribute_scores
 from vlm import VLMConfig, build_vlm, load_tokenizer
 
 
@@ -87,6 +89,9 @@ class TrainConfig:
     skip_bad: bool = option(False, "skip unreadable or missing videos (reported by path) instead of stopping")
     max_bad_fraction: float = option(0.05, "abort when more than this share of videos is bad")
     max_new_tokens: int = option(64, "caption length limit at validation and test time")
+    select_by: str = option("meteor", "what picks best_model.pt among the stage-2 epochs: val METEOR, or the share "
+                            "of val captions that name all the attributes in the manifest's `attributes` right "
+                            "(synthetic data; ties go to METEOR)", choices=["meteor", "attributes"])
     eval_batch_size: int = option(16, "videos per generation batch")
     save_every: int = option(200, "optimizer steps between resumable training states")
     max_steps: int = option(0, "stop (saving a resumable state) after this many optimizer steps in all; 0: no limit")
@@ -158,6 +163,10 @@ def read_splits(cfg: TrainConfig, tokenizer: Tokenizer) -> dict[str, list]:
                          seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                          max_samples=cfg.max_samples or None)
     check_splits(splits)
+    unlabelled = [s.id for s in splits["val"] if not s.attributes]
+    if cfg.select_by == "attributes" and unlabelled:
+        raise ValueError(f"--select-by attributes needs `attributes` on every val sample, and {len(unlabelled)} have "
+                         f"none (first: {unlabelled[0]}); use --select-by meteor")
     return splits | {"train": cut_long_captions(splits["train"], tokenizer, cfg.max_caption_tokens)}
 
 
@@ -239,7 +248,8 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    best_meteor: float = -1.0
+    best_score: float = -1.0   # of the best stage-2 epoch so far: its --select-by value
+    best_meteor: float = -1.0  # and its val METEOR
 
     @classmethod
     def of(cls, state: dict | None) -> "Position":
@@ -291,16 +301,25 @@ def optimizer_step(model, wrapped, optimizer, trainable, window: list[int], capt
 # ---- the end of an epoch, of a stage, of the run -----------------------------------------------------------------
 def end_of_epoch(model, optimizer, splits, cache, cfg: TrainConfig, run: Distributed, log, position: Position,
                  epoch: int) -> Position:
-    """Validation loss and METEOR, the best model by val METEOR, and a resumable state at the epoch boundary."""
+    """Validation loss and METEOR (and the attributes' share with --select-by attributes), the best model by them,
+    and a resumable state at the epoch boundary."""
     val = evaluate_split(model, splits["val"], cache, batch_size=cfg.eval_batch_size,
                          max_new_tokens=cfg.max_new_tokens, run=run, with_loss=True)
     meteor = val["metrics"]["meteor"]["value"]
+    all_four = None
+    if cfg.select_by == "attributes":
+        all_four = attribute_scores(val["predictions"], {s.id: s.attributes for s in splits["val"]})["all four"]
     log.write(step=position.global_step, epoch=epoch + 1, stage=position.stage, val_loss=val["loss"],
-              val_meteor=meteor)
-    improved = meteor > position.best_meteor
-    position = replace(position, epoch=epoch + 1, step_in_epoch=0, best_meteor=max(position.best_meteor, meteor))
+              val_meteor=meteor, val_all_four=all_four)
+    score = meteor if all_four is None else all_four
+    improved = (score, meteor) > (position.best_score, position.best_meteor)
+    position = replace(position, epoch=epoch + 1, step_in_epoch=0)
+    if improved:
+        position = replace(position, best_score=score, best_meteor=meteor)
     if run.is_main:
-        print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}")
+        attributes = "" if all_four is None else f", all attributes right {all_four:.3f}"
+        print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}"
+              + attributes)
         out = Path(cfg.output_dir) / "checkpoints"
         if improved:
             checkpoint.save_model(out / "best_model.pt", model, cfg,
@@ -388,7 +407,7 @@ def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state
         if stage == 1 and run.is_main:
             checkpoint.save_model(Path(cfg.output_dir) / "checkpoints" / "stage1_projector.pt", model, cfg,
                                   {"stage": 1})
-        position, state = replace(position, stage=2, epoch=0, step_in_epoch=0, best_meteor=-1.0), None
+        position, state = replace(position, stage=2, epoch=0, step_in_epoch=0, best_score=-1.0, best_meteor=-1.0), None
     finish(model, cfg, run, log)
     return True
 

@@ -268,6 +268,44 @@ def test_a_missing_val_split_is_refused_before_the_bases_load(setup, tmp_path, m
         train(config(setup, tmp_path, train_manifest=str(manifest)), setup_distributed())
 
 
+def test_without_attributes_on_val_select_by_attributes_is_refused_before_the_bases_load(setup, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setattr("train.build_vlm", lambda *a, **k: pytest.fail("the bases were loaded"))
+    with pytest.raises(ValueError, match=r"--select-by attributes needs `attributes` on every val sample.*"
+                                         r"--select-by meteor"):
+        train(config(setup, tmp_path, select_by="attributes"), setup_distributed())
+
+
+@pytest.mark.parametrize("select_by, kept", [("meteor", [1, 2]), ("attributes", [1, 3])])
+def test_best_model_is_the_epoch_that_scores_best_by_select_by(setup, tmp_path, monkeypatch, select_by, kept):
+    """Epoch 1 names the attributes right, epoch 2 writes a higher-METEOR caption with the wrong colour, epoch 3
+    names them right with a higher METEOR than epoch 1: METEOR keeps epoch 2, the attributes epoch 3 (a tie on the
+    attributes goes to METEOR)."""
+    from data import Sample
+    from train import Position, end_of_epoch
+    val = [Sample(id="v0", video=Path("v0.mp4"), captions=["빨간 원이 흰 배경 위에서 오른쪽으로 움직인다."],
+                  attributes={"colour": "red", "shape": "circle", "motion": "right", "background": "white"})]
+    epochs = iter([("빨간 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.5), ("파란 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.9),
+                   ("빨간 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.6)])
+
+    def evaluate_split(*args, **kwargs):
+        caption, meteor = next(epochs)
+        return {"predictions": [{"id": "v0", "prediction": caption}], "metrics": {"meteor": {"value": meteor}},
+                "loss": 1.0}
+    saved = []
+    monkeypatch.setattr("train.evaluate_split", evaluate_split)
+    monkeypatch.setattr("train.checkpoint.save_model", lambda path, model, cfg, info: saved.append(info["epoch"]))
+    monkeypatch.setattr("train.checkpoint.save_training_state", lambda *args: None)
+    cfg = config(setup, tmp_path, select_by=select_by)
+    log = checkpoint.TrainingLog(tmp_path / "log.csv", enabled=True)
+    position = Position(stage=2)
+    for epoch in range(3):
+        position = end_of_epoch(None, None, {"val": val}, None, cfg, setup_distributed(), log, position, epoch)
+    assert saved == kept
+    all_four = [row["val_all_four"] for row in log.rows()]
+    assert all_four == (["", "", ""] if select_by == "meteor" else ["1.0", "0.0", "1.0"])
+
+
 def test_an_over_long_caption_is_cut_with_one_warning(setup, tmp_path, capsys):
     from dataclasses import replace as replaced
 
