@@ -306,16 +306,13 @@ def end_of_epoch(model, optimizer, splits, cache, cfg: TrainConfig, run: Distrib
     val = evaluate_split(model, splits["val"], cache, batch_size=cfg.eval_batch_size,
                          max_new_tokens=cfg.max_new_tokens, run=run, with_loss=True)
     meteor = val["metrics"]["meteor"]["value"]
-    all_four = None
-    if cfg.select_by == "attributes":
-        all_four = attribute_scores(val["predictions"], {s.id: s.attributes for s in splits["val"]})["all four"]
+    all_four = attributes_right(val, splits["val"]) if cfg.select_by == "attributes" else None
     log.write(step=position.global_step, epoch=epoch + 1, stage=position.stage, val_loss=val["loss"],
               val_meteor=meteor, val_all_four=all_four)
-    score = meteor if all_four is None else all_four
-    improved = (score, meteor) > (position.best_score, position.best_meteor)
-    position = replace(position, epoch=epoch + 1, step_in_epoch=0)
-    if improved:
-        position = replace(position, best_score=score, best_meteor=meteor)
+    score = (meteor if all_four is None else all_four, meteor)  # a tie on the attributes goes to METEOR
+    improved = score > (position.best_score, position.best_meteor)
+    best_score, best_meteor = score if improved else (position.best_score, position.best_meteor)
+    position = replace(position, epoch=epoch + 1, step_in_epoch=0, best_score=best_score, best_meteor=best_meteor)
     if run.is_main:
         attributes = "" if all_four is None else f", all attributes right {all_four:.3f}"
         print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}"
@@ -326,6 +323,11 @@ def end_of_epoch(model, optimizer, splits, cache, cfg: TrainConfig, run: Distrib
                                   {"stage": position.stage, "epoch": epoch + 1, "val": val["metrics"]})
         checkpoint.save_training_state(cfg.output_dir, model, optimizer, cfg, asdict(position))
     return position
+
+
+def attributes_right(val: dict, samples: list) -> float:
+    """The share of val captions that name every attribute of their video right (--select-by attributes)."""
+    return attribute_scores(val["predictions"], {s.id: s.attributes for s in samples})["all four"]
 
 
 def finish(model, cfg: TrainConfig, run: Distributed, log) -> None:
@@ -407,7 +409,7 @@ def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state
         if stage == 1 and run.is_main:
             checkpoint.save_model(Path(cfg.output_dir) / "checkpoints" / "stage1_projector.pt", model, cfg,
                                   {"stage": 1})
-        position, state = replace(position, stage=2, epoch=0, step_in_epoch=0, best_score=-1.0, best_meteor=-1.0), None
+        position, state = Position(stage=2, global_step=position.global_step), None
     finish(model, cfg, run, log)
     return True
 
