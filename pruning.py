@@ -4,8 +4,12 @@ Shapes (the legend of every file): B batch, F frames, P positions per frame (pat
 (`keep`), D token width (the projector's output width, or the tower's), E = (F - 1) * P adjacent-frame pairs.
 
 Neither method needs the LM's attention weights, so both work with SDPA / flash attention, in training as well as
-in generation. Distances and similarities are computed in fp32 whatever the input dtype; cosine similarity is
-x·y / (max(|x|, eps) max(|y|, eps)) (F.normalize), so a zero vector has similarity 0 (distance 1) to every token.
+in generation. Distances and similarities are computed in fp32 whatever the input dtype, from unit vectors
+u = x / max(|x|, eps) (F.normalize) and their dot products g_ij = u_i·u_j, as
+    d(i, j) = 1 - cos(x_i, x_j) = (g_ii + g_jj) / 2 - g_ij   (= |u_i - u_j|^2 / 2; g_ii = 1 in real arithmetic)
+The second form is exactly 0 in floating point between two identical tokens (1 - g_ij is off by an ulp or so, and
+that noise, not the index, would break the ties between duplicates). A zero vector (u = 0) takes g_ii = 1: distance
+1 (cosine 0) to every token, another zero vector included.
 
 DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175): keep the subset of maximal diversity, greedily.
     d(i, j) = 1 - cos(x_i, x_j)
@@ -43,11 +47,17 @@ REDUCTIONS = ("none", "divprune", "merge", "merge+divprune")
 MERGE_THRESHOLD = 0.6  # FrameFusion's default similarity_lower_bound
 
 
+def self_dots(dots: torch.Tensor) -> torch.Tensor:
+    """u·u of unit vectors, with 1 for a zero vector (u = 0): the g_ii of the module docstring."""
+    return dots.masked_fill(dots == 0, 1.0)
+
+
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
     """1 - cosine similarity between every pair of tokens, in fp32: (B, N, D) -> (B, N, N)."""
-    unit = F.normalize(x.float(), dim=-1)  # (B, N, D), a zero vector stays zero
-    similarity = unit @ unit.transpose(1, 2)  # (B, N, D) @ (B, D, N) -> (B, N, N)
-    return similarity.neg_().add_(1.0)
+    unit = F.normalize(x.float(), dim=-1)  # (B, N, D)
+    dots = unit @ unit.transpose(1, 2)  # (B, N, D) @ (B, D, N) -> (B, N, N)
+    half = self_dots(dots.diagonal(dim1=1, dim2=2)) / 2  # (B, N), from the same GEMM as the pairs' dots
+    return dots.neg_().add_(half[:, :, None]).add_(half[:, None, :])  # (g_ii + g_jj) / 2 - g_ij
 
 
 def divprune_batch(x: torch.Tensor, keep: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +85,7 @@ def divprune_batch(x: torch.Tensor, keep: int, valid: torch.Tensor | None = None
         chosen = score.masked_fill(~candidate, float("-inf")).argmax(dim=1)  # (B,), the first maximum: lower index
         kept[:, step] = chosen
         candidate[rows, chosen] = False
-        to_chosen = distance[rows, chosen]  # (B, N): d(chosen, i), a row (the matrix is symmetric)
+        to_chosen = distance[rows, chosen]  # (B, N): d(chosen, i), a row; = d(i, chosen) up to fp32 rounding
         score = to_chosen if step == 0 else torch.minimum(score, to_chosen)  # distance to the kept set
     return kept.sort(dim=1).values
 
@@ -87,9 +97,11 @@ def divprune(x: torch.Tensor, keep: int) -> torch.Tensor:
 
 def adjacent_similarity(grid: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of each token to the token at the same position of the previous frame, in fp32:
-    (B, F, P, D) -> (B, F - 1, P); entry [f - 1, p] is the pair (f - 1, p) - (f, p)."""
+    (B, F, P, D) -> (B, F - 1, P); entry [f - 1, p] is the pair (f - 1, p) - (f, p). Exactly 1 for a static token."""
     unit = F.normalize(grid.float(), dim=-1)  # (B, F, P, D)
-    return (unit[:, 1:] * unit[:, :-1]).sum(dim=-1)  # (B, F - 1, P)
+    half = self_dots((unit * unit).sum(dim=-1)) / 2  # (B, F, P)
+    dots = (unit[:, 1:] * unit[:, :-1]).sum(dim=-1)  # (B, F - 1, P)
+    return 1.0 - (half[:, 1:] + half[:, :-1] - dots)  # 1 - d
 
 
 def choose_merges(similarity: torch.Tensor, most: int, threshold: float | None = None) -> torch.Tensor:
