@@ -76,17 +76,19 @@ def divprune_batch(x: torch.Tensor, keep: int, valid: torch.Tensor | None = None
         raise ValueError(f"keep {keep} is more than the {int(valid.sum(1).min())} valid tokens of a row")
     distance = cosine_distances(x)  # (B, N, N)
     distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # min over j != i
-    distance.masked_fill_(~valid[:, None, :], float("inf"))  # an invalid token is nobody's nearest
+    if not valid.all():
+        distance.masked_fill_(~valid[:, None, :], float("inf"))  # an invalid token is nobody's nearest
     rows = torch.arange(B, device=x.device)
-    candidate = valid.clone()  # (B, N): valid and not kept yet
     kept = torch.empty(B, keep, dtype=torch.long, device=x.device)
-    score = distance.amin(dim=2)  # (B, N): the first step's score, each token's distance to its nearest other token
+    # score: -inf for a token that is kept or invalid, else its distance to the kept set (at the first step: to
+    # its nearest other token); argmax returns the first maximum, so ties go to the lower index
+    score = distance.amin(dim=2).masked_fill_(~valid, float("-inf"))  # (B, N)
     for step in range(keep):  # one O(N) step per kept token
-        chosen = score.masked_fill(~candidate, float("-inf")).argmax(dim=1)  # (B,), the first maximum: lower index
+        chosen = score.argmax(dim=1)  # (B,)
         kept[:, step] = chosen
-        candidate[rows, chosen] = False
         to_chosen = distance[rows, chosen]  # (B, N): d(chosen, i), a row; = d(i, chosen) up to fp32 rounding
-        score = to_chosen if step == 0 else torch.minimum(score, to_chosen)  # distance to the kept set
+        score = to_chosen.masked_fill_(~valid, float("-inf")) if step == 0 else torch.minimum(score, to_chosen)
+        score[rows, chosen] = float("-inf")  # kept: never a candidate again
     return kept.sort(dim=1).values
 
 
