@@ -21,12 +21,13 @@ self-distance being 0; here a kept token is never a candidate again, so the K in
 every remaining token duplicates a kept one.
 
 Adjacent-frame merging (FrameFusion's first stage, Fu et al. 2024, arXiv 2501.01986, `framefusion/main.py`; DyCoke's
-temporal stage): only for tokens laid out per frame, (B, F, P, D) or (B, F*P, D) frame-major with `frames=F`, as the
-per-patch projectors (linear, mlp) give them. Pair e joins token (f, p) to token (f - 1, p) of the previous frame,
-with the cosine similarity of the two original tokens. Merging a set of pairs collapses each run of joined tokens
-along time at one position into the run's first token; its value is the mean of the run's tokens (as FrameFusion's
-`merge_tokens_and_get_mask`), its index the first token's. Pairs form chains, so each merged pair removes exactly one
-token. The resamplers' query tokens (64 for cabstractor, crossattn, perceiver) have no frames: only divprune.
+temporal stage is of the same kind): only for tokens laid out per frame, (B, F, P, D) or (B, F*P, D) frame-major with
+`frames=F`, as the per-patch projectors (linear, mlp) give them. Pair e joins token (f, p) to token (f - 1, p) of
+the previous frame, with the cosine similarity of the two original tokens. Merging a set of pairs collapses each run
+of joined tokens along time at one position into the run's first token; its value is the mean of the run's tokens
+(as FrameFusion's `merge_tokens_and_get_mask`), its index the first token's. Pairs form chains, so each merged pair
+removes exactly one token. The resamplers' query tokens (64 for cabstractor, crossattn, perceiver) have no frames:
+only divprune.
 
 `reduce_tokens(tokens, method, keep=K, frames=F)` returns exactly min(K, N) tokens per video (the batch stays
 rectangular) and their indices into the F*P input order (the first token of a run for a merged token), ascending:
@@ -74,7 +75,7 @@ def divprune_batch(x: torch.Tensor, keep: int, valid: torch.Tensor | None = None
         valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
     elif keep > int(valid.sum(1).min()):
         raise ValueError(f"keep {keep} is more than the {int(valid.sum(1).min())} valid tokens of a row")
-    distance = cosine_distances(x)  # (B, N, N)
+    distance = cosine_distances(x.detach())  # (B, N, N); the choice is not differentiable, so no graph for it
     distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # min over j != i
     if not valid.all():
         distance.masked_fill_(~valid[:, None, :], float("inf"))  # an invalid token is nobody's nearest
@@ -174,8 +175,9 @@ def reduce_tokens(tokens: torch.Tensor, method: str, keep: int | None = None, *,
     if method == "merge" and keep < P:
         raise ValueError(f"'merge' keeps at least one token per position ({P}); use 'merge+divprune' for {keep}")
     grid = tokens.reshape(B, frames, P, D)  # (B, F, P, D)
-    merged = choose_merges(adjacent_similarity(grid), N - keep, threshold if method == "merge+divprune" else None)
-    means = merge_runs(grid, merged).view(B, N, D)  # a run's mean at its first token
+    similarity = adjacent_similarity(grid.detach())  # (B, F - 1, P)
+    merged = choose_merges(similarity, N - keep, threshold if method == "merge+divprune" else None)
+    means = merge_runs(grid, merged).view(B, N, D)  # a run's mean at its first token; gradients flow through it
     first = ~merged.view(B, N)  # (B, N): the tokens left after merging
     if method == "merge":
         indices = first.nonzero()[:, 1].view(B, keep)  # exactly keep per row, ascending

@@ -191,3 +191,14 @@ def test_reduce_tokens_refuses_what_it_cannot_do():
         reduce_tokens(videos, "none", keep=8)
     with pytest.raises(ValueError, match="frames=3"):
         reduce_tokens(videos, "merge", keep=20, frames=3)
+
+
+def test_gradients_reach_the_kept_tokens_through_the_run_means():
+    run = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [-1.0, 0.0]], requires_grad=True)  # (F, D), P = 1
+    reduced, _ = reduce_tokens(run[:, None, :][None], "merge+divprune", keep=2, threshold=0.5)
+    reduced.sum().backward()
+    torch.testing.assert_close(run.grad, torch.tensor([[1 / 3] * 2] * 3 + [[1.0, 1.0]]))
+    tokens = torch.randn(1, 20, 4, requires_grad=True)
+    reduced, indices = reduce_tokens(tokens, "divprune", keep=5)
+    reduced.sum().backward()
+    assert tokens.grad[0].abs().sum(-1).nonzero()[:, 0].tolist() == indices[0].tolist()
