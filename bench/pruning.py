@@ -31,19 +31,21 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_i
 
 def round_robin_seconds(runs: dict, device: torch.device, rounds: int, warm: tuple[str, ...]) -> dict:
     """The `warm` runs once untimed, then `rounds` rounds of each run once, in turn (a shared machine's load drifts;
-    all runs see the same drift): {name: wall seconds per round}, the GPU's queue drained around each run."""
+    all runs see the same drift): {name: {"wall": seconds per round, "cpu": this process's CPU seconds per round}},
+    the GPU's queue drained around each run. With one thread on a busy machine the CPU seconds are the steadier."""
     for name in warm:
         runs[name]()
-    times = {name: [] for name in runs}
+    times = {name: {"wall": [], "cpu": []} for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name]["wall"].append(time.perf_counter() - start)
+            times[name]["cpu"].append(time.process_time() - start_cpu)
     return times
 
 
@@ -81,8 +83,9 @@ def bench_pruning(args) -> dict:
                                      "tower_frame": lambda: tower(pixel_values=image)}, device, args.rounds,
                                     warm=("divprune", "distance_matrix", "tower_frame") if args.warm_tower else
                                     ("divprune", "distance_matrix"))
-    median = {name: statistics.median(runs) for name, runs in times.items()}
-    divprune_s, matrix_s, tower_s = median["divprune"], median["distance_matrix"], median["tower_frame"]
+    median = {name: {clock: statistics.median(values) for clock, values in clocks.items()}
+              for name, clocks in times.items()}
+    divprune_s, matrix_s, tower_s = (median[name]["wall"] for name in ("divprune", "distance_matrix", "tower_frame"))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()["model"]
     result = {
         "command": getattr(args, "command_line", None) or "python -m bench " + " ".join(args.argv),
@@ -91,15 +94,18 @@ def bench_pruning(args) -> dict:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "shapes": {"tokens": args.tokens, "dim": args.dim, "keep": args.keep, "tower": CLIP_L_336,
                    "tower_input": "1 image, fp32, no grad"},
-        "median_s": {name: round(value, 4) for name, value in median.items()},
-        "rounds_s": {name: [round(t, 4) for t in runs] for name, runs in times.items()},
+        "median_s": {name: {clock: round(value, 4) for clock, value in clocks.items()}
+                     for name, clocks in median.items()},
+        "rounds_s": {name: {clock: [round(t, 4) for t in values] for clock, values in clocks.items()}
+                     for name, clocks in times.items()},
         "tower_build_s": round(build_s, 2), "tower_attention": tower.config._attn_implementation,
-        "divprune_per_tower_frame": round(divprune_s / tower_s, 4),
+        "divprune_per_tower_frame": {clock: round(median["divprune"][clock] / median["tower_frame"][clock], 4)
+                                     for clock in ("wall", "cpu")},
         "load_average": {"start": load_start, "end": os.getloadavg()}, "seconds": round(time.time() - started),
     }
-    print(f"divprune N={args.tokens} D={args.dim} keep={args.keep}: {divprune_s:.3f} s "
-          f"(distance matrix {matrix_s:.3f} s); one CLIP-L frame: {tower_s:.3f} s; "
-          f"ratio {divprune_s / tower_s:.3f} on {device_name} ({result['threads']} threads)")
+    print(f"divprune N={args.tokens} D={args.dim} keep={args.keep}: {divprune_s:.3f} s wall "
+          f"(distance matrix {matrix_s:.3f} s); one CLIP-L frame: {tower_s:.3f} s wall; ratio "
+          f"{result['divprune_per_tower_frame']} on {device_name} ({result['threads']} threads)")
     return result
 
 
