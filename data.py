@@ -128,8 +128,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' OPENAI_CLIP_MEA
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resize_like_pil(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """PIL's Image.resize(BICUBIC) of uint8-valued float images (N, C, H, W) -> (N, C, height, width).
+def resize_like_pil(images: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:
+    """PIL's Image.resize(BICUBIC or BILINEAR) of uint8-valued float images (N, C, H, W) -> (N, C, height, width).
 
     PIL's bicubic is separable: a cubic kernel with a = -0.5 whose support widens by the downscale factor
     (antialiasing), applied along one axis and then the other, with the intermediate image rounded to uint8.
@@ -138,14 +138,17 @@ def resize_like_pil(images: torch.Tensor, height: int, width: int) -> torch.Tens
     own uint8 path is 4x faster but up to 2/255 off). PIL runs the horizontal pass first, except (Pillow >= 13,
     python-pillow/Pillow#9549) when the height shrinks by more than twice as many pixels as the width; the order
     changes the rounding, so it is followed here. OpenCV's and torch's plain bicubic (a = -0.75, no widening) are
-    10-150/255 off on edges and downscaled detail.
+    10-150/255 off on edges and downscaled detail. mode="bilinear" is PIL's BILINEAR the same way (a triangle
+    kernel widened by the downscale factor; torch's antialiased bilinear matches it).
     """
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"resize_like_pil reproduces PIL's bicubic and bilinear, not {mode!r}")
     in_height, in_width = images.shape[-2:]
     vertical_first = height < in_height and in_height - height > 2 * (in_width - width)
     passes = [(height, in_width), (height, width)] if vertical_first else [(in_height, width), (height, width)]
     for size in passes:
         if tuple(images.shape[-2:]) != size:  # PIL skips a pass that keeps its axis's size
-            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+            images = F.interpolate(images, size=size, mode=mode, antialias=True, align_corners=False)
             images = images.round_().clamp_(0, 255)  # the uint8 intermediate image
     return images
 
