@@ -174,6 +174,22 @@ def test_build_vlm_and_add_adapters_leave_the_given_configs_alone(bases):
     assert built.adapter is None and model.config.adapter["r"] == 2
 
 
+@pytest.mark.parametrize("record", [
+    {"name": "perceiver", "num_queries": 4, "depth": 2, "width": 32, "heads": 1, "ffn_mult": 4, "num_frames": 3,
+     "temporal_init_std": 0.5, "pooled_frames": None, "mlp_depth": None},
+    {"name": "linear", "num_queries": None, "depth": None, "width": None, "heads": None, "ffn_mult": None,
+     "num_frames": None, "temporal_init_std": None, "pooled_frames": None, "mlp_depth": None},
+], ids=["perceiver", "linear"])
+def test_a_projector_record_saved_before_rebuilds_and_passes_the_mismatch_check(bases, record):
+    """VLMConfig.projector as checkpoints wrote it before the projector options became one dataclass with defaults
+    (None for what a projector does not read): build_vlm reads it back to the same record, so evaluate's
+    comparison of the saved config with the rebuilt model finds no difference."""
+    config = VLMConfig(clip_path=str(bases[0]), llm_path=str(bases[1]), num_frames=3, quant=None, projector=record)
+    model = build_vlm(config, dtype=torch.float32)
+    assert model.config.projector == record
+    assert describe_mismatch({"projector": record}, {"projector": model.config.projector}) is None
+
+
 def test_decode_drops_special_tokens_and_the_think_block(bases):
     template = make_model(bases).template
     ids = template.encode("<think>\n\n</think>\n\n빨간 원이 움직인다.") + [template.im_end_id] + template.encode("뒤")
