@@ -224,7 +224,7 @@ def check_splits(splits: dict[str, list[Sample]]) -> None:
 
 # ── bad videos ─────────────────────────────────────────────────────────────────────────────────────────────────────
 class BadVideos:
-    """The one policy for bad videos (DESIGN.md, reliability principles): without skip_bad the first stops the run;
+    """The one policy for bad videos (README, "Frames"): without skip_bad the first stops the run;
     with it each is reported with its path and dropped, and more than `max_bad_fraction` of `total` aborts."""
 
     def __init__(self, total: int, *, skip_bad: bool = False, max_bad_fraction: float = 0.05):

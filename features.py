@@ -1,5 +1,5 @@
 """The frozen-feature cache: the vision tower never changes, so each video (or segment) is encoded once and its
-features are kept on disk (DESIGN.md, performance principle 1). Later epochs and evaluation run zero CLIP forwards.
+features are kept on disk (README, "The feature cache"). Later epochs and evaluation run zero CLIP forwards.
 
 A cache entry is one safetensors file named by a key over everything that decides the features: the video file's
 content (sha256), the segment's span, the number of frames and the image size, the tower's fingerprint (config +

@@ -22,82 +22,59 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The options each projector reads and their defaults: the one table of them. Options a projector does not read
-# stay None in its config, so a saved config states exactly what shaped the module. width None: the tower's width
-# Dv; heads None: Dm // 64 (head dim 64).
+# The options each projector reads. The others are stored as None in its config, so a saved config states exactly
+# what shaped the module (checkpoints have recorded it so from the start), and a run may ask every projector for
+# its --num-queries and frames alike: linear reads neither.
+RESAMPLER_OPTIONS = ("num_queries", "depth", "width", "heads", "ffn_mult", "num_frames", "temporal_init_std")
 PROJECTOR_OPTIONS = {
-    "linear": {},
-    "mlp": dict(depth=2),  # LLaVA-1.5 mlp2x_gelu: two Linear layers
-    "cabstractor": dict(num_queries=64, pooled_frames=4, depth=3, mlp_depth=2, width=None, num_frames=8,
-                        temporal_init_std=0.5),  # Honeybee: 3 blocks per stage, a 2-layer readout
-    "crossattn": dict(num_queries=64, width=None, heads=None, ffn_mult=4, num_frames=8, temporal_init_std=0.5,
-                      depth=1),  # the plan: one cross-attention
-    "perceiver": dict(num_queries=64, width=None, heads=None, ffn_mult=4, num_frames=8, temporal_init_std=0.5,
-                      depth=2),  # Flamingo's resampler, 2 layers
+    "linear": (),
+    "mlp": ("depth",),
+    "cabstractor": ("num_queries", "depth", "width", "num_frames", "temporal_init_std", "pooled_frames", "mlp_depth"),
+    "crossattn": RESAMPLER_OPTIONS,
+    "perceiver": RESAMPLER_OPTIONS,
 }
+# LLaVA-1.5's mlp2x_gelu: 2 Linear layers; Honeybee: 3 blocks per stage; the plan: one cross-attention; Flamingo: 2
+DEPTH = {"mlp": 2, "cabstractor": 3, "crossattn": 1, "perceiver": 2}
 
 
 @dataclass
 class ProjectorConfig:
-    """Every projector's options, checked here and nowhere else (__post_init__): a name or option a projector does
-    not know, a value for an option it does not read, or a value out of range raises ValueError."""
+    """One projector's options, checked here and nowhere else. depth, width and heads left None are derived
+    (__post_init__); options the projector does not read (PROJECTOR_OPTIONS) become None."""
     name: str
     vision_dim: int                         # Dv: width of the tower's features
     llm_dim: int                            # C: width of the LLM's embeddings
-    num_queries: int | None = None          # N of the resamplers (cabstractor: pooled_frames x s x s)
+    num_queries: int | None = 64            # N of the resamplers (cabstractor: pooled_frames x s x s)
     depth: int | None = None                # mlp: Linear layers; cabstractor: blocks per stage; attention: layers
     width: int | None = None                # Dm, the resamplers' internal width (default: vision_dim)
     heads: int | None = None                # attention heads (default: width // 64, head dim 64)
-    ffn_mult: int | None = None             # FFN hidden width = ffn_mult x Dm
-    num_frames: int | None = None           # most frames a video may have: rows of the temporal embedding
-    temporal_init_std: float | None = None  # see TemporalEmbedding
-    pooled_frames: int | None = None        # cabstractor: F', time steps left after pooling
-    mlp_depth: int | None = None            # cabstractor: Linear layers of the readout MLP
+    ffn_mult: int | None = 4                # FFN hidden width = ffn_mult x Dm
+    num_frames: int | None = 8              # most frames a video may have: rows of the temporal embedding
+    temporal_init_std: float | None = 0.5   # see TemporalEmbedding
+    pooled_frames: int | None = 4           # cabstractor: F', time steps left after pooling
+    mlp_depth: int | None = 2               # cabstractor: Linear layers of the readout MLP (Honeybee's 2)
 
     def __post_init__(self):
         if self.name not in PROJECTOR_OPTIONS:
             raise ValueError(f"unknown projector {self.name!r}; choose one of {list(PROJECTOR_OPTIONS)}")
-        reads = PROJECTOR_OPTIONS[self.name]
-        for option in self.option_names():
-            if option not in reads and getattr(self, option) is not None:
-                raise ValueError(f"projector {self.name!r} has no option {option!r}; its options: "
-                                 f"{sorted(reads) or 'none'}")
-            if getattr(self, option) is None:
-                setattr(self, option, reads.get(option))
-        if "width" in reads and self.width is None:
-            self.width = self.vision_dim  # resamplers work at the tower's width unless told otherwise
-        if "heads" in reads and self.heads is None:
-            self.heads = max(1, self.width // 64)
+        self.depth = DEPTH.get(self.name) if self.depth is None else self.depth
+        self.width = self.vision_dim if self.width is None else self.width  # the resamplers work at Dv by default
+        self.heads = max(1, self.width // 64) if self.heads is None else self.heads
+        for option in [f.name for f in fields(self)][3:]:
+            if option not in PROJECTOR_OPTIONS[self.name]:
+                setattr(self, option, None)
         self.check_values()
 
     @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)][3:]
-
-    @classmethod
-    def create(cls, **config) -> "ProjectorConfig":
-        """From keyword options or a dict a checkpoint saved (dataclasses.asdict); unknown or missing keys raise."""
-        names = [f.name for f in fields(cls)]
-        unknown, missing = sorted(set(config) - set(names)), [k for k in names[:3] if k not in config]
-        if unknown or missing:
-            reads = sorted(PROJECTOR_OPTIONS.get(config.get("name"), {})) or "none"
-            raise ValueError(f"projector {config.get('name')!r}: unknown options {unknown}, missing {missing}; "
-                             f"its options: {reads}")
-        return cls(**config)
-
-    @classmethod
-    def requested(cls, name: str, vision_dim: int, llm_dim: int, **requests) -> "ProjectorConfig":
-        """What a run asks of whichever projector it uses (its --num-queries, the video's frames): the requests
-        this projector reads, the others left out (linear reads no num_queries)."""
-        reads = PROJECTOR_OPTIONS.get(name, {})
-        options = {k: v for k, v in requests.items() if k in reads}
-        return cls.create(name=name, vision_dim=vision_dim, llm_dim=llm_dim, **options)
+    def requested(cls, name: str, vision_dim: int, llm_dim: int, **options) -> "ProjectorConfig":
+        """The constructor, by the name vlm.py and bench/probe.py call it: what a run asks of its projector."""
+        return cls(name, vision_dim, llm_dim, **options)
 
     def check_values(self) -> None:
-        for key in ["vision_dim", "llm_dim", *self.option_names()]:
+        for key in ["vision_dim", "llm_dim", *PROJECTOR_OPTIONS[self.name]]:
             value, is_std = getattr(self, key), key == "temporal_init_std"
             valid = (isinstance(value, (int, float)) and value >= 0) if is_std else (type(value) is int and value >= 1)
-            if value is not None and not valid:
+            if not valid:
                 raise ValueError(f"projector config: {key}={value!r} must be "
                                  f"{'a number >= 0' if is_std else 'an integer >= 1'}")
         if self.heads is not None and self.width % self.heads:
@@ -165,8 +142,8 @@ class TemporalEmbedding(nn.Module):
       they are layer-normalised first (Honeybee's `prenorm`): each token then has RMS 1 and the std is in those units.
     - Position tables are initialised at the scale of what they are added to (BERT, GPT-2: ~0.02 next to ~0.02
       token embeddings). Next to unit-RMS features 0.02 is 2% of a token; attention barely sees it, and Adam moves
-      each entry by about lr per step, so a 150-step stage at lr 1e-3 cannot grow it to matter. kovlm's tiny demo
-      measured this: std 0.02 lost the frame order (motion 38% correct), std ~0.5 kept it (100%).
+      each entry by about lr per step, so a 150-step stage at lr 1e-3 cannot grow it to matter (what the demo
+      measured: results/README.md, "The temporal embedding's init std").
     - Default 0.5: the frame code is half a token's RMS (a fifth of the sum's energy). Random codes in Dv dimensions
       are nearly orthogonal, so frames are told apart while the content still dominates.
     """
@@ -347,14 +324,13 @@ PROJECTORS: dict[str, type] = {"linear": LinearProjector, "mlp": MLPProjector, "
 
 
 def build_projector(name: str, vision_dim: int, llm_dim: int, **options) -> nn.Module:
-    """The projector `name`: (B, F, P, vision_dim) features -> (B, N, llm_dim), with the options of
-    PROJECTOR_OPTIONS[name] (None means "not set", so `build_projector(**asdict(config))` rebuilds a projector)."""
-    return projector_from_config(ProjectorConfig.create(name=name, vision_dim=vision_dim, llm_dim=llm_dim, **options))
+    """The projector `name`: (B, F, P, vision_dim) features -> (B, N, llm_dim); `options` are ProjectorConfig's."""
+    return projector_from_config(ProjectorConfig(name, vision_dim, llm_dim, **options))
 
 
 def projector_from_config(config: ProjectorConfig | dict) -> nn.Module:
     """Rebuild a projector from its config, or from the dict a checkpoint saved (dataclasses.asdict)."""
-    config = ProjectorConfig.create(**config) if isinstance(config, dict) else config
+    config = ProjectorConfig(**config) if isinstance(config, dict) else config
     return PROJECTORS[config.name](config)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from caption import Clip, caption_videos, collect_videos, load_captioner
+from data import preprocess, read_frames
 from evaluate import evaluate_checkpoint
 from export import export_checkpoint
 from test_data import encode_colour_seconds
@@ -141,7 +142,11 @@ def test_segments_of_one_video_get_one_cache_entry_each(checkpoint, tmp_path):
     assert entries == sorted(cache.path_for(clip.as_sample()).name for clip in clips) and len(set(entries)) == 2
     assert not cache.holds(tmp_path / "colours.mp4")  # the whole video was never encoded
     red, green = (cache.load(clip.as_sample()).float() for clip in clips)
-    assert (red - green).abs().max() > 0.1  # each entry holds its own span's features
+    for clip, cached in zip(clips, (red, green)):  # each entry holds its own span's features (fp16 storage)
+        frames = read_frames(clip.video, model.config.num_frames, start=clip.start, end=clip.end)
+        direct = model.encode_video(preprocess(frames, model.vision.config.image_size)[None])[0]
+        torch.testing.assert_close(cached, direct.float(), atol=2e-3, rtol=1e-3)
+    assert (red - green).abs().max() > 0.1  # and the two spans' features differ
 
 
 def test_collect_videos_folders_recursion_and_manifests(videos, tiny_manifest, tmp_path):

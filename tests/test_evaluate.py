@@ -30,16 +30,22 @@ def trained(tiny_bases, tiny_manifest, tmp_path_factory):
     return out / "checkpoints" / "best_model.pt"
 
 
-def test_evaluate_writes_predictions_and_metrics(trained, tmp_path):
+def test_evaluate_writes_predictions_and_metrics(trained, tiny_manifest, tmp_path):
     results = evaluate_checkpoint(trained, split="val", batch_size=3, max_new_tokens=5, output_dir=tmp_path,
                                   decoding={"repetition_penalty": 1.2, "no_repeat_ngram_size": 2})
     predictions = json.loads((tmp_path / "samples" / "predictions.json").read_text())
     assert [p["id"] for p in predictions] == ["v12", "v13", "v14", "v15"]  # the val split, in manifest order
-    assert all(isinstance(p["prediction"], str) and len(p["references"]) == 2 for p in predictions)
+    assert [p["prediction"] for p in predictions] == [p["prediction"] for p in results["predictions"]]
+    manifest = {row["id"]: row["captions"] for row in map(json.loads, tiny_manifest.read_text().splitlines())}
+    assert [p["references"] for p in predictions] == [manifest[p["id"]] for p in predictions]
     metrics = json.loads((tmp_path / "logs" / "final_metrics.json").read_text())
     assert set(metrics["metrics"]) == {"meteor", "meteor_coco", "cider_d", "bleu4", "chrf"}
     assert all(m["reference"] for m in metrics["metrics"].values())
-    assert metrics["decoding"]["repetition_penalty"] == 1.2 and metrics["speed"]["captions_per_s"] > 0
+    assert metrics["decoding"] == {"max_new_tokens": 5, "greedy": True, "do_sample": False, "temperature": 1.0,
+                                   "top_p": 1.0, "repetition_penalty": 1.2, "no_repeat_ngram_size": 2}
+    speed = metrics["speed"]  # one process: captions/s = 4 / seconds and latency = seconds / 4
+    assert speed["captions_per_s"] * speed["mean_latency_s"] == pytest.approx(1.0, rel=1e-9)
+    assert speed["captions_per_s"] == results["speed"]["captions_per_s"]
     assert metrics["metrics"]["meteor"]["value"] == results["metrics"]["meteor"]["value"]
     assert "--bertscore-model" in metrics["bertscore"]  # absent, and the file says how to add it
     hyps, refs = [p["prediction"] for p in predictions], [p["references"] for p in predictions]

@@ -1,5 +1,7 @@
-"""metrics.py against its references: NLTK's meteor_score, pycocoevalcap's Cider and its Meteor (the Meteor 1.5 jar,
-run when Java is installed), sacrebleu; plus the edge cases. The references are imported inside the tests only."""
+"""metrics.py against its references: NLTK's meteor_score, pycocoevalcap's Cider and its Meteor (the Meteor 1.5 jar's
+scores kept in tests/data/meteor_jar.json, and the jar itself when Java is installed), sacrebleu; plus the edge cases.
+The references are imported inside the tests only. `PYTHONPATH=. python tests/test_metrics.py` rewrites the jar's
+stored scores (Java needed)."""
 import random
 import re
 import shutil
@@ -78,28 +80,69 @@ def test_meteor_equals_nltk_meteor_score_with_the_exact_stage_only():
         assert metrics.meteor(hyps, refs) == pytest.approx(sum(expected) / len(expected), abs=1e-9)
 
 
-def test_meteor_coco_equals_the_meteor_jar_of_pycocoevalcap():
-    import pycocoevalcap.meteor.meteor as coco_meteor
-    jar = Path(coco_meteor.__file__).parent / coco_meteor.METEOR_JAR
-    if shutil.which("java") is None or not jar.exists():
-        pytest.skip(f"needs java on the PATH and {jar} (pycocoevalcap runs the Meteor 1.5 jar)")
+# Where the jar's English modules fire, it gives credit that meteor_coco (exact module only) does not:
+# a WordNet synonym ("mr." / "mr") and digit strings linked in its paraphrase table ("102" / "100").
+JAR_ONLY_MATCHES = [("Mr. Kim 이 왔다", ["mr kim 이 왔다"]), ("고양이 102 마리가 잔다", ["고양이 100 마리가 잔다"])]
+JAR_SCORES = Path(__file__).parent / "data" / "meteor_jar.json"  # `PYTHONPATH=. python tests/test_metrics.py`
+
+
+def jar_cases() -> tuple[list[str], list[list[str]]]:
+    """The captions the jar scored: the normaliser's edge cases, then the four Korean-like corpora."""
     hyps, refs = map(list, zip(*JAR_EDGE_CASES))
     for corpus in CORPORA:
         corpus_hyps, corpus_refs = korean_like_corpus(**corpus)
         hyps, refs = hyps + corpus_hyps, refs + corpus_refs
-    scorer = coco_meteor.Meteor()  # one jar process scores the whole batch
-    jar_corpus, jar_segments = scorer.compute_score(dict(enumerate(refs)), {i: [hyp] for i, hyp in enumerate(hyps)})
+    return hyps, refs
+
+
+def score_with_the_jar() -> dict:
+    """The Meteor 1.5 jar's scores of jar_cases() and JAR_ONLY_MATCHES, through pycocoevalcap's wrapper (one jar
+    process: `java -jar -Xmx2G meteor-1.5.jar - - -stdio -l en -norm`), in the layout of JAR_SCORES."""
+    import pycocoevalcap.meteor.meteor as coco_meteor
+    hyps, refs = jar_cases()
+    scorer = coco_meteor.Meteor()
+    corpus, segments = scorer.compute_score(dict(enumerate(refs)), {i: [hyp] for i, hyp in enumerate(hyps)})
+    _, known = scorer.compute_score({i: known_refs for i, (_, known_refs) in enumerate(JAR_ONLY_MATCHES)},
+                                    {i: [hyp] for i, (hyp, _) in enumerate(JAR_ONLY_MATCHES)})
+    return {"corpus": corpus,
+            "segments": [{"hyp": h, "refs": r, "jar": s} for h, r, s in zip(hyps, refs, map(float, segments))],
+            "jar_only_matches": [{"hyp": h, "refs": r, "jar": float(s)} for (h, r), s in zip(JAR_ONLY_MATCHES, known)]}
+
+
+def assert_meteor_coco_equals(jar: dict) -> None:
     # Within 1e-12: the JVM's Math.pow can round the fragmentation penalty one ulp away from C's pow.
-    for hyp, references, jar_segment in zip(hyps, refs, jar_segments):
-        assert metrics.meteor_coco([hyp], [references]) == pytest.approx(jar_segment, abs=1e-12), (hyp, references)
-    assert metrics.meteor_coco(hyps, refs) == pytest.approx(jar_corpus, abs=1e-12)
-    # Where the jar's English modules fire, it gives credit that meteor_coco (exact module only) does not:
-    # a WordNet synonym ("mr." / "mr") and digit strings linked in its paraphrase table ("102" / "100").
-    known = [("Mr. Kim 이 왔다", ["mr kim 이 왔다"]), ("고양이 102 마리가 잔다", ["고양이 100 마리가 잔다"])]
-    _, jar_known = scorer.compute_score({i: known_refs for i, (_, known_refs) in enumerate(known)},
-                                        {i: [hyp] for i, (hyp, _) in enumerate(known)})
-    for (hyp, references), jar_segment in zip(known, jar_known):
-        assert metrics.meteor_coco([hyp], [references]) < jar_segment - 0.05
+    for case in jar["segments"]:
+        assert metrics.meteor_coco([case["hyp"]], [case["refs"]]) == pytest.approx(case["jar"], abs=1e-12), case
+    hyps, refs = [case["hyp"] for case in jar["segments"]], [case["refs"] for case in jar["segments"]]
+    assert metrics.meteor_coco(hyps, refs) == pytest.approx(jar["corpus"], abs=1e-12)
+    for case in jar["jar_only_matches"]:
+        assert metrics.meteor_coco([case["hyp"]], [case["refs"]]) < case["jar"] - 0.05, case
+
+
+def test_meteor_coco_equals_the_meteor_jars_stored_scores():
+    """Runs without Java: the jar's scores as JAR_SCORES keeps them (its `source` names the versions)."""
+    import json
+    stored = json.loads(JAR_SCORES.read_text(encoding="utf-8"))
+    hyps, refs = jar_cases()
+    assert [(case["hyp"], case["refs"]) for case in stored["segments"]] == list(zip(hyps, refs))  # the same cases
+    assert [(case["hyp"], case["refs"]) for case in stored["jar_only_matches"]] == \
+        [(hyp, refs) for hyp, refs in JAR_ONLY_MATCHES]
+    assert_meteor_coco_equals(stored)
+
+
+def test_meteor_coco_equals_the_meteor_jar_of_pycocoevalcap():
+    """The same against the jar itself, when Java is installed; and the stored scores are the jar's."""
+    import json
+    import pycocoevalcap.meteor.meteor as coco_meteor
+    jar = Path(coco_meteor.__file__).parent / coco_meteor.METEOR_JAR
+    if shutil.which("java") is None or not jar.exists():
+        pytest.skip(f"needs java on the PATH and {jar} (pycocoevalcap runs the Meteor 1.5 jar)")
+    live = score_with_the_jar()
+    assert_meteor_coco_equals(live)
+    stored = json.loads(JAR_SCORES.read_text(encoding="utf-8"))
+    for key in ("segments", "jar_only_matches"):
+        assert [case["jar"] for case in stored[key]] == pytest.approx([case["jar"] for case in live[key]], abs=1e-12)
+    assert stored["corpus"] == pytest.approx(live["corpus"], abs=1e-12)
 
 
 def test_cider_equals_pycocoevalcap_cider_per_video_and_for_the_corpus():
@@ -284,3 +327,25 @@ def test_cli_names_a_missing_file_and_a_broken_json_list(tmp_path):
     assert broken.returncode == 1 and re.match(r"^error: .*predictions.json:2: not valid JSON", broken.stderr)
     missing = run_metrics_cli(tmp_path / "absent.jsonl")
     assert missing.returncode == 1 and "absent.jsonl: no such file or folder" in missing.stderr
+
+
+def write_jar_scores() -> None:
+    """Score the cases with the jar (Java needed) and write JAR_SCORES, naming the versions that made it."""
+    import json
+    import subprocess
+    from importlib.metadata import version
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    source = (f"pycocoevalcap {version('pycocoevalcap')}: its meteor-1.5.jar through pycocoevalcap.meteor.meteor."
+              f"Meteor (java -jar -Xmx2G meteor-1.5.jar - - -stdio -l en -norm), {java}")
+    scores = {"source": source, "command": "PYTHONPATH=. python tests/test_metrics.py", **score_with_the_jar()}
+    JAR_SCORES.parent.mkdir(exist_ok=True)
+    lines = [json.dumps({k: scores[k] for k in ("source", "command", "corpus")}, ensure_ascii=False)[:-1] + ","]
+    for key in ("segments", "jar_only_matches"):  # one case a line
+        cases = [json.dumps(case, ensure_ascii=False) for case in scores[key]]
+        lines.append(f' "{key}": [\n  ' + ",\n  ".join(cases) + "]" + ("," if key == "segments" else "}"))
+    JAR_SCORES.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {JAR_SCORES}: {len(scores['segments'])} captions, corpus {scores['corpus']}")
+
+
+if __name__ == "__main__":
+    write_jar_scores()
