@@ -173,10 +173,11 @@ def held_by(run_dir: Path) -> str | None:
     """The pid in run.lock while a train.py holds it (checkpoint.RunLock), else None."""
     if not (run_dir / LOCK_FILE).is_file():
         return None
-    with open(run_dir / LOCK_FILE) as lock:
+    with open(run_dir / LOCK_FILE, "a+") as lock:  # writable: NFS emulates flock with locks that need it
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.seek(0)
             return lock.read().strip() or "?"
     return None
 
@@ -256,6 +257,23 @@ def run_experiment(experiment: Experiment, run_dir: Path, arguments: list[str]) 
     return None
 
 
+def run_grid(experiments: list[Experiment], runs: Path, passthrough: list[str], demo_seed: int | None,
+             bertscore: dict | None) -> tuple[list[dict], list[str]]:
+    """Each experiment in turn: the rows of those with a test result, and a line for each of the others."""
+    rows, failures = [], []
+    for experiment in experiments:
+        run_dir = runs / experiment.folder
+        failure = run_experiment(experiment, run_dir, train_arguments(experiment, run_dir, passthrough, demo_seed))
+        try:
+            rows += [] if failure else [result_row(experiment, run_dir, bertscore)]
+        except ValueError as error:  # a test result that is not the run's own
+            failure = f"{experiment.label}: {error}"
+        if failure:
+            print(failure, flush=True)
+            failures.append(failure)
+    return rows, failures
+
+
 # ---- one run's numbers -------------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
@@ -319,9 +337,9 @@ def last_epoch_loss_std(row: dict) -> float | None:
 # ---- comparable runs ---------------------------------------------------------------------------------------------
 def run_identity(row: dict) -> dict:
     """What the grid holds equal, as the run's folder records it: the bases' fingerprints (the model checkpoint's
-    base_identity, memory-mapped: no weights read; None without a checkpoint), the test split (its videos' ids and
-    references), the decoding, videos per optimizer step, and config.json's options but NOT_COMPARED (and the seed
-    of a --seeds run)."""
+    base_identity, memory-mapped: no weights read), the test split (its videos' ids and references), the decoding,
+    videos per optimizer step, and config.json's options but NOT_COMPARED (and the seed of a --seeds run). A value
+    the folder does not hold (a run copied without its checkpoints or samples) is None."""
     run_dir = Path(row["run_dir"])
     config = read_json(run_dir / "config.json")
     bases = None
@@ -330,11 +348,14 @@ def run_identity(row: dict) -> dict:
             checkpoint = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True, mmap=True)
             bases = checkpoint["vlm_config"].get("base_identity") or None
             break
-    tested = sorted(json.dumps([p.get("id"), p.get("references")], ensure_ascii=False)
-                    for p in read_json(run_dir / "samples" / "predictions.json"))
+    tested = None
+    if (run_dir / "samples" / "predictions.json").is_file():
+        videos = sorted(json.dumps([p.get("id"), p.get("references")], ensure_ascii=False)
+                        for p in read_json(run_dir / "samples" / "predictions.json"))
+        tested = hashlib.sha256("\n".join(videos).encode()).hexdigest()[:16]
     videos = config["batch_size"] * config["grad_accum"] * read_json(run_dir / "logs" / "train_summary.json").get(
         "processes", 1)
-    return {"bases": bases, "test split": hashlib.sha256("\n".join(tested).encode()).hexdigest()[:16],
+    return {"bases": bases, "test split": tested,
             "decoding": read_json(run_dir / "logs" / "final_metrics.json").get("decoding"), "videos per step": videos,
             **{key: value for key, value in config.items()
                if key not in NOT_COMPARED and not (key == "seed" and "seed" in row)}}
@@ -343,7 +364,7 @@ def run_identity(row: dict) -> dict:
 def check_comparable(rows: list[dict]) -> list[str]:
     """Refuse, in one line, runs that differ where the grid holds them equal: each run is compared with the first,
     and on the demo its projector's own options (DEMO_PER_PROJECTOR) with the first run of its projector. Returns a
-    note naming the runs whose bases could not be compared (no model checkpoint in the folder)."""
+    note naming what could not be compared (files the run folder lacks)."""
     identities = [run_identity(row) for row in rows]
     differences = []
     for row, identity in zip(rows, identities):
@@ -358,9 +379,10 @@ def check_comparable(rows: list[dict]) -> list[str]:
     if differences:
         raise ValueError("runs that the grid compares must differ only in projector and PEFT: " + "; ".join(differences)
                          + ". Rerun those with the others' bases, data and options, or summarize them apart")
-    unchecked = [run_label(row) for row, identity in zip(rows, identities) if identity["bases"] is None]
-    return [f"bases not compared (no checkpoints/best_model.pt in the run folder): {', '.join(unchecked)}"] \
-        if unchecked else []
+    unchecked = [f"{run_label(row)}'s {key}" for row, identity in zip(rows, identities)
+                 for key in ("bases", "test split") if identity[key] is None]
+    return [f"not compared (no checkpoints/best_model.pt or samples/predictions.json in the run folder): "
+            f"{', '.join(unchecked)}"] if unchecked else []
 
 
 def find_runs(folders: list[str]) -> dict[Experiment, list[Path]]:
@@ -667,16 +689,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.list:
                 list_grid(select(args.only, True, args.seeds), default, Path(args.runs), passthrough, demo_seed)
                 return []
-            rows = []
-            for experiment in select(args.only, args.with_crossattn, args.seeds):
-                run_dir = Path(args.runs) / experiment.folder
-                failure = run_experiment(experiment, run_dir, train_arguments(experiment, run_dir, passthrough,
-                                                                              demo_seed))
-                if failure:
-                    print(failure, flush=True)
-                    failures.append(failure)
-                else:
-                    rows.append(result_row(experiment, run_dir, bertscore))
+            rows, failures = run_grid(select(args.only, args.with_crossattn, args.seeds), Path(args.runs),
+                                      passthrough, demo_seed, bertscore)
             notes = [f"no test result: {failure}" for failure in failures]
         if rows:
             summarize(rows, Path(args.summary), bertscore is not None, notes)

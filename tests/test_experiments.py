@@ -401,3 +401,14 @@ def test_a_failed_run_is_one_line_and_the_others_still_run(tmp_path, monkeypatch
     assert "boom" in log.read_text() and "training linear" in log.read_text()
     assert [r["experiment"] for r in read_csv(tmp_path / "summary" / "all_results.csv")] == ["E2"]
     assert f"no test result: {line}" in (tmp_path / "summary" / "report.html").read_text()
+
+
+def test_a_run_copied_without_checkpoints_or_samples_is_summarized_with_a_note(tmp_path, capsys):
+    fake_run(tmp_path / "a" / "E1_linear_lora", 0.3)
+    copied = fake_run(tmp_path / "b" / "E2_linear_dora", 0.4, bases="b", tested="w")
+    (copied / "checkpoints" / "best_model.pt").unlink()
+    (copied / "samples" / "predictions.json").unlink()
+    rows = experiments.main(["--summarize", str(tmp_path / "a"), str(tmp_path / "b"), "--summary", str(tmp_path / "s")])
+    assert [r["experiment"] for r in rows] == ["E1", "E2"]
+    assert "not compared (no checkpoints/best_model.pt or samples/predictions.json in the run folder): E2 linear + " \
+           "dora's bases, E2 linear + dora's test split" in capsys.readouterr().out
