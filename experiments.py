@@ -24,10 +24,11 @@ summary/lora_vs_dora.csv (per projector with both runs: quality, DoRA - LoRA, pe
 LoRA, the loss's spread over the last epoch), summary/recommendation.txt (a conclusion per projector, the best
 METEOR and the best METEOR per step-second), summary/comparison_plots.png, summary/learning_curves.png and
 summary/report.html (the tables, the plots, links to each run's report). Runs that differ where the grid holds them
-equal (the bases' fingerprints, the test split, the decoding, videos per step, any other option) are refused, the
-same experiment finished in two folders is named, and experiments missing or unfinished are listed. With
---bertscore-model DIR each run's test predictions are also scored with BERTScore; on the embedded demo each run's
-share of test captions with all four attributes right is a column too.
+equal (the bases' fingerprints, the test split, the decoding, videos per step, any other option) are refused (with
+--accept-difference KEY compared, the difference stated), the same experiment finished in two folders is named,
+and experiments missing or unfinished are listed. With --bertscore-model DIR each run's test predictions are also
+scored with BERTScore; on the embedded demo each run's share of test captions with all four attributes right is a
+column too.
 
 One run is one draw: two runs of one pair that differ only in their seed can fall several points apart. With
 --seeds each pair is trained once per seed (run folders E{n}_P_M_seed{S}; on the demo every run uses the first seed's
@@ -170,7 +171,8 @@ def train_arguments(experiment: Experiment, run_dir: Path, passthrough: list[str
 
 # ---- a run folder's state ----------------------------------------------------------------------------------------
 def held_by(run_dir: Path) -> str | None:
-    """The pid in run.lock while a train.py holds it (checkpoint.RunLock), else None."""
+    """The pid in run.lock while a train.py holds it (checkpoint.RunLock), else None (the probe holds the lock for
+    an instant: a train.py starting in that instant is refused, as beside any other holder)."""
     if not (run_dir / LOCK_FILE).is_file():
         return None
     with open(run_dir / LOCK_FILE, "a+") as lock:  # writable: NFS emulates flock with locks that need it
@@ -189,8 +191,7 @@ def run_state(run_dir: Path) -> tuple[str, str]:
         return "done", "done"
     if not holds_a_run(run_dir):
         return "new", "not started"
-    logged = (run_dir / "logs" / "training_log.csv").exists()
-    steps = [row["step"] for row in loss_log({"run_dir": run_dir})] if logged else []
+    steps = [row["step"] for row in loss_log(run_dir)] if (run_dir / "logs" / "training_log.csv").exists() else []
     reached = f"interrupted at step {steps[-1] if steps else 0}"
     state = run_dir / "checkpoints" / STATE_FILE
     if not state.exists():
@@ -252,9 +253,8 @@ def run_experiment(experiment: Experiment, run_dir: Path, arguments: list[str]) 
     status = run_logged([sys.executable, str(TRAIN_SCRIPT), *arguments, *resume], log)
     if status != 0:
         return f"{experiment.label} failed (exit status {status}); its log: {log}"
-    if run_state(run_dir)[0] != "done":
-        return f"{experiment.label} stopped before its test result ({run_state(run_dir)[1]}); its log: {log}"
-    return None
+    kind, state = run_state(run_dir)
+    return None if kind == "done" else f"{experiment.label} stopped before its test result ({state}); its log: {log}"
 
 
 def run_grid(experiments: list[Experiment], runs: Path, passthrough: list[str], demo_seed: int | None,
@@ -305,9 +305,13 @@ def result_row(experiment: Experiment, run_dir: Path, bertscore: dict | None = N
             **{key: "unknown" if summary.get(key) is None else summary[key] for key in ("machine", "wall_seconds")}}
 
 
+def videos_per_step(config: dict, summary: dict) -> int:
+    return config["batch_size"] * config["grad_accum"] * summary.get("processes", 1)
+
+
 def budget(config: dict, summary: dict) -> str:
     """What a run was given: epochs per stage, optimizer steps and videos per step, and the minutes they took."""
-    videos = config["batch_size"] * config["grad_accum"] * summary.get("processes", 1)
+    videos = videos_per_step(config, summary)
     minutes = f", {summary['train_seconds'] / 60:.1f} min" if summary.get("train_seconds") is not None else ""
     return (f"{config['stage1_epochs']} + {config['stage2_epochs']} epochs, {summary['steps']} steps of {videos} "
             f"videos{minutes}")
@@ -321,15 +325,15 @@ def bertscore_metrics(predictions_file: Path, bertscore: dict) -> dict:
     return {key: metrics[key] for key in BERTSCORE_COLUMNS}
 
 
-def loss_log(row: dict) -> list[dict]:
-    with open(Path(row["run_dir"]) / "logs" / "training_log.csv", newline="") as f:
+def loss_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "logs" / "training_log.csv", newline="") as f:
         return [r for r in csv.DictReader(f) if r["loss"]]  # optimizer steps (validation rows have no loss)
 
 
 def last_epoch_loss_std(row: dict) -> float | None:
     """The sample standard deviation of the step losses in the run's last epoch (of its last stage): how much the
     loss still jumps from step to step where training ends; None with fewer than two steps there."""
-    steps = loss_log(row)
+    steps = loss_log(Path(row["run_dir"]))
     last = [float(r["loss"]) for r in steps if (r["stage"], r["epoch"]) == (steps[-1]["stage"], steps[-1]["epoch"])]
     return statistics.stdev(last) if len(last) > 1 else None
 
@@ -353,36 +357,40 @@ def run_identity(row: dict) -> dict:
         videos = sorted(json.dumps([p.get("id"), p.get("references")], ensure_ascii=False)
                         for p in read_json(run_dir / "samples" / "predictions.json"))
         tested = hashlib.sha256("\n".join(videos).encode()).hexdigest()[:16]
-    videos = config["batch_size"] * config["grad_accum"] * read_json(run_dir / "logs" / "train_summary.json").get(
-        "processes", 1)
     return {"bases": bases, "test split": tested,
-            "decoding": read_json(run_dir / "logs" / "final_metrics.json").get("decoding"), "videos per step": videos,
+            "decoding": read_json(run_dir / "logs" / "final_metrics.json").get("decoding"),
+            "videos per step": videos_per_step(config, read_json(run_dir / "logs" / "train_summary.json")),
             **{key: value for key, value in config.items()
                if key not in NOT_COMPARED and not (key == "seed" and "seed" in row)}}
 
 
-def check_comparable(rows: list[dict]) -> list[str]:
+def check_comparable(rows: list[dict], accepted: list[str] = ()) -> list[str]:
     """Refuse, in one line, runs that differ where the grid holds them equal: each run is compared with the first,
-    and on the demo its projector's own options (DEMO_PER_PROJECTOR) with the first run of its projector. Returns a
-    note naming what could not be compared (files the run folder lacks)."""
+    and on the demo its projector's own options (DEMO_PER_PROJECTOR) with the first run of its projector. Returns
+    notes naming the differences in `accepted` keys (--accept-difference) and what could not be compared (files
+    the run folder lacks)."""
     identities = [run_identity(row) for row in rows]
-    differences = []
+    refused, stated = [], []
     for row, identity in zip(rows, identities):
         same_projector = next(i for i, r in enumerate(rows) if r["projector"] == row["projector"])
         for key, value in identity.items():
             first = same_projector if key in DEMO_PER_PROJECTOR and "all_four" in row else 0
             reference = identities[first].get(key)
             if value is not None and reference is not None and value != reference:
-                differences.append(f"{run_label(row)} ({row['run_dir']}) has {key} {value!r} where "
-                                   f"{run_label(rows[first])} ({rows[first]['run_dir']}) has {reference!r}")
-                break
-    if differences:
-        raise ValueError("runs that the grid compares must differ only in projector and PEFT: " + "; ".join(differences)
-                         + ". Rerun those with the others' bases, data and options, or summarize them apart")
+                (stated if key in accepted else refused).append(
+                    f"{run_label(row)} ({row['run_dir']}) has {key} {value!r} where {run_label(rows[first])} "
+                    f"({rows[first]['run_dir']}) has {reference!r}")
+                if key not in accepted:
+                    break
+    if refused:
+        raise ValueError("runs that the grid compares must differ only in projector and PEFT: " + "; ".join(refused)
+                         + ". Rerun those with the others' bases, data and options, summarize them apart, or name "
+                           "the option in --accept-difference to compare them with the difference stated")
     unchecked = [f"{run_label(row)}'s {key}" for row, identity in zip(rows, identities)
                  for key in ("bases", "test split") if identity[key] is None]
-    return [f"not compared (no checkpoints/best_model.pt or samples/predictions.json in the run folder): "
-            f"{', '.join(unchecked)}"] if unchecked else []
+    return ([f"compared although they differ (--accept-difference): {'; '.join(stated)}"] if stated else []) + (
+        [f"not compared (no checkpoints/best_model.pt or samples/predictions.json in the run folder): "
+         f"{', '.join(unchecked)}"] if unchecked else [])
 
 
 def find_runs(folders: list[str]) -> dict[Experiment, list[Path]]:
@@ -640,9 +648,9 @@ def print_summary(rows: list[dict], pairs: list[dict] | None, advice: str, notes
     print("\n" + advice + "\n".join(notes))
 
 
-def summarize(rows: list[dict], summary: Path, bertscore: bool, notes: list[str]) -> None:
+def summarize(rows: list[dict], summary: Path, bertscore: bool, notes: list[str], accepted: list[str] = ()) -> None:
     """The summary files and the printed table of runs the grid may compare (check_comparable)."""
-    notes = check_comparable(rows) + notes
+    notes = check_comparable(rows, accepted) + notes
     pairs = across_seeds(rows) if any("seed" in r for r in rows) else None
     comparison = lora_vs_dora(rows)
     advice = recommendation(comparison, rows, pairs)
@@ -668,6 +676,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "(done, interrupted and resumable, not started); train nothing")
     parser.add_argument("--summarize", nargs="+", metavar="DIR", help="train nothing: summarize the finished runs in "
                         "these folders of runs (each machine's --runs)")
+    parser.add_argument("--accept-difference", type=lambda text: text.split(","), default=[], metavar="KEY,...",
+                        help="compare runs that differ in these (e.g. select_by), the difference stated in the "
+                             "summary, instead of refusing them")
     parser.add_argument("--bertscore-model", help="a BERT snapshot folder: adds BERTScore P/R/F1 of each run")
     parser.add_argument("--bertscore-layer", type=int, default=9, help="BERT layer whose embeddings BERTScore uses")
     parser.add_argument("--seeds", type=seed_list, help="train each pair once per seed, e.g. 42,7,1 (on the demo, "
@@ -693,7 +704,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       passthrough, demo_seed, bertscore)
             notes = [f"no test result: {failure}" for failure in failures]
         if rows:
-            summarize(rows, Path(args.summary), bertscore is not None, notes)
+            summarize(rows, Path(args.summary), bertscore is not None, notes, args.accept_difference)
         else:
             print("\n".join(notes + ["no finished run to summarize"]))
     if failures:

@@ -301,20 +301,24 @@ def test_summarize_two_folders_equals_one_folder(tmp_path, capsys, trains):
     assert "missing: E3" in (tmp_path / "two" / "report.html").read_text()
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(config={"stage2_epochs": 5}), "stage2_epochs 5"),
-    (dict(config={"batch_size": 32, "grad_accum": 2}), "videos per step 64"),
-    (dict(bases="b"), "bases {'clip': 'clip-b', 'llm': 'llm'}"),
-    (dict(tested="w"), "test split"),
-    (dict(config={"seed": 7}), "seed 7"),
+@pytest.mark.parametrize("change, key, value", [
+    (dict(config={"stage2_epochs": 5}), "stage2_epochs", "5"),
+    (dict(config={"batch_size": 32, "grad_accum": 2}), "videos per step", "64"),
+    (dict(bases="b"), "bases", "{'clip': 'clip-b', 'llm': 'llm'}"),
+    (dict(tested="w"), "test split", ""),
+    (dict(config={"seed": 7}), "seed", "7"),
 ])
-def test_summarize_refuses_runs_the_grid_does_not_hold_equal(tmp_path, change, named):
+def test_summarize_refuses_runs_the_grid_does_not_hold_equal(tmp_path, change, key, value):
     fake_run(tmp_path / "a" / "E1_linear_lora", 0.3)
     fake_run(tmp_path / "b" / "E2_linear_dora", 0.4, **change)
-    message = refusal(["--summarize", str(tmp_path / "a"), str(tmp_path / "b"), "--summary", str(tmp_path / "s")])
-    assert len(message.splitlines()) == 1 and f"E2 linear + dora ({tmp_path / 'b' / 'E2_linear_dora'}) has " \
-        f"{named}" in message and "E1 linear + lora" in message
+    folders = ["--summarize", str(tmp_path / "a"), str(tmp_path / "b"), "--summary", str(tmp_path / "s")]
+    message = refusal(folders)
+    assert len(message.splitlines()) == 1 and "E1 linear + lora" in message
+    assert f"E2 linear + dora ({tmp_path / 'b' / 'E2_linear_dora'}) has {key} {value}" in message
     assert not (tmp_path / "s").exists()
+    experiments.main([*folders, "--accept-difference", key])  # compared when asked, the difference stated
+    assert "compared although they differ (--accept-difference): E2 linear + dora" in \
+        (tmp_path / "s" / "report.html").read_text()
 
 
 def test_accumulation_and_the_demos_per_projector_epochs_are_comparable(tmp_path):
