@@ -57,7 +57,6 @@ import torch
 from checkpoint import LOCK_FILE, RESUMABLE_CHANGES, STATE_FILE, atomic_write_text, holds_a_run, move_aside
 from errors import user_errors
 from report import SummarySection, render_summary
-from train import TrainConfig, parse_config
 
 PEFTS = ("lora", "dora")
 GRID = [(projector, peft) for projector in ("linear", "mlp", "cabstractor", "perceiver") for peft in PEFTS]
@@ -142,16 +141,17 @@ def without_options(argv: list[str], names: list[str]) -> list[str]:
 def check_train_options(passthrough: list[str]) -> bool:
     """Refuse what train.py would refuse (its own parser decides: an unknown option, a value of the wrong kind), the
     grid's own options, and the demo's options beside other bases; True when the runs train the embedded demo."""
+    import train  # the whole model stack: imported to check options, not for --help or --summarize
     given = {token.split("=")[0] for token in passthrough if token.startswith("--")}
     if taken := sorted(given & GRID_OPTIONS):
         raise ValueError(f"{', '.join(taken)}: the grid sets these for each run itself (interrupted runs are "
                          f"resumed); drop them")
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(train.TrainConfig)}
     demo_only = [flag for flag in DEMO_OPTIONS if flag[2:].replace("-", "_") not in known]
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
-            config, _ = parse_config(without_options(passthrough, demo_only))
+            config, _ = train.parse_config(without_options(passthrough, demo_only))
     except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
         raise ValueError("train.py would refuse these options: "
                          + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
@@ -696,9 +696,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             uses_demo = check_train_options(passthrough)  # before any run starts
             demo_seed = args.seeds[0] if args.seeds and uses_demo else None  # all seeds on the first seed's assets
-            default = select(None, args.with_crossattn, args.seeds)
             if args.list:
-                list_grid(select(args.only, True, args.seeds), default, Path(args.runs), passthrough, demo_seed)
+                list_grid(select(args.only, True, args.seeds), select(None, args.with_crossattn, args.seeds),
+                          Path(args.runs), passthrough, demo_seed)
                 return []
             rows, failures = run_grid(select(args.only, args.with_crossattn, args.seeds), Path(args.runs),
                                       passthrough, demo_seed, bertscore)

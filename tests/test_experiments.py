@@ -371,8 +371,9 @@ def test_the_demos_options_pass_on_the_demo_only(tmp_path, trains, monkeypatch):
         if any(token.startswith(("--demo", "--select-by")) for token in argv):
             raise AssertionError(f"a demo option reached train.py's parser: {argv}")
         return type("Config", (), {"uses_demo": "--clip" not in argv})(), set()
-    monkeypatch.setattr(experiments, "TrainConfig", WithoutDemoOptions)
-    monkeypatch.setattr(experiments, "parse_config", parse_config)
+    import train
+    monkeypatch.setattr(train, "TrainConfig", WithoutDemoOptions)
+    monkeypatch.setattr(train, "parse_config", parse_config)
     demo = ["--demo-scale", "ci", "--select-by=meteor"]
     experiments.main(["--runs", str(tmp_path / "runs"), "--summary", str(tmp_path / "s"), "--only", "E1", *demo])
     assert trains[0][-3:] == demo
