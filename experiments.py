@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if rows:
             summarize(rows, Path(args.summary), bertscore is not None, notes, args.accept_difference)
         else:
-            print("\n".join(notes + ["no finished run to summarize"]))
+            print("\n".join(([] if failures else notes) + ["no finished run to summarize"]))  # failures: below
     if failures:
         sys.exit(f"{len(failures)} of the experiments have no test result:\n" + "\n".join(failures))
     return rows
