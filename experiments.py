@@ -477,6 +477,7 @@ def lora_vs_dora(rows: list[dict]) -> list[dict]:
         for peft, side in (("lora", lora), ("dora", dora)):
             spreads = [last_epoch_loss_std(r) for r in side]
             pair[f"{LOSS_SPREAD}_{peft}"] = None if None in spreads else sum(spreads) / len(spreads)
+            pair[f"machine_{peft}"] = " / ".join(dict.fromkeys(str(r["machine"]) for r in side))
         table.append(pair)
     return table
 
@@ -497,10 +498,12 @@ def conclusion(pair: dict) -> str:
             else "the same METEOR"
     bertscore = (f", BERTScore F1 {pair['bertscore_f1_dora_minus_lora']:+.4f}" if "bertscore_f1_dora_minus_lora" in pair
                  else "")
+    machines = "" if pair["machine_lora"] == pair["machine_dora"] else \
+        f" (measured on different machines, DoRA on {pair['machine_dora']}, LoRA on {pair['machine_lora']})"
     return (f"{pair['projector']}: {verdict} (DoRA {pair['meteor_dora']:.4f} vs LoRA {pair['meteor_lora']:.4f}, "
             f"{gap:+.4f}{bertscore}); DoRA takes {number(pair['median_step_seconds_dora_over_lora'], 2)}x LoRA's step "
-            f"time and {number(pair['peak_memory_gib_dora_over_lora'], 2)}x its peak memory; last-epoch loss std "
-            f"DoRA {number(pair[LOSS_SPREAD + '_dora'])} vs LoRA {number(pair[LOSS_SPREAD + '_lora'])}")
+            f"time and {number(pair['peak_memory_gib_dora_over_lora'], 2)}x its peak memory{machines}; last-epoch "
+            f"loss std DoRA {number(pair[LOSS_SPREAD + '_dora'])} vs LoRA {number(pair[LOSS_SPREAD + '_lora'])}")
 
 
 def recommend(rows: list[dict]) -> str:
@@ -515,8 +518,8 @@ def recommend(rows: list[dict]) -> str:
 
 def recommendation(comparison: list[dict], rows: list[dict], pairs: list[dict] | None) -> str:
     """recommendation.txt: LoRA vs DoRA per projector, mergeability, the best run (or pair, over seeds)."""
-    lines = ([f"LoRA vs DoRA per projector (lora_vs_dora.csv; loss spread: the sample standard deviation of the "
-              f"last epoch's step losses):"] + [f"  {conclusion(pair)}" for pair in comparison] + [MERGEABLE]
+    lines = (["LoRA vs DoRA per projector (lora_vs_dora.csv; loss spread: the sample standard deviation of the "
+              "last epoch's step losses):"] + [f"  {conclusion(pair)}" for pair in comparison] + [MERGEABLE]
              if comparison else ["LoRA vs DoRA: no projector has both runs"])
     caveat = [] if pairs else ["one run per pair: runs that differ only in their seed can fall several points apart "
                                "(--seeds 42,7,1 measures that spread)"]

@@ -296,7 +296,8 @@ def test_summarize_two_folders_equals_one_folder(tmp_path, capsys, trains):
     assert f"unfinished, not in the summary: E5 cabstractor + lora ({tmp_path / 'b' / 'E5_cabstractor_lora'}: " \
            f"interrupted at step 12, resumable from step 10)" in shown
     assert "machines: a (E1 linear + lora, E2 linear + dora); b (E7 perceiver + lora, E8 perceiver + dora)" in shown
-    assert "perceiver: LoRA scores the higher METEOR (DoRA 0.5000 vs LoRA 0.5200, -0.0200); DoRA takes 1.20x" in shown
+    assert "perceiver: LoRA scores the higher METEOR (DoRA 0.5000 vs LoRA 0.5200, -0.0200); DoRA takes 1.20x LoRA's " \
+           "step time and 1.00x its peak memory; last-epoch loss std" in shown
     assert "best METEOR: E7" in shown and "best METEOR per step-second: E7" in shown
     assert "missing: E3" in (tmp_path / "two" / "report.html").read_text()
 
@@ -417,3 +418,14 @@ def test_a_run_copied_without_checkpoints_or_samples_is_summarized_with_a_note(t
     assert [r["experiment"] for r in rows] == ["E1", "E2"]
     assert "not compared (no checkpoints/best_model.pt or samples/predictions.json in the run folder): E2 linear + " \
            "dora's bases, E2 linear + dora's test split" in capsys.readouterr().out
+
+
+def test_a_pair_split_between_two_machines_says_so(tmp_path, capsys):
+    """The plan's split gives E3 to one person and E4 to another: their cost ratio is across machines."""
+    fake_run(tmp_path / "a" / "E3_mlp_lora", 0.3, summary={"machine": "NVIDIA A100"})
+    fake_run(tmp_path / "b" / "E4_mlp_dora", 0.4, summary={"machine": "NVIDIA H100"})
+    experiments.main(["--summarize", str(tmp_path / "a"), str(tmp_path / "b"), "--summary", str(tmp_path / "s")])
+    assert "peak memory (measured on different machines, DoRA on NVIDIA H100, LoRA on NVIDIA A100)" in \
+        (tmp_path / "s" / "recommendation.txt").read_text()
+    pair, = read_csv(tmp_path / "s" / "lora_vs_dora.csv")
+    assert (pair["machine_lora"], pair["machine_dora"]) == ("NVIDIA A100", "NVIDIA H100")
