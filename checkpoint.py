@@ -14,6 +14,7 @@ import fcntl
 import io
 import json
 import os
+import platform
 import random
 import resource
 import secrets
@@ -269,7 +270,9 @@ class TrainingLog:
 
     def write_summary(self, path: Path, model, device: torch.device, processes: int = 1) -> None:
         """logs/train_summary.json: parameters, median step time and tokens/s of the last stage, the seconds all the
-        steps took (validation and evaluation not counted), peak memory, and the processes that shared each step."""
+        steps took (validation and evaluation not counted), peak memory, the processes that shared each step, the
+        machine (GPU or CPU model), and the wall time since this process took the run folder (run.lock, beside
+        logs/; a resumed run counts from its resumption) until training ended (the test evaluation not counted)."""
         from lora import parameter_counts
         rows = [r for r in self.rows() if r["step_seconds"]]
         last_stage = [r for r in rows if r["stage"] == rows[-1]["stage"]] if rows else []
@@ -281,6 +284,9 @@ class TrainingLog:
                    "median_tokens_per_s": statistics.median(float(r["tokens_per_s"]) for r in last_stage)
                    if last_stage else None,
                    "peak_memory_gib": peak_memory_gib(device), "device": str(device), "processes": processes}
+        lock = Path(path).parent.parent / LOCK_FILE
+        summary |= {"machine": machine_name(device),
+                    "wall_seconds": round(time.time() - lock.stat().st_mtime, 1) if lock.exists() else None}
         atomic_write_text(path, json.dumps(summary, indent=1))
 
     def plot(self, path: Path) -> None:
@@ -318,6 +324,16 @@ def csv_text(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's model, or the CPU's (Linux: /proc/cpuinfo's model name) with its number of logical CPUs."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -1,18 +1,34 @@
-"""The experiment plan's grid: E1-E8 = {linear, mlp, cabstractor, perceiver} x {lora, dora}, one train.py run each.
+"""The experiment plan's grid: E1-E8 = {linear, mlp, cabstractor, perceiver} x {lora, dora}, one train.py run each;
+E9-E10 the plan's cross-attention abstractor with each.
 
     python experiments.py                                     # the grid on the embedded demo
     python experiments.py --clip CLIP --llm QWEN3 --train-manifest m.jsonl --batch-size 8
-    python experiments.py --with-crossattn                    # also E9-E10: the plan's cross-attention abstractor
+    python experiments.py --with-crossattn                    # also E9-E10
     python experiments.py --seeds 42,7,1                      # each pair three times: its mean and range
+    python experiments.py --only E1,E2,E3 --runs runs_a       # a share of the grid (E1-E3 too; a job array's task:
+                                                              #   --only E$SLURM_ARRAY_TASK_ID)
+    python experiments.py --list                              # each experiment's command and its state in --runs
+    python experiments.py --summarize runs_a runs_b runs_c    # trains nothing: one summary of runs made elsewhere
 
-Options other than the grid's own are passed through to every train.py run. A run whose logs/final_metrics.json
-exists is skipped, so an interrupted grid continues where it stopped; that file must be the run's own test result
-(train.py writes it; evaluate.py run by hand writes under RUN/eval/, which is never read here). Writes
-summary/all_results.csv, summary/comparison_plots.png, summary/learning_curves.png and summary/report.html (the
-table, the plots, links to each run's report.html), and prints a recommendation: the best METEOR, and the best
-METEOR per unit of cost. With --bertscore-model DIR each run's test predictions are also scored with BERTScore
-(P / R / F1 columns and a plot); without it those columns are absent and the summary says how to add them.
-On the embedded demo each run's share of test captions with all four attributes right is a column too.
+Options other than the grid's own are passed through to every train.py run; they are checked against train.py's
+own parser before any run starts (on the demo the demo's options, DEMO_OPTIONS, are valid too). Each run's output
+is shown and kept in RUN/logs/console.log. A run whose logs/final_metrics.json exists is skipped, an interrupted run
+with a saved training state is resumed (--resume auto) and one interrupted before its first saved state is moved
+aside and started anew, so a grid continues where it stopped. logs/final_metrics.json must be the run's own test
+result (train.py writes it; evaluate.py run by hand writes under RUN/eval/, which is never read here). A run that
+fails is one line (the experiment, its exit status, its log), the others still run, and the grid exits with 1.
+
+The summary (of the runs just made, or with --summarize of every finished run in the folders given, which may come
+from several machines) writes summary/all_results.csv (with each run's machine and wall time),
+summary/lora_vs_dora.csv (per projector with both runs: quality, DoRA - LoRA, peak memory and step time, DoRA /
+LoRA, the loss's spread over the last epoch), summary/recommendation.txt (a conclusion per projector, the best
+METEOR and the best METEOR per step-second), summary/comparison_plots.png, summary/learning_curves.png and
+summary/report.html (the tables, the plots, links to each run's report). Runs that differ where the grid holds them
+equal (the bases' fingerprints, the test split, the decoding, videos per step, any other option) are refused (with
+--accept-difference KEY compared, the difference stated), the same experiment finished in two folders is named,
+and experiments missing or unfinished are listed. With --bertscore-model DIR each run's test predictions are also
+scored with BERTScore; on the embedded demo each run's share of test captions with all four attributes right is a
+column too.
 
 One run is one draw: two runs of one pair that differ only in their seed can fall several points apart. With
 --seeds each pair is trained once per seed (run folders E{n}_P_M_seed{S}; on the demo every run uses the first seed's
@@ -20,72 +36,282 @@ assets), and the summary adds each pair's mean with its lowest and highest run (
 between two pairs can be read against the spread within one.
 """
 import argparse
+import codecs
+import contextlib
 import csv
+import fcntl
+import hashlib
 import io
 import json
 import os
+import re
+import shlex
+import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from checkpoint import atomic_write_text
-from errors import user_errors
-from report import render_summary
+import torch
 
-GRID = [(projector, peft) for projector in ("linear", "mlp", "cabstractor", "perceiver") for peft in ("lora", "dora")]
+from checkpoint import LOCK_FILE, RESUMABLE_CHANGES, STATE_FILE, atomic_write_text, holds_a_run, move_aside
+from errors import user_errors
+from report import SummarySection, render_summary
+
+PEFTS = ("lora", "dora")
+GRID = [(projector, peft) for projector in ("linear", "mlp", "cabstractor", "perceiver") for peft in PEFTS]
 EXTRA = [("crossattn", "lora"), ("crossattn", "dora")]
+TRAIN_SCRIPT = Path(__file__).with_name("train.py")
+RUN_FOLDER = re.compile(r"(E\d+)_([a-z0-9]+)_(lora|dora|none)(?:_seed(-?\d+))?")
 BERTSCORE_COLUMNS = ["bertscore_p", "bertscore_r", "bertscore_f1"]
 # The summary's columns in order; a column no run has (seed, BERTScore, the demo's all_four) is left out.
 COLUMNS = ["experiment", "projector", "peft", "seed", "meteor", "meteor_coco", "cider_d", "bleu4", "chrf",
            *BERTSCORE_COLUMNS, "all_four", "budget", "trainable_parameters", "median_step_seconds", "train_seconds",
-           "peak_memory_gib", "run_dir"]
+           "peak_memory_gib", "machine", "wall_seconds", "run_dir"]
+QUALITY = ["meteor", "meteor_coco", "cider_d", "bertscore_f1", "all_four"]  # lora_vs_dora.csv's, where every run has it
 SPREAD_HEADING = "each pair over its seeds, mean (lowest-highest run)"
 BERTSCORE_OFF = "BERTScore not computed: add --bertscore-model DIR (a BERT snapshot folder) to score each run with it"
+LOSS_SPREAD = "last_epoch_loss_std"  # the sample standard deviation of the step losses in a run's last epoch
+MERGEABLE = ("mergeability: LoRA and DoRA both fold into the base's linears (python export.py ckpt.pt --output DIR), "
+             "so once merged neither costs anything at generation")
+GRID_OPTIONS = {"--projector", "--peft", "--output-dir", "--resume"}  # set by the grid for each run
+# The demo's own options: train.py hands a run without --clip/--llm/--train-manifest to the demo, which takes these
+# even where train.py's TrainConfig does not list them.
+DEMO_OPTIONS = ["--demo-seed", "--demo-scale", "--demo-dir", "--demo-heldout", "--select-by"]
+# config.json's options that differ between the grid's runs by design: the experiment, where files are (paths differ
+# between machines: the bases and the test split are compared by content instead), what may change on resumption,
+# and how a step is cut into micro-batches (compared as videos per step: accumulation changes only the speed).
+NOT_COMPARED = {"projector", "peft", "output_dir", "cache_dir", "demo_dir", "clip", "llm", "train_manifest",
+                "val_manifest", "test_manifest", "batch_size", "grad_accum", *RESUMABLE_CHANGES}
+DEMO_PER_PROJECTOR = {"stage1_epochs", "stage2_epochs"}  # the full demo's per-projector defaults (demo.py)
 
 
-def run_experiment(name: str, projector: str, peft: str, runs: Path, passthrough: list[str],
-                   seed: int | None = None, demo_seed: int | None = None) -> Path:
-    """train.py for one pair (and one seed, on the demo's assets of demo_seed), unless it finished before."""
-    seeding = [] if seed is None else ["--seed", str(seed), "--demo-seed", str(demo_seed)]
-    run_dir = runs / (f"{name}_{projector}_{peft}" + ("" if seed is None else f"_seed{seed}"))
+@dataclass(frozen=True)
+class Experiment:
+    """One run of the grid: the plan's number, the projector x PEFT pair, and with --seeds its seed."""
+    name: str
+    projector: str
+    peft: str
+    seed: int | None = None
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}_{self.projector}_{self.peft}" + ("" if self.seed is None else f"_seed{self.seed}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.projector} + {self.peft}" + ("" if self.seed is None else f" seed {self.seed}")
+
+
+def numbered_grid() -> list[Experiment]:
+    return [Experiment(f"E{number}", projector, peft) for number, (projector, peft) in enumerate(GRID + EXTRA, 1)]
+
+
+def select(only: str | None, with_crossattn: bool, seeds: list | None = None) -> list[Experiment]:
+    """The experiments --only names (E3, E1,E2 or E1-E3), else the grid (E9-E10 with --with-crossattn), in the
+    grid's order, each once per seed."""
+    grid = numbered_grid()
+    chosen = grid[:len(GRID) + (len(EXTRA) if with_crossattn else 0)]
+    if only is not None:
+        numbers = set()
+        for part in only.upper().split(","):
+            match = re.fullmatch(r"E(\d+)(?:-E?(\d+))?", part.strip())
+            if not match or not 1 <= int(match[1]) <= int(match[2] or match[1]) <= len(grid):
+                raise ValueError(f"--only {part.strip()!r}: the grid's experiments are E1-E{len(grid)} "
+                                 f"(E1,E2,E3 or E1-E3)")
+            numbers |= set(range(int(match[1]), int(match[2] or match[1]) + 1))
+        chosen = [e for e in grid if int(e.name[1:]) in numbers]
+    return [replace(e, seed=seed) for e in chosen for seed in (seeds or [None])]
+
+
+# ---- train.py's options, checked before any run ------------------------------------------------------------------
+def without_options(argv: list[str], names: list[str]) -> list[str]:
+    """argv less the options `names` and their values (--name VALUE or --name=VALUE)."""
+    kept, skip = [], False
+    for token in argv:
+        if not skip and token.split("=")[0] in names:
+            skip = "=" not in token
+        elif skip:
+            skip = False
+        else:
+            kept.append(token)
+    return kept
+
+
+def check_train_options(passthrough: list[str]) -> bool:
+    """Refuse what train.py would refuse (its own parser decides: an unknown option, a value of the wrong kind), the
+    grid's own options, and the demo's options beside other bases; True when the runs train the embedded demo."""
+    import train  # the whole model stack: imported to check options, not for --help or --summarize
+    given = {token.split("=")[0] for token in passthrough if token.startswith("--")}
+    if taken := sorted(given & GRID_OPTIONS):
+        raise ValueError(f"{', '.join(taken)}: the grid sets these for each run itself (interrupted runs are "
+                         f"resumed); drop them")
+    known = {f.name for f in fields(train.TrainConfig)}
+    demo_only = [flag for flag in DEMO_OPTIONS if flag[2:].replace("-", "_") not in known]
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):
+            config, _ = train.parse_config(without_options(passthrough, demo_only))
+    except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
+        raise ValueError("train.py would refuse these options: "
+                         + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
+    if not config.uses_demo and (demo_given := sorted(given & set(demo_only))):
+        raise ValueError(f"{', '.join(demo_given)}: options of the embedded demo, which --clip/--llm/--train-manifest "
+                         f"replace; drop them")
+    return config.uses_demo
+
+
+def train_arguments(experiment: Experiment, run_dir: Path, passthrough: list[str], demo_seed: int | None) -> list[str]:
+    """train.py's options for one experiment (with --seeds on the demo, on the assets of `demo_seed`)."""
+    seeding = [] if experiment.seed is None else ["--seed", str(experiment.seed)]
+    seeding += [] if experiment.seed is None or demo_seed is None else ["--demo-seed", str(demo_seed)]
+    return ["--projector", experiment.projector, "--peft", experiment.peft, "--output-dir", str(run_dir), *seeding,
+            *passthrough]
+
+
+# ---- a run folder's state ----------------------------------------------------------------------------------------
+def held_by(run_dir: Path) -> str | None:
+    """The pid in run.lock while a train.py holds it (checkpoint.RunLock), else None (the probe holds the lock for
+    an instant: a train.py starting in that instant is refused, as beside any other holder)."""
+    if not (run_dir / LOCK_FILE).is_file():
+        return None
+    with open(run_dir / LOCK_FILE, "a+") as lock:  # writable: NFS emulates flock with locks that need it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            return lock.read().strip() or "?"
+    return None
+
+
+def run_state(run_dir: Path) -> tuple[str, str]:
+    """(kind, words): 'done'; 'resumable' (a saved training state: the step the log reached and the state's step);
+    'stale' (a log but no saved state: it starts anew); 'new'."""
     if (run_dir / "logs" / "final_metrics.json").exists():
-        print(f"{name} {projector} + {peft}: finished before, skipped ({run_dir})")
-        return run_dir
-    command = [sys.executable, str(Path(__file__).with_name("train.py")), "--projector", projector, "--peft", peft,
-               "--output-dir", str(run_dir), *seeding, *passthrough]
-    print(f"{name} {projector} + {peft}: {' '.join(command)}", flush=True)
-    subprocess.run(command, check=True)
-    return run_dir
+        return "done", "done"
+    if not holds_a_run(run_dir):
+        return "new", "not started"
+    steps = [row["step"] for row in loss_log(run_dir)] if (run_dir / "logs" / "training_log.csv").exists() else []
+    reached = f"interrupted at step {steps[-1] if steps else 0}"
+    state = run_dir / "checkpoints" / STATE_FILE
+    if not state.exists():
+        return "stale", f"{reached}, before its first saved training state: starts anew"
+    saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)  # mmap: no weights read
+    return "resumable", f"{reached}, resumable from step {saved['global_step']}"
 
 
-def result_row(name: str, projector: str, peft: str, run_dir: Path, bertscore: dict | None = None,
-               seed: int | None = None) -> dict:
+def shown_command(arguments: list[str]) -> str:
+    return shlex.join(["python", "train.py", *arguments])
+
+
+def list_grid(experiments: list[Experiment], default: list[Experiment], runs: Path, passthrough: list[str],
+              demo_seed: int | None) -> None:
+    """--list: each experiment, its state in --runs, and the command that runs it."""
+    print(f"the grid in {runs} (experiments.py --only E3 runs E3 alone):")
+    for experiment in experiments:
+        run_dir = runs / experiment.folder
+        pid = held_by(run_dir)
+        state = f"running (pid {pid})" if pid else run_state(run_dir)[1]
+        extra = "" if experiment in default else "  [with --with-crossattn or --only]"
+        print(f"{experiment.label}: {state}{extra}\n    "
+              f"{shown_command(train_arguments(experiment, run_dir, passthrough, demo_seed))}")
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+def run_logged(command: list[str], log: Path) -> int:
+    """Run `command` with its stdout and stderr shown as they come (progress bars included) and appended to `log`;
+    its exit status."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(log, "ab") as kept:
+        kept.write(f"$ {shlex.join(command)}\n".encode())
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        while chunk := process.stdout.read1(1 << 16):
+            kept.write(chunk)
+            kept.flush()
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        return process.wait()
+
+
+def run_experiment(experiment: Experiment, run_dir: Path, arguments: list[str]) -> str | None:
+    """train.py for one experiment unless it finished before (resumed, or started anew, as its folder says); None,
+    or the line that says why it has no test result."""
+    kind, state = run_state(run_dir)
+    if kind == "done":
+        print(f"{experiment.label}: finished before, skipped ({run_dir})")
+        return None
+    if kind == "stale":
+        if pid := held_by(run_dir):
+            return f"{experiment.label}: {run_dir} is in use by pid {pid}"
+        print(f"{experiment.label}: {state}; the old folder is now {move_aside(run_dir)}")
+    resume = ["--resume", "auto"] if kind == "resumable" else []
+    print(f"{experiment.label}" + (f" ({state})" if resume else "") + f": {shown_command(arguments + resume)}",
+          flush=True)
+    log = run_dir / "logs" / "console.log"
+    status = run_logged([sys.executable, str(TRAIN_SCRIPT), *arguments, *resume], log)
+    if status != 0:
+        return f"{experiment.label} failed (exit status {status}); its log: {log}"
+    kind, state = run_state(run_dir)
+    return None if kind == "done" else f"{experiment.label} stopped before its test result ({state}); its log: {log}"
+
+
+def run_grid(experiments: list[Experiment], runs: Path, passthrough: list[str], demo_seed: int | None,
+             bertscore: dict | None) -> tuple[list[dict], list[str]]:
+    """Each experiment in turn: the rows of those with a test result, and a line for each of the others."""
+    rows, failures = [], []
+    for experiment in experiments:
+        run_dir = runs / experiment.folder
+        failure = run_experiment(experiment, run_dir, train_arguments(experiment, run_dir, passthrough, demo_seed))
+        try:
+            rows += [] if failure else [result_row(experiment, run_dir, bertscore)]
+        except ValueError as error:  # a test result that is not the run's own
+            failure = f"{experiment.label}: {error}"
+        if failure:
+            print(failure, flush=True)
+            failures.append(failure)
+    return rows, failures
+
+
+# ---- one run's numbers -------------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def result_row(experiment: Experiment, run_dir: Path, bertscore: dict | None = None) -> dict:
     """The run's own test result (train.py's logs/final_metrics.json, refused when it is not the test split), its
-    training summary, with `bertscore` ({"model", "layer"}) the BERTScore of its test predictions, and on the demo
-    the share of test captions naming all four attributes right (logs/demo_table.json)."""
+    training summary (budget, machine, wall time: "unknown" where an older run did not record them), with `bertscore`
+    ({"model", "layer"}) the BERTScore of its test predictions, and on the demo the share of test captions naming all
+    four attributes right (logs/demo_table.json)."""
     final = run_dir / "logs" / "final_metrics.json"
-    result = json.loads(final.read_text())
+    result = read_json(final)
     if result.get("split") != "test" or result.get("manifest"):
         raise ValueError(f"{final}: holds an evaluation of {result.get('manifest') or result.get('split')!r}, not "
                          f"the run's test split; rerun the experiment or evaluate the test split into that folder")
     metrics = result["metrics"]
     if bertscore and "bertscore_f1" not in metrics:
         metrics = metrics | bertscore_metrics(run_dir / "samples" / "predictions.json", bertscore)
-    summary = json.loads((run_dir / "logs" / "train_summary.json").read_text())
+    summary = read_json(run_dir / "logs" / "train_summary.json")
     demo_table = run_dir / "logs" / "demo_table.json"
-    return {"experiment": name, "projector": projector, "peft": peft, "run_dir": str(run_dir),
-            **({} if seed is None else {"seed": seed}),
-            **({"all_four": json.loads(demo_table.read_text())["model"]["all four"]} if demo_table.exists() else {}),
+    return {"experiment": experiment.name, "projector": experiment.projector, "peft": experiment.peft,
+            "run_dir": str(run_dir), **({} if experiment.seed is None else {"seed": experiment.seed}),
+            **({"all_four": read_json(demo_table)["model"]["all four"]} if demo_table.exists() else {}),
             **{key: metrics[key]["value"] for key in ("meteor", "meteor_coco", "cider_d", "bleu4", "chrf")},
             **{key: metrics[key]["value"] for key in BERTSCORE_COLUMNS if key in metrics},
-            "budget": budget(json.loads((run_dir / "config.json").read_text()), summary),
+            "budget": budget(read_json(run_dir / "config.json"), summary),
             **{key: summary.get(key) for key in ("trainable_parameters", "median_step_seconds", "train_seconds",
-                                                 "peak_memory_gib")}}
+                                                 "peak_memory_gib")},
+            **{key: "unknown" if summary.get(key) is None else summary[key] for key in ("machine", "wall_seconds")}}
+
+
+def videos_per_step(config: dict, summary: dict) -> int:
+    return config["batch_size"] * config["grad_accum"] * summary.get("processes", 1)
 
 
 def budget(config: dict, summary: dict) -> str:
     """What a run was given: epochs per stage, optimizer steps and videos per step, and the minutes they took."""
-    videos = config["batch_size"] * config["grad_accum"] * summary.get("processes", 1)
+    videos = videos_per_step(config, summary)
     minutes = f", {summary['train_seconds'] / 60:.1f} min" if summary.get("train_seconds") is not None else ""
     return (f"{config['stage1_epochs']} + {config['stage2_epochs']} epochs, {summary['steps']} steps of {videos} "
             f"videos{minutes}")
@@ -93,10 +319,211 @@ def budget(config: dict, summary: dict) -> str:
 
 def bertscore_metrics(predictions_file: Path, bertscore: dict) -> dict:
     from metrics import score_captions
-    predictions = json.loads(predictions_file.read_text())
+    predictions = read_json(predictions_file)
     metrics, _ = score_captions([p["prediction"] for p in predictions], [p["references"] for p in predictions],
                                 bertscore_model=bertscore["model"], bertscore_layer=bertscore["layer"])
     return {key: metrics[key] for key in BERTSCORE_COLUMNS}
+
+
+def loss_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "logs" / "training_log.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r["loss"]]  # optimizer steps (validation rows have no loss)
+
+
+def last_epoch_loss_std(row: dict) -> float | None:
+    """The sample standard deviation of the step losses in the run's last epoch (of its last stage): how much the
+    loss still jumps from step to step where training ends; None with fewer than two steps there."""
+    steps = loss_log(Path(row["run_dir"]))
+    last = [float(r["loss"]) for r in steps if (r["stage"], r["epoch"]) == (steps[-1]["stage"], steps[-1]["epoch"])]
+    return statistics.stdev(last) if len(last) > 1 else None
+
+
+# ---- comparable runs ---------------------------------------------------------------------------------------------
+def run_identity(row: dict) -> dict:
+    """What the grid holds equal, as the run's folder records it: the bases' fingerprints (the model checkpoint's
+    base_identity, memory-mapped: no weights read), the test split (its videos' ids and references), the decoding,
+    videos per optimizer step, and config.json's options but NOT_COMPARED (and the seed of a --seeds run). A value
+    the folder does not hold (a run copied without its checkpoints or samples) is None."""
+    run_dir = Path(row["run_dir"])
+    config = read_json(run_dir / "config.json")
+    bases = None
+    for name in ("best_model.pt", "final_model.pt"):
+        if (run_dir / "checkpoints" / name).is_file():
+            checkpoint = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True, mmap=True)
+            bases = checkpoint["vlm_config"].get("base_identity") or None
+            break
+    tested = None
+    if (run_dir / "samples" / "predictions.json").is_file():
+        videos = sorted(json.dumps([p.get("id"), p.get("references")], ensure_ascii=False)
+                        for p in read_json(run_dir / "samples" / "predictions.json"))
+        tested = hashlib.sha256("\n".join(videos).encode()).hexdigest()[:16]
+    return {"bases": bases, "test split": tested,
+            "decoding": read_json(run_dir / "logs" / "final_metrics.json").get("decoding"),
+            "videos per step": videos_per_step(config, read_json(run_dir / "logs" / "train_summary.json")),
+            **{key: value for key, value in config.items()
+               if key not in NOT_COMPARED and not (key == "seed" and "seed" in row)}}
+
+
+def check_comparable(rows: list[dict], accepted: list[str] = ()) -> list[str]:
+    """Refuse, in one line, runs that differ where the grid holds them equal: each run is compared with the first,
+    and on the demo its projector's own options (DEMO_PER_PROJECTOR) with the first run of its projector. Returns
+    notes naming the differences in `accepted` keys (--accept-difference) and what could not be compared (files
+    the run folder lacks)."""
+    identities = [run_identity(row) for row in rows]
+    refused, stated = [], []
+    for row, identity in zip(rows, identities):
+        same_projector = next(i for i, r in enumerate(rows) if r["projector"] == row["projector"])
+        for key, value in identity.items():
+            first = same_projector if key in DEMO_PER_PROJECTOR and "all_four" in row else 0
+            reference = identities[first].get(key)
+            if value is not None and reference is not None and value != reference:
+                (stated if key in accepted else refused).append(
+                    f"{run_label(row)} ({row['run_dir']}) has {key} {value!r} where {run_label(rows[first])} "
+                    f"({rows[first]['run_dir']}) has {reference!r}")
+                if key not in accepted:
+                    break
+    if refused:
+        raise ValueError("runs that the grid compares must differ only in projector and PEFT: " + "; ".join(refused)
+                         + ". Rerun those with the others' bases, data and options, summarize them apart, or name "
+                           "the option in --accept-difference to compare them with the difference stated")
+    unchecked = [f"{run_label(row)}'s {key}" for row, identity in zip(rows, identities)
+                 for key in ("bases", "test split") if identity[key] is None]
+    return ([f"compared although they differ (--accept-difference): {'; '.join(stated)}"] if stated else []) + (
+        [f"not compared (no checkpoints/best_model.pt or samples/predictions.json in the run folder): "
+         f"{', '.join(unchecked)}"] if unchecked else [])
+
+
+def find_runs(folders: list[str]) -> dict[Experiment, list[Path]]:
+    """Every run folder named as the grid names them (E3_cabstractor_lora, E3_cabstractor_lora_seed7) inside the
+    folders given, or given itself; a name the grid does not number that way is refused."""
+    grid = {e.name: e for e in numbered_grid()}
+    found = {}
+    for folder in {Path(f).resolve(): Path(f) for f in folders}.values():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder of runs")
+        for run_dir in [folder] if RUN_FOLDER.fullmatch(folder.name) else sorted(folder.iterdir()):
+            match = RUN_FOLDER.fullmatch(run_dir.name)
+            if not match or not run_dir.is_dir():
+                continue
+            name, projector, peft, seed = match.groups()
+            if name not in grid or (grid[name].projector, grid[name].peft) != (projector, peft):
+                raise ValueError(f"{run_dir}: not a run of the grid, whose {name} is "
+                                 + (f"{grid[name].projector} + {grid[name].peft}" if name in grid else "unknown"))
+            found.setdefault(replace(grid[name], seed=None if seed is None else int(seed)), []).append(run_dir)
+    return found
+
+
+def summarize_folders(folders: list[str], only: str | None, with_crossattn: bool, seeds: list | None,
+                      bertscore: dict | None) -> tuple[list[dict], list[str]]:
+    """The rows of every finished run the folders hold, and notes naming what is missing or unfinished; the same
+    experiment finished in two folders is refused."""
+    found = find_runs(folders)
+    found_seeds = list(dict.fromkeys(e.seed for e in found))
+    if not seeds and None in found_seeds and len(found_seeds) > 1:
+        raise ValueError("runs with and without --seeds (E{n}_P_M and E{n}_P_M_seed{S}): summarize them apart")
+    crossattn = with_crossattn or any((e.projector, e.peft) in EXTRA for e in found)
+    rows, missing, unfinished, twice = [], [], [], []
+    for experiment in select(only, crossattn, seeds or [s for s in found_seeds if s is not None]):
+        run_dirs = found.get(experiment, [])
+        done = [d for d in run_dirs if run_state(d)[0] == "done"]
+        unfinished += [f"{experiment.label} ({d}: {run_state(d)[1]})" for d in run_dirs if d not in done]
+        if len(done) > 1:
+            twice.append(f"{experiment.label} in {' and '.join(map(str, done))}")
+        elif done:
+            rows.append(result_row(experiment, done[0], bertscore))
+        elif not run_dirs:
+            missing.append(experiment.label)
+    if twice:
+        raise ValueError(f"the same experiment finished twice: {'; '.join(twice)}; keep one of each in the folders "
+                         f"given")
+    return rows, ([f"missing: {', '.join(missing)}"] if missing else []) + (
+        [f"unfinished, not in the summary: {'; '.join(unfinished)}"] if unfinished else [])
+
+
+# ---- the summary -------------------------------------------------------------------------------------------------
+def run_label(row: dict) -> str:
+    return f"{row['experiment']} {row['projector']} + {row['peft']}" + (f" seed {row['seed']}" if "seed" in row else "")
+
+
+def mean(rows: list[dict], key: str) -> float | None:
+    values = [row[key] for row in rows]
+    return None if any(not isinstance(v, (int, float)) for v in values) else sum(values) / len(values)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def lora_vs_dora(rows: list[dict]) -> list[dict]:
+    """Per projector with both a LoRA and a DoRA run: each one's quality and DoRA - LoRA, peak memory and median
+    step time and DoRA / LoRA, and the loss's spread over the last epoch; with --seeds each side's mean over its runs
+    (and its METEOR range)."""
+    table = []
+    for projector in dict.fromkeys(row["projector"] for row in rows):
+        lora, dora = ([r for r in rows if (r["projector"], r["peft"]) == (projector, peft)] for peft in PEFTS)
+        if not (lora and dora):
+            continue
+        pair = {"projector": projector, "lora": lora[0]["experiment"], "dora": dora[0]["experiment"]}
+        pair |= {"runs_per_side": len(lora)} if len(lora) > 1 or len(dora) > 1 else {}
+        for key in [k for k in QUALITY if all(k in r for r in lora + dora)]:
+            pair |= {f"{key}_lora": mean(lora, key), f"{key}_dora": mean(dora, key)}
+            pair[f"{key}_dora_minus_lora"] = pair[f"{key}_dora"] - pair[f"{key}_lora"]
+        for peft, side in (("lora", lora), ("dora", dora)) if "runs_per_side" in pair else ():
+            meteors = [r["meteor"] for r in side]
+            pair |= {f"meteor_min_{peft}": min(meteors), f"meteor_max_{peft}": max(meteors)}
+        for key in ("peak_memory_gib", "median_step_seconds"):
+            pair |= {f"{key}_lora": mean(lora, key), f"{key}_dora": mean(dora, key)}
+            pair[f"{key}_dora_over_lora"] = ratio(pair[f"{key}_dora"], pair[f"{key}_lora"])
+        for peft, side in (("lora", lora), ("dora", dora)):
+            spreads = [last_epoch_loss_std(r) for r in side]
+            pair[f"{LOSS_SPREAD}_{peft}"] = None if None in spreads else sum(spreads) / len(spreads)
+            pair[f"machine_{peft}"] = " / ".join(dict.fromkeys(str(r["machine"]) for r in side))
+        table.append(pair)
+    return table
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def conclusion(pair: dict) -> str:
+    """The projector's verdict in one line: the higher METEOR (a draw when the seeds' ranges overlap), at what cost
+    in step time and memory, and how steady each loss ended."""
+    gap = pair["meteor_dora_minus_lora"]
+    if "runs_per_side" in pair and pair["meteor_min_lora"] <= pair["meteor_max_dora"] \
+            and pair["meteor_min_dora"] <= pair["meteor_max_lora"]:
+        verdict = "a draw within the seeds' METEOR ranges"
+    else:
+        verdict = "DoRA scores the higher METEOR" if gap > 0 else "LoRA scores the higher METEOR" if gap < 0 \
+            else "the same METEOR"
+    bertscore = (f", BERTScore F1 {pair['bertscore_f1_dora_minus_lora']:+.4f}" if "bertscore_f1_dora_minus_lora" in pair
+                 else "")
+    machines = "" if pair["machine_lora"] == pair["machine_dora"] else \
+        f" (measured on different machines, DoRA on {pair['machine_dora']}, LoRA on {pair['machine_lora']})"
+    return (f"{pair['projector']}: {verdict} (DoRA {pair['meteor_dora']:.4f} vs LoRA {pair['meteor_lora']:.4f}, "
+            f"{gap:+.4f}{bertscore}); DoRA takes {number(pair['median_step_seconds_dora_over_lora'], 2)}x LoRA's step "
+            f"time and {number(pair['peak_memory_gib_dora_over_lora'], 2)}x its peak memory{machines}; last-epoch "
+            f"loss std DoRA {number(pair[LOSS_SPREAD + '_dora'])} vs LoRA {number(pair[LOSS_SPREAD + '_lora'])}")
+
+
+def recommend(rows: list[dict]) -> str:
+    """The best METEOR, and the best METEOR per second of training step (the cost a user pays every epoch); given
+    across_seeds' pairs, the best mean."""
+    best = max(rows, key=lambda r: r["meteor"])
+    per_cost = max(rows, key=lambda r: r["meteor"] / max(r["median_step_seconds"], 1e-9))
+    return (f"best METEOR: {best['experiment']} ({best['projector']} + {best['peft']}), {best['meteor']:.4f}\n"
+            f"best METEOR per step-second: {per_cost['experiment']} ({per_cost['projector']} + {per_cost['peft']}), "
+            f"{per_cost['meteor']:.4f} at {per_cost['median_step_seconds']:.3f} s/step")
+
+
+def recommendation(comparison: list[dict], rows: list[dict], pairs: list[dict] | None) -> str:
+    """recommendation.txt: LoRA vs DoRA per projector, mergeability, the best run (or pair, over seeds)."""
+    lines = (["LoRA vs DoRA per projector (lora_vs_dora.csv; loss spread: the sample standard deviation of the "
+              "last epoch's step losses):"] + [f"  {conclusion(pair)}" for pair in comparison] + [MERGEABLE]
+             if comparison else ["LoRA vs DoRA: no projector has both runs"])
+    caveat = [] if pairs else ["one run per pair: runs that differ only in their seed can fall several points apart "
+                               "(--seeds 42,7,1 measures that spread)"]
+    return "\n".join(lines + caveat + [recommend(pairs or rows)]) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -117,10 +544,6 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def run_label(row: dict) -> str:
-    return f"{row['experiment']} {row['projector']} + {row['peft']}" + (f" seed {row['seed']}" if "seed" in row else "")
 
 
 def across_seeds(rows: list[dict]) -> list[dict]:
@@ -146,16 +569,6 @@ def spread_lines(pairs: list[dict]) -> list[str]:
         return f"{pair[key]:.3f} ({pair[key + '_min']:.3f}-{pair[key + '_max']:.3f})"
     return [f"{p['experiment']} {p['projector']} + {p['peft']}, seeds {p['seeds']}: METEOR {spread(p, 'meteor')}"
             + (f", all four right {spread(p, 'all_four')}" if "all_four" in p else "") for p in pairs]
-
-
-def recommend(rows: list[dict]) -> str:
-    """The best METEOR, and the best METEOR per second of training step (the cost a user pays every epoch); given
-    across_seeds' pairs, the best mean."""
-    best = max(rows, key=lambda r: r["meteor"])
-    per_cost = max(rows, key=lambda r: r["meteor"] / max(r["median_step_seconds"], 1e-9))
-    return (f"best METEOR: {best['experiment']} ({best['projector']} + {best['peft']}), {best['meteor']:.4f}\n"
-            f"best METEOR per step-second: {per_cost['experiment']} ({per_cost['projector']} + {per_cost['peft']}), "
-            f"{per_cost['meteor']:.4f} at {per_cost['median_step_seconds']:.3f} s/step")
 
 
 def plot_learning_curves(rows: list[dict], path: Path) -> None:
@@ -188,26 +601,38 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
     return table.getvalue()
 
 
-def write_summary(rows: list[dict], summary: Path, bertscore: bool, pairs: list[dict] | None = None) -> None:
-    """all_results.csv (and across_seeds.csv with `pairs`), the two figures and report.html, each written atomically."""
+def write_summary(rows: list[dict], summary: Path, bertscore: bool, pairs: list[dict] | None = None,
+                  comparison: list[dict] = (), advice: str = "", notes: list[str] = ()) -> None:
+    """all_results.csv (and across_seeds.csv with `pairs`, lora_vs_dora.csv with a `comparison`),
+    recommendation.txt, the two figures and report.html, each written atomically."""
     summary.mkdir(parents=True, exist_ok=True)
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
     atomic_write_text(summary / "all_results.csv", csv_text(rows, columns))
-    notes = [] if bertscore else [BERTSCORE_OFF]
+    notes = [*notes, *([] if bertscore else [BERTSCORE_OFF])]
     if pairs:
         atomic_write_text(summary / "across_seeds.csv", csv_text(pairs, list(pairs[0])))
         notes = [f"{SPREAD_HEADING}:", *spread_lines(pairs), *notes]
+    if comparison:
+        atomic_write_text(summary / "lora_vs_dora.csv", csv_text(comparison, list(dict.fromkeys(
+            key for pair in comparison for key in pair))))
+    else:
+        (summary / "lora_vs_dora.csv").unlink(missing_ok=True)  # never a table left from an earlier summary
+    atomic_write_text(summary / "recommendation.txt", advice)
     plot(rows, summary / "comparison_plots.png")
     plot_learning_curves(rows, summary / "learning_curves.png")
     links = {run_label(r): os.path.relpath(Path(r["run_dir"]) / "samples" / "report.html", summary) for r in rows}
+    sections = [SummarySection("LoRA vs DoRA", comparison, list(dict.fromkeys(k for p in comparison for k in p)),
+                               advice.splitlines())] if comparison else []
     page = render_summary("kovlm experiments", rows, [c for c in columns if c != "run_dir"],
                           {"comparison": summary / "comparison_plots.png",
-                           "learning curves": summary / "learning_curves.png"}, links, notes=notes)
+                           "learning curves": summary / "learning_curves.png"}, links, notes=notes,
+                          sections=sections)
     atomic_write_text(summary / "report.html", page)
 
 
-def print_summary(rows: list[dict], pairs: list[dict] | None, bertscore: bool) -> None:
-    """Each run's line (its seed and, on the demo, all four right where known), each pair's spread, the advice."""
+def print_summary(rows: list[dict], pairs: list[dict] | None, advice: str, notes: list[str]) -> None:
+    """Each run's line (its seed and, on the demo, all four right where known), the machines, each pair's spread,
+    the advice, and what is missing."""
     seeded, demo = pairs is not None, all("all_four" in r for r in rows)
     print(f"\n{'exp':<4} {'projector':<12} {'peft':<5}" + (f" {'seed':>5}" if seeded else "")
           + f" {'METEOR':>7} {'CIDEr-D':>8}" + (f" {'all four':>8}" if demo else "")
@@ -216,10 +641,25 @@ def print_summary(rows: list[dict], pairs: list[dict] | None, bertscore: bool) -
         print(f"{r['experiment']:<4} {r['projector']:<12} {r['peft']:<5}" + (f" {r['seed']:>5}" if seeded else "")
               + f" {r['meteor']:>7.4f} {r['cider_d']:>8.4f}" + (f" {r['all_four']:>8.3f}" if demo else "")
               + f" {r['trainable_parameters']:>12,} {r['median_step_seconds']:>7.3f}  {r['budget']}")
+    machines = {}
+    for r in rows:
+        machines.setdefault(r["machine"], []).append(run_label(r))
+    print("machines: " + "; ".join(f"{machine} ({', '.join(runs)})" for machine, runs in machines.items()))
     if seeded:
         print(f"\n{SPREAD_HEADING}; a gap between two pairs that is not wider than these ranges is a draw:\n  "
               + "\n  ".join(spread_lines(pairs)))
-    print("\n" + recommend(pairs or rows) + ("" if bertscore else "\n" + BERTSCORE_OFF))
+    print("\n" + advice + "\n".join(notes))
+
+
+def summarize(rows: list[dict], summary: Path, bertscore: bool, notes: list[str], accepted: list[str] = ()) -> None:
+    """The summary files and the printed table of runs the grid may compare (check_comparable)."""
+    notes = check_comparable(rows, accepted) + notes
+    pairs = across_seeds(rows) if any("seed" in r for r in rows) else None
+    comparison = lora_vs_dora(rows)
+    advice = recommendation(comparison, rows, pairs)
+    write_summary(rows, summary, bertscore, pairs, comparison, advice, notes)
+    print_summary(rows, pairs, advice + ("" if bertscore else BERTSCORE_OFF + "\n"), notes)
+    print(f"summary: {summary / 'report.html'}")
 
 
 def seed_list(text: str) -> list[int]:
@@ -233,6 +673,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--runs", default="runs", help="folder of the experiments' run folders")
     parser.add_argument("--summary", default="summary", help="folder of all_results.csv, the plots and report.html")
     parser.add_argument("--with-crossattn", action="store_true", help="also run the cross-attention abstractor")
+    parser.add_argument("--only", help="just these experiments: E1,E2,E3 or E1-E3 (E9-E10: the cross-attention "
+                        "pair); a job array's task: --only E$SLURM_ARRAY_TASK_ID")
+    parser.add_argument("--list", action="store_true", help="print each experiment's command and its state in --runs "
+                        "(done, interrupted and resumable, not started); train nothing")
+    parser.add_argument("--summarize", nargs="+", metavar="DIR", help="train nothing: summarize the finished runs in "
+                        "these folders of runs (each machine's --runs)")
+    parser.add_argument("--accept-difference", type=lambda text: text.split(","), default=[], metavar="KEY,...",
+                        help="compare runs that differ in these (e.g. select_by), the difference stated in the "
+                             "summary, instead of refusing them")
     parser.add_argument("--bertscore-model", help="a BERT snapshot folder: adds BERTScore P/R/F1 of each run")
     parser.add_argument("--bertscore-layer", type=int, default=9, help="BERT layer whose embeddings BERTScore uses")
     parser.add_argument("--seeds", type=seed_list, help="train each pair once per seed, e.g. 42,7,1 (on the demo, "
@@ -240,20 +689,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, passthrough = parser.parse_known_args(argv)
     if args.seeds and {"--seed", "--demo-seed"} & {flag.split("=")[0] for flag in passthrough}:
         parser.error("--seeds sets each run's --seed and --demo-seed; drop those options")
+    if args.summarize and passthrough:
+        parser.error(f"--summarize trains nothing: drop the train.py options {' '.join(passthrough)}")
     bertscore = {"model": args.bertscore_model, "layer": args.bertscore_layer} if args.bertscore_model else None
-    grid = GRID + (EXTRA if args.with_crossattn else [])
-    demo_seed = args.seeds[0] if args.seeds else None  # every seed trains on the first seed's demo assets
+    failures = []
     with user_errors():
-        rows = []
-        for number, (projector, peft) in enumerate(grid, start=1):
-            name = f"E{number}"
-            for seed in args.seeds or [None]:
-                run_dir = run_experiment(name, projector, peft, Path(args.runs), passthrough, seed, demo_seed)
-                rows.append(result_row(name, projector, peft, run_dir, bertscore, seed))
-        pairs = across_seeds(rows) if args.seeds else None
-        write_summary(rows, Path(args.summary), bertscore is not None, pairs)
-    print_summary(rows, pairs, bertscore is not None)
-    print(f"summary: {Path(args.summary) / 'report.html'}")
+        if args.summarize:
+            rows, notes = summarize_folders(args.summarize, args.only, args.with_crossattn, args.seeds, bertscore)
+        else:
+            uses_demo = check_train_options(passthrough)  # before any run starts
+            demo_seed = args.seeds[0] if args.seeds and uses_demo else None  # all seeds on the first seed's assets
+            if args.list:
+                list_grid(select(args.only, True, args.seeds), select(None, args.with_crossattn, args.seeds),
+                          Path(args.runs), passthrough, demo_seed)
+                return []
+            rows, failures = run_grid(select(args.only, args.with_crossattn, args.seeds), Path(args.runs),
+                                      passthrough, demo_seed, bertscore)
+            notes = [f"no test result: {failure}" for failure in failures]
+        if rows:
+            summarize(rows, Path(args.summary), bertscore is not None, notes, args.accept_difference)
+        else:
+            print("\n".join(([] if failures else notes) + ["no finished run to summarize"]))  # failures: below
+    if failures:
+        sys.exit(f"{len(failures)} of the experiments have no test result:\n" + "\n".join(failures))
     return rows
 
 

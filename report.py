@@ -6,8 +6,8 @@ A run's report: a header (run, checkpoint, decoding settings, the metrics table)
 METEOR first: a strip of the frames the model saw (JPEG thumbnails inlined as data URIs, so the file travels
 alone), the predicted caption, the references and the caption's own scores; a filter box narrows the rows. The
 page is UTF-8 with a font stack that names Korean fonts, so Hangul renders on Linux, macOS and Windows alike.
-The grid's summary (experiments.py) holds the E1-E8 table, the comparison plots, the learning curves of all runs
-overlaid, and links to each run's report.
+The grid's summary (experiments.py) holds the E1-E10 table, the LoRA-vs-DoRA comparison with its conclusions, the
+comparison plots, the learning curves of all runs overlaid, and links to each run's report.
 """
 import argparse
 import base64
@@ -15,6 +15,7 @@ import html
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -122,16 +123,35 @@ def render_report(title: str, header: dict, metrics: dict | None, rows: list[dic
     return page(title, body, FILTER_SCRIPT)
 
 
-def render_summary(title: str, table: list[dict], columns: list[str], images: dict[str, Path],
-                   links: dict[str, str], notes: list[str] = ()) -> str:
-    """The grid's page: the results table, PNG figures inlined, and a link per run to its report."""
+@dataclass
+class SummarySection:
+    """A table of the grid's page after the results (LoRA vs DoRA per projector), with lines below it."""
+    heading: str
+    rows: list[dict]
+    columns: list[str]
+    lines: list[str] = field(default_factory=list)
+
+
+def html_table(rows: list[dict], columns: list[str], row_class: str, table_id: str | None = None) -> str:
+    """Floats with four decimals; a value a row lacks (or None) as an empty cell."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    cells = ["".join(f'<td class="score">{v:.4f}</td>' if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
-                     for v in (row.get(c, "") for c in columns)) for row in table]
+    cells = ["".join(f'<td class="score">{v:.4f}</td>' if isinstance(v, float) else
+                     f"<td>{html.escape('' if v is None else str(v))}</td>" for v in (row.get(c) for c in columns))
+             for row in rows]
+    opening = f'<table id="{table_id}">' if table_id else "<table>"
+    return f"{opening}<tr>{head}</tr>" + "".join(f'<tr class="{row_class}">{c}</tr>' for c in cells) + "</table>\n"
+
+
+def render_summary(title: str, table: list[dict], columns: list[str], images: dict[str, Path],
+                   links: dict[str, str], notes: list[str] = (), sections: list[SummarySection] = ()) -> str:
+    """The grid's page: the results table, each section's table and lines, PNG figures inlined, and a link per run
+    to its report."""
     body = (f"<h1>{html.escape(title)}</h1>\n" + "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
-            + f'<table id="results"><tr>{head}</tr>' + "".join(f'<tr class="run">{c}</tr>' for c in cells)
-            + "</table>\n" + "".join(f'<h2>{html.escape(name)}</h2><img src="{png_uri(path)}" alt="{html.escape(name)}"'
-                                     f' style="max-width:100%">\n' for name, path in images.items())
+            + html_table(table, columns, "run", "results")
+            + "".join(f"<h2>{html.escape(s.heading)}</h2>\n" + html_table(s.rows, s.columns, "compared")
+                      + "".join(f"<p>{html.escape(line)}</p>" for line in s.lines) for s in sections)
+            + "".join(f'<h2>{html.escape(name)}</h2><img src="{png_uri(path)}" alt="{html.escape(name)}"'
+                      f' style="max-width:100%">\n' for name, path in images.items())
             + "<h2>each run's report</h2><ul>" + "".join(f'<li><a href="{html.escape(href)}">{html.escape(name)}</a>'
                                                        f"</li>" for name, href in links.items()) + "</ul>")
     return page(title, body)

@@ -100,3 +100,15 @@ def test_summary_page_has_the_table_plots_and_links(tmp_path):
     assert text.count('<tr class="run">') == 2 and "<td class=\"score\">0.5000</td>" in text
     assert 'src="data:image/png;base64,' in text and 'href="../runs/E1/samples/report.html"' in text
     assert "BERTScore off" in text
+
+
+def test_summary_page_sections_follow_the_results(tmp_path):
+    """A section (LoRA vs DoRA) is its own table after the results, its lines below it; a missing value is empty."""
+    section = report.SummarySection("LoRA vs DoRA", [{"projector": "mlp", "meteor_lora": 0.5, "ratio": None},
+                                                     {"projector": "<b>", "meteor_lora": 0.25}],
+                                    ["projector", "meteor_lora", "ratio"], ["mlp: DoRA & LoRA draw"])
+    text = report.render_summary("grid", [{"experiment": "E1"}], ["experiment"], {}, {}, sections=[section])
+    assert text.count('<tr class="run">') == 1 and text.count('<tr class="compared">') == 2
+    assert text.index('id="results"') < text.index("<h2>LoRA vs DoRA</h2>") < text.index("<p>mlp: DoRA &amp; LoRA draw")
+    assert '<tr class="compared"><td>mlp</td><td class="score">0.5000</td><td></td></tr>' in text
+    assert "&lt;b&gt;" in text and "<td>None</td>" not in text
