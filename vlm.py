@@ -176,7 +176,7 @@ class VLM(nn.Module):
             last = i == max_new_tokens - 1
             if last or ((i + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all())):
                 break  # no decoder forward after the last token
-            logits = decoder.step(token, T + i)  # (B, V)
+            logits = decoder.step(token)  # (B, V): the token into the cache's next slot
         return [self.template.decode(row) for row in generated.tolist()]
 
     # ---- what a checkpoint holds ---------------------------------------------------------------------------------
