@@ -40,8 +40,10 @@ def decode_one_token(llm: Qwen3, cache: KVCache, token: torch.Tensor, position: 
 class Decoder:
     """A cache for batch B and S_max slots, and the decode step over it: on a GPU with cuda_graphs, captured as a
     CUDA graph at the first step and replayed after; else eager. The graph reads the weights and adapters at their
-    addresses, so in-place training updates are seen; `matches` tells the caller when a new Decoder is needed
-    (another batch size, a longer generation, or parameters moved)."""
+    addresses, so in-place training updates are seen (DoRA's norms too: a step captured inside
+    lora.held_dora_norms, as VLM.generate captures it, reads the held norms, which every later hold rewrites in
+    place, so replay it inside a hold as well); `matches` tells the caller when a new Decoder is needed (another batch size, a longer generation, or
+    parameters or buffers moved)."""
 
     def __init__(self, llm, batch_size: int, max_len: int, *, cuda_graphs: bool = True):
         self.llm, self.batch_size, self.max_len = llm, batch_size, max_len

@@ -10,7 +10,7 @@ import torch
 
 from conftest import save_tiny_qwen3
 from decode import Decoder, decode_one_token, prefill
-from lora import apply_adapters
+from lora import LoRALinear, apply_adapters, held_dora_norms
 from qwen3 import load_qwen3
 
 ATOL = 1e-5
@@ -104,3 +104,26 @@ def test_decoder_matches_only_its_shapes_and_parameter_storage(tmp_path):
     assert not decoder.matches(3, 8) and not decoder.matches(2, 9)
     apply_adapters(model, r=2, targets=("q_proj",))  # new parameters: a captured step would not read them
     assert not decoder.matches(2, 8)
+
+
+@torch.no_grad()
+def test_dora_steps_inside_a_hold_equal_the_plain_forward_across_an_adapter_change(tmp_path):
+    """What VLM.generate does: prefill and steps inside held_dora_norms, the same Decoder again after the adapters
+    changed in place (an optimizer step): each generation's logits equal the uncached forward's of that moment."""
+    model = load_qwen3(save_tiny_qwen3(tmp_path, vocab_size=96, layers=2), dtype=torch.float32)
+    apply_adapters(model, method="dora", r=2, alpha=4, dropout=0.0)
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    ids, embeds = prompt_embeds(model, seed=3)
+    decoder = Decoder(model, 3, 9)
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        for layer in adapters:  # in place, as an optimizer step writes
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        with held_dora_norms(model, embeds.dtype):
+            steps = [decoder.prefill(embeds)]  # (B, V) each
+            for _ in range(3):
+                steps.append(decoder.step(steps[-1].argmax(-1)))
+        tokens = torch.stack([logits.argmax(-1) for logits in steps[:-1]], dim=1)  # (B, 3)
+        for i, logits in enumerate(steps):  # the plain forward, outside the hold: the norm formed there
+            torch.testing.assert_close(logits, model(torch.cat([ids, tokens[:, :i]], 1))[:, -1], rtol=0, atol=ATOL)
+        assert decoder.matches(3, 9)  # the same Decoder (on a GPU, the same captured graph) both times
