@@ -10,7 +10,7 @@ slots, so every tensor has the same shape and address at every step. That is wha
 step is captured once and each new token is one `graph.replay()` (one launch instead of ~20 per layer from Python,
 which at batch 8 is most of a step's time). On the CPU the same step runs eagerly; there is no graph to capture.
 
-Shapes: B batch, T prompt positions, S_max cache slots, C width, V vocab.
+Shapes: B batch, T prompt positions, S_max cache slots, hs head dim, C width, V vocab.
 """
 import torch
 
