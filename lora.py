@@ -15,11 +15,14 @@ One adapted linear of Qwen3-8B (q_proj: 4096 -> 4096, r = 16, s = alpha / r = 2)
      LoRA:   y = W x + b + s B A x                                                     (T, 4096)
      DoRA:   y = m / ||W + sBA||_row * (W x + s B A x) + b,   m: magnitude (4096,)      (T, 4096)
 
-     DoRA's row norm n, detached, recomputed only when A or B changed (once per optimizer step), never from
-     the (4096, 4096) W + sBA:
+     DoRA's row norm n, detached, formed in every forward from the same base pass, never from the (4096, 4096)
+     W + sBA:
        [x; A] (T + 16, 4096) --base--> (T + 16, 4096): W x + b, and A W^T + b (16, 4096) -> W A^T (4096, 16)
        ||W + sBA||^2 = ||W||^2 + 2s rowsum(W A^T * B) + s^2 rowsum((B A A^T) * B)      (4096,)
        ||W||^2 (4096,) is a constant of the frozen base, computed once when the layer is wrapped.
+     A's 16 rows cost what 16 more tokens cost: little beside a training micro-batch's hundreds of tokens, as
+     much as a whole decode step at batch 16. So a generation forms the norm once and holds it (held_dora_norms);
+     results/README.md ("DoRA's norm") has the measurement.
 
 Shapes: T tokens (any leading dims), in / out features, r rank. Adapter weights are fp32; they compute in the
 activations' dtype (as autocast would). The DoRA norm is formed in fp32 (only W A^T comes from the base pass, in
@@ -27,6 +30,7 @@ its compute dtype); PEFT forms it in the compute dtype.
 """
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,11 +99,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r): zero, so y = base(x)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT, i.e. nn.Linear's default init
-        self._norm_cache = None  # (key, norm): see base_and_norm
         if dora:
             weight_sq_norm = dequantized_weight(base).square().sum(dim=1)  # (out,)
             self.register_buffer("weight_sq_norm", weight_sq_norm, persistent=False)
             self.magnitude = nn.Parameter(weight_sq_norm.sqrt())  # (out,): ||W||_row, so m / n = 1 at init
+            self.register_buffer("held_norm", torch.zeros_like(weight_sq_norm), persistent=False)  # (out,)
+            self.norm_held = False  # True inside held_dora_norms: forwards read held_norm
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, dora={self.dora}"
@@ -109,35 +114,34 @@ class LoRALinear(nn.Module):
         down = F.linear(x, self.lora_A.to(x.dtype)) * self.scaling  # (T, in) @ (in, r) -> (T, r); s where r-wide
         return F.linear(down, self.lora_B.to(x.dtype))  # (T, r) @ (r, out) -> (T, out)
 
-    def base_and_norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """base(x) (T, out) and ||W + sBA||_row (out,) in fp32, detached; the norm is cached until A or B change.
-        On a cache miss A's r rows ride along with the tokens through the same base pass: one pass either way.
+    def weight_norm(self, WAt: torch.Tensor) -> torch.Tensor:
+        """||W + sBA||_row (out,) in fp32, detached (DoRA §4.3: a constant for backpropagation), from W A^T
+        (out, r) instead of the (out, in) matrix W + sBA:
+            ||W + sBA||^2 = ||W||^2 + 2s rowsum((W A^T) * B) + s^2 rowsum((B A A^T) * B)"""
+        with torch.no_grad(), torch.autocast(WAt.device.type, enabled=False):  # autocast would run these in bf16
+            A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
+            M = torch.addmm(WAt.float(), B, A @ A.T, beta=2 * s, alpha=s * s)  # (out, r) @ ((r, in) @ (in, r))
+            sq = self.weight_sq_norm + (M * B).sum(dim=1)  # (out, r) * (out, r) -> (out,)
+            return sq.clamp_min(0).sqrt()  # (out,); clamp: rounding may push an all-but-zero row below 0
 
-        The cache key: the parameters' version counters (bumped by in-place updates: foreach / for-loop
-        optimizers, load_state_dict's copy_), storage addresses (a `.data = ...` swap), and inference mode (a norm
-        made under torch.inference_mode cannot enter autograd). torch.optim's fused kernels (fused=True) and writes
-        through `p.data.copy_` bump no counter: the training loop calls `after_optimizer_step(model)`, which
-        forgets every cached norm, after each optimizer.step()."""
-        A, B = self.lora_A, self.lora_B
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), torch.is_inference_mode_enabled())
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self.base(x), self._norm_cache[1]
+    def base_and_norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """base(x) (T, out) and ||W + sBA||_row (out,): A's r rows ride along with the tokens through the one
+        base pass, which gives W A^T."""
         if self.weight_sq_norm.is_meta:
             raise RuntimeError("DoRA adapters were applied on the meta device; apply them after loading the base")
-        rows = torch.cat([x.reshape(-1, x.shape[-1]), A.detach().to(x.dtype)])  # (N, in) + (r, in) -> (N + r, in)
+        rows = torch.cat([x.reshape(-1, x.shape[-1]), self.lora_A.detach().to(x.dtype)])  # (N + r, in)
         out = self.base(rows)  # (N + r, in) -> (N + r, out)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # autocast would run these in bf16
-            WAt = self.without_bias(out[-self.r:]).float().T  # (r, out) -> (out, r): W A^T
-            A, B, s = A.float(), B.float(), self.scaling
-            # ||W + sBA||^2 = ||W||^2 + rowsum((2s W A^T + s^2 B A A^T) * B)
-            M = torch.addmm(WAt, B, A @ A.T, beta=2 * s, alpha=s * s)  # (out, r) @ ((r, in) @ (in, r)) -> (out, r)
-            sq = self.weight_sq_norm + (M * B).sum(dim=1)  # (out, r) * (out, r) -> (out,)
-            norm = sq.clamp_min(0).sqrt()  # (out,); clamp: rounding may push an all-but-zero row below 0
-        self._norm_cache = (key, norm)
-        return out[:-self.r].reshape(*x.shape[:-1], -1), norm  # (N, out) -> (T, out)
+        WAt = self.without_bias(out[-self.r:].detach()).T  # (r, out) -> (out, r): W A^T
+        return out[:-self.r].reshape(*x.shape[:-1], -1), self.weight_norm(WAt)  # (N, out) -> (T, out)
 
-    def forget_weight_norm(self) -> None:
-        self._norm_cache = None
+    def hold_weight_norm(self, dtype: torch.dtype) -> None:
+        """The norm into held_norm (the same tensor every time), from one base pass of A's rows alone in the
+        activations' dtype (a 4-bit base takes its compute dtype from its first input); forwards read it while
+        norm_held is True (see held_dora_norms)."""
+        with torch.no_grad():
+            WAt = self.without_bias(self.base(self.lora_A.detach().to(dtype))).T  # (r, out) -> (out, r)
+            self.held_norm.copy_(self.weight_norm(WAt))
+        self.norm_held = True
 
     def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
         bias = self.base.bias
@@ -148,7 +152,10 @@ class LoRALinear(nn.Module):
         if not self.dora:
             base_out = self.base(x)  # (T, in) -> (T, out): the one base pass
             return base_out + lora_out.to(base_out.dtype)
-        base_out, norm = self.base_and_norm(x)  # (T, out), (out,)
+        if not self.norm_held:
+            base_out, norm = self.base_and_norm(x)  # (T, out), (out,)
+        else:  # inside held_dora_norms (a generation): the norm formed once, on entering
+            base_out, norm = self.base(x), self.held_norm  # (T, out), (out,)
         scale = self.magnitude / norm  # (out,): m / ||W + sBA||, 1 at init
         # m/n * (W x + s B A x) + b = m/n * (base(x) + s B A x) + (1 - m/n) * b: one (T, out) product, and
         # exactly base(x) when m/n = 1 (at init)
@@ -231,13 +238,35 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **opti
     return names
 
 
+@contextmanager
+def held_dora_norms(model: nn.Module, dtype: torch.dtype):
+    """Inside, every DoRA layer of `model` reads its row norm, formed once on entering (activations in `dtype`),
+    instead of forming it in every forward: for a generation, where the adapters do not change and a decode step
+    of B tokens would otherwise pass A's r rows through every base as well (results/README.md, "DoRA's norm").
+    Each layer writes the norm into the same tensor every time, so a decode step captured as a CUDA graph inside
+    one generation reads the fresh norm in the next. Changing the adapters inside is refused (check_no_held_norms)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.dora]
+    try:
+        for layer in layers:
+            layer.hold_weight_norm(dtype)
+        yield
+    finally:
+        for layer in layers:
+            layer.norm_held = False
+
+
+def check_no_held_norms(model: nn.Module, change: str) -> None:
+    """Refuse `change` to the adapters while held_dora_norms holds their norms: those would be stale."""
+    if any(isinstance(m, LoRALinear) and m.dora and m.norm_held for m in model.modules()):
+        raise RuntimeError(f"{change} inside held_dora_norms: the held DoRA norms would no longer match the "
+                           f"adapters; leave the `with held_dora_norms(...)` block first")
+
+
 def after_optimizer_step(model: nn.Module) -> None:
-    """Call right after every optimizer.step(): DoRA's cached row norms ||W + sBA|| belong to the adapters before
-    the step (a fused optimizer changes A and B without a trace the cache could see). A no-op for LoRA and for a
-    model without adapters. Explicit, not an optimizer hook registered at import: no process-global state."""
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.forget_weight_norm()
+    """The training loop calls this right after every optimizer.step(). DoRA forms its norm in every training
+    forward, so no norm outlives the step; this checks that the step did not change adapters whose norms
+    held_dora_norms is holding. A no-op for LoRA and for a model without adapters."""
+    check_no_held_norms(model, "an optimizer step")
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -274,7 +303,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors in place (DoRA norm caches see the change); every key and shape is checked first."""
+    """Copy adapter tensors in place; every key and shape is checked first."""
+    check_no_held_norms(model, "loading adapter weights")
     params = _adapter_parameters(model)
     unknown, missing = sorted(set(state_dict) - set(params)), sorted(set(params) - set(state_dict))
     for keys, problem in ((unknown, "is not an adapter tensor of this model"), (missing, "is missing")):

@@ -9,8 +9,9 @@ and adds QK-Norm, an RMSNorm over each head's query and key before RoPE (q_norm 
 quant="nf4" each decoder-layer linear is quantized to 4-bit NormalFloat (QLoRA, arXiv 2305.14314) as soon as it is
 read, so the whole model never sits in memory in bf16.
 
-The KV cache, prefill and the static-shape decode step (a CUDA graph on a GPU) are decode.py's; `run_layers` is
-the part of the forward they share with `hidden_states`.
+The KV cache lives here, beside the attention that writes it (as in gpt-fast's model.py): buffers of a fixed length,
+one write path (`KVCache.update`). Generation (prefill, the static-shape decode step, its CUDA graph) is decode.py's,
+which calls `hidden_states` and `run_layers`, the part of the forward the two share.
 
 Shape legend: B batch, T positions in this forward, S key positions (cached + T), C hidden_size, nh query heads,
 nkv key/value heads, hs head_dim, I intermediate_size, V vocab_size.
@@ -26,7 +27,6 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from decode import KVCache
 from nf4 import bnb, empty_nf4_linear
 
 
@@ -120,6 +120,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin  # (B, n, T, hs)
 
 
+class KVCache:
+    """Keys and values of every layer in buffers allocated once, (B, nkv, S_max, hs) each (gpt-fast's KVCache).
+
+    Slots [0, length) are filled. A forward first claims its slots (`claim`, the one place `length` grows); each
+    layer then writes its keys and values there (`update`, the one write path) and attends to the slots its mask
+    covers. The slots are a device tensor, so a decode step of static shapes can be captured as a CUDA graph."""
+
+    def __init__(self, num_layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int, *, dtype,
+                 device):
+        shape = (batch_size, kv_heads, max_len, head_dim)  # (B, nkv, S_max, hs)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots = torch.arange(max_len, device=device)  # (S_max,): every slot's index
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def claim(self, batch_size: int, count: int) -> torch.Tensor:
+        """The next `count` slots, for a forward of batch_size rows: their indices (count,) on the device."""
+        start, end = self.length, self.length + count
+        if end > self.max_len or batch_size != self.batch_size:
+            raise ValueError(f"KV cache is (batch {self.batch_size}, max_len {self.max_len}) with {start} filled; "
+                             f"cannot add {count} positions of batch {batch_size}: make a larger new_kv_cache")
+        self.length = end
+        return self.slots[start:end]  # (count,)
+
+    def update(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nkv, T, hs) at `slots` (T,); return this layer's whole buffers (B, nkv, S_max, hs)."""
+        self.keys[layer_idx].index_copy_(2, slots, k)  # (B, nkv, S_max, hs), along the slot dimension
+        self.values[layer_idx].index_copy_(2, slots, v)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def reset(self) -> None:
+        """Empty again (the buffers are overwritten by the next forwards)."""
+        self.length = 0
+
+
 class Qwen3Attention(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
@@ -133,7 +168,7 @@ class Qwen3Attention(nn.Module):
         self.q_norm = Qwen3RMSNorm(hs, config.rms_norm_eps)
         self.k_norm = Qwen3RMSNorm(hs, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache):
+    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None):
         B, T, _ = x.shape
         hs = self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, -1, hs)).transpose(1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
@@ -141,7 +176,10 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)  # (B, T, nkv, hs) -> (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # per-head norm first, then RoPE, as HF
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs) each
+            k, v = kv_cache.update(self.layer_idx, slots, k, v)  # (B, nkv, S_max, hs) each
+            # The keys to read are the slots the mask covers; no mask (is_causal) means this forward filled [0, T).
+            S = T if mask is None else mask.shape[-1]
+            k, v = k[:, :, :S], v[:, :, :S]  # (B, nkv, S, hs) each
         # enable_gqa lets each group of nh / nkv query heads read one key/value head: no repeat_kv copies.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True)  # (B, nh, T, hs) @ (B, nkv, S, hs) -> (B, nh, T, hs)
@@ -169,8 +207,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)  # (B, T, C)
+    def forward(self, x, cos, sin, mask, kv_cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, slots)  # (B, T, C)
         return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
 
 
@@ -231,24 +269,23 @@ class Qwen3(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is not None:
             raise ValueError("gradient checkpointing reruns layers in backward, which would write the KV cache "
                              "again; decode under torch.no_grad() or turn gradient_checkpointing off")
+        slots = None if kv_cache is None else kv_cache.claim(B, T)  # (T,): past, ..., past + T - 1
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, T, x.device)  # (B or 1, T)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B or 1, T, hs) each
         mask = build_attention_mask(attention_mask, past, T, x.device)
-        hidden = self.run_layers(x, cos, sin, mask, kv_cache)  # (B, T, C)
-        if kv_cache is not None:
-            kv_cache.length += T
-        return hidden
+        return self.run_layers(x, cos, sin, mask, kv_cache, slots)  # (B, T, C)
 
-    def run_layers(self, x, cos, sin, mask, kv_cache) -> torch.Tensor:
+    def run_layers(self, x, cos, sin, mask, kv_cache=None, slots=None) -> torch.Tensor:
         """The decoder layers and the final norm over embeddings x (B, T, C), with RoPE angles and an SDPA mask
-        (None: causal) already made; decode.decode_one_token calls it with its own static-shape mask."""
+        (None: causal) already made, writing keys and values at `slots` of kv_cache when given;
+        decode.decode_one_token calls it with its own static-shape mask and slot."""
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
             if checkpointing:  # keep only each layer's input; recompute its inside in backward
-                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, slots, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache)
+                x = layer(x, cos, sin, mask, kv_cache, slots)
         return self.model.norm(x)  # (B, T, C)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 
 from clip import load_clip_vision
 from decode import Decoder
-from lora import AdapterConfig, adapter_state_dict, apply_adapters, load_adapter_state_dict, merged_copy
+from lora import (AdapterConfig, adapter_state_dict, apply_adapters, held_dora_norms, load_adapter_state_dict,
+                  merged_copy)
 from projectors import ProjectorConfig, projector_from_config
 from qwen3 import load_qwen3
 from sampling import next_token
@@ -155,28 +156,30 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, features: torch.Tensor, *, max_new_tokens: int = 64, **sampling) -> list[str]:
         """Batched captions: prefill the prompts once, then decode one token at a time with a static KV cache
-        (decode.py), each row stopping at <|im_end|> or <|endoftext|>. Greedy by default; `sampling` goes to
-        sampling.next_token (do_sample, temperature, top_p, repetition_penalty, no_repeat_ngram_size, generator).
-        The host asks whether every row has finished only every STOP_CHECK_EVERY tokens (each ask waits for the
-        device); rows that finished earlier only append <|endoftext|>, which decode() drops."""
+        (decode.py) and DoRA's norms held (lora.held_dora_norms), each row stopping at <|im_end|> or <|endoftext|>.
+        Greedy by default; `sampling` goes to sampling.next_token (do_sample, temperature, top_p,
+        repetition_penalty, no_repeat_ngram_size, generator). The host asks whether every row has finished only
+        every STOP_CHECK_EVERY tokens (each ask waits for the device); rows that finished earlier only append
+        <|endoftext|>, which decode() drops."""
         visual = self.project(features)  # (B, N, C)
         B = visual.shape[0]
         input_ids = self.prompt_ids(B, visual.shape[1]).to(visual.device)  # (B, T)
         T = input_ids.shape[1]
         decoder = self.decoder_for(B, T + max_new_tokens)
         embeds = splice_visual_tokens(self.llm.model.embed_tokens, input_ids, visual, self.template.video_pad_id)
-        logits = decoder.prefill(embeds)  # (B, V)
         generated = torch.full((B, max_new_tokens), self.template.end_of_text_id, device=visual.device)  # (B, n)
         finished = torch.zeros(B, dtype=torch.bool, device=visual.device)
-        for i in range(max_new_tokens):
-            token = next_token(logits, generated[:, :i], **sampling)  # (B,)
-            token = torch.where(finished, self.template.end_of_text_id, token)
-            generated[:, i] = token
-            finished |= (token == self.template.im_end_id) | (token == self.template.end_of_text_id)
-            last = i == max_new_tokens - 1
-            if last or ((i + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all())):
-                break  # no decoder forward after the last token
-            logits = decoder.step(token, T + i)  # (B, V)
+        with held_dora_norms(self.llm, embeds.dtype):  # the adapters do not change while generating
+            logits = decoder.prefill(embeds)  # (B, V)
+            for i in range(max_new_tokens):
+                token = next_token(logits, generated[:, :i], **sampling)  # (B,)
+                token = torch.where(finished, self.template.end_of_text_id, token)
+                generated[:, i] = token
+                finished |= (token == self.template.im_end_id) | (token == self.template.end_of_text_id)
+                last = i == max_new_tokens - 1
+                if last or ((i + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all())):
+                    break  # no decoder forward after the last token
+                logits = decoder.step(token)  # (B, V): the token into the cache's next slot
         return [self.template.decode(row) for row in generated.tolist()]
 
     # ---- what a checkpoint holds ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
     python -m bench profile [--preset cpu-small|qwen3-8b] [--layers N] [--quick] [--json PATH]
     python -m bench grid-estimate RESULTS_JSON [--videos 500] [--val-videos 50]
     python -m bench adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
+    python -m bench adapters --norms [--repeats 7] [--threads 1] [--quick] [--json PATH]
     python -m bench probe [--projector cabstractor] [--attribute colour] [--cut stage1,readout] [--json PATH]
 
 `model` writes random weights with the preset's Qwen3 / CLIP shapes once to a temporary snapshot folder, so both
@@ -13,9 +14,9 @@ stacks load the same files the normal way, then measures, each in its own proces
 a stage-2 training step (LoRA and DoRA, resampler and per-patch shapes), batched greedy generation, one caption-loss
 computation (label-only vs full logits, T ≈ 4700) and two epochs of the vision side (feature cache vs re-encoding).
 Before timing, every reference process checks that its per-label losses (dropout off) agree with ours.
-`adapters` compares one adapted NF4 linear at Qwen3-8B's layer shapes. `probe` (bench/probe.py) is not a comparison:
-it trains linear heads at cuts inside a projector on the embedded default's cached features, to see where an attribute
-is lost.
+`adapters` compares one adapted NF4 linear at Qwen3-8B's layer shapes (with --norms: what holding DoRA's norm
+saves). `probe` (bench/probe.py) is not a comparison: it trains linear heads at cuts inside a projector on the
+embedded default's cached features, to see where an attribute is lost.
 
 Each subcommand is one function taking the parsed arguments and returning a JSON-ready dict. transformers and PEFT
 are test-only references of kovlm: only this benchmark (and the tests) import them.
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     adapters.add_argument("--r", type=int, default=16, help="adapter rank (alpha = 2r, the project's s = 2)")
     adapters.add_argument("--dropout", type=float, default=0.05, help="adapter dropout (the project's default)")
+    adapters.add_argument("--norms", action="store_true", help="instead: DoRA's norm formed in every forward vs "
+                          "held (lora.held_dora_norms), in a generation and a training window of a small NF4 Qwen3")
     adapters.set_defaults(run=bench_adapters)
     model = commands.add_parser("model", parents=[common], help="training step, generation, loss, vision side: "
                                 "ours vs transformers + PEFT + bitsandbytes (the default command)")

@@ -101,7 +101,7 @@ def profile_decode_steps(preset, vlm, device) -> dict:
         decoder = vlm.decoder_for(B, T + preset.new_tokens)
         token = decoder.prefill(embeds).argmax(-1)  # (B,)
         if decoder.use_graph:  # profiled() steps once first: that captures the graph; the profiled step replays it
-            results["decode_step"] = profiled(lambda: decoder.step(token, T), device)
+            results["decode_step"] = profiled(lambda: decoder.step(token), device)
         position = torch.tensor([T + 1], device=device)  # the eager step writes slot T + 1 of the same cache
         results["decode_step_eager"] = profiled(
             lambda: decode_one_token(vlm.llm, decoder.cache, token[:, None], position), device)

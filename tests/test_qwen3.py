@@ -205,6 +205,37 @@ def test_batched_left_padded_decode_equals_one_at_a_time(snapshot):
 
 
 @torch.no_grad()
+def test_left_padded_cache_steps_equal_the_uncached_forward_at_every_step(snapshot):
+    """The cache's one write path: prefill writes slots [0, T), each step the next slot; at every step the logits
+    equal a forward over the whole left-padded sequence without a cache."""
+    model = load_qwen3(snapshot(), dtype=torch.float32)
+    ids, mask = left_padded([[5, 17, 99, 3, 42, 8], [7, 81, 12], [90]])
+    tokens, step_logits = greedy_with_cache(model, ids, mask, steps=5)
+    for step in range(5):
+        sequence = torch.cat([ids, tokens[:, :step]], dim=1)  # (B, T + step)
+        full_mask = torch.cat([mask, torch.ones_like(tokens[:, :step])], dim=1)
+        full = model(sequence, attention_mask=full_mask)[:, -1]  # (B, V)
+        torch.testing.assert_close(step_logits[:, step], full, rtol=0, atol=SELF_ATOL)
+
+
+@torch.no_grad()
+def test_prefill_attends_with_is_causal_and_no_mask_then_steps_read_the_filled_slots(snapshot, monkeypatch):
+    import qwen3
+    model = load_qwen3(snapshot(layers=1), dtype=torch.float32)
+    calls, sdpa = [], qwen3.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **options):
+        calls.append((attn_mask is None, is_causal, k.shape[2]))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **options)
+    monkeypatch.setattr(qwen3.F, "scaled_dot_product_attention", recording_sdpa)
+    cache = model.new_kv_cache(2, 10)
+    model(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), kv_cache=cache)  # a prefill: no padding, empty cache
+    model(torch.tensor([[9], [10]]), kv_cache=cache)
+    assert calls == [(True, True, 4), (False, False, 5)]  # keys of the filled slots only, never all 10
+    assert cache.length == 5
+
+
+@torch.no_grad()
 def test_hidden_states_then_logits_equals_forward(snapshot):
     model = load_qwen3(snapshot(tie=True), dtype=torch.float32)
     ids = torch.tensor([[5, 17, 99, 3], [1, 2, 3, 4]])
