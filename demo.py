@@ -12,8 +12,8 @@ once per (scale, held-out kind, seed, VERSION), into .cache/demo/{scale}-seed{se
     data/   synthetic Korean videos (synth.synth_dataset): val and test hold attribute combinations never trained on
             (--demo-heldout pairs: colour-shape pairs never trained on);
             each video has 2-5 captions in different templates of synth.py's grammar, each attribute named by one
-            word (plain_caption; with synth.py's synonyms even a perfect captioner scores METEOR ~0.45, because
-            METEOR counts a synonym as a miss)
+            word (plain_caption: METEOR counts a synonym as a miss, so with synth.py's synonyms even a perfect
+            captioner would score low; results/README.md#why-the-demos-defaults-are-what-they-are)
     clip/   a CLIP-architecture vision tower (demo_tower.py: ViT, 64 px, patch 8, width 128, 3 layers), pretrained
             on the training frames with supervised heads (colour, shape, background, position; per token: which
             patch holds the object and what it is), heads discarded: a tower that "knows" these images, as CLIP
@@ -89,17 +89,14 @@ UNSEEN = {"combinations": "attribute combinations never seen in training",
 NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_queries), and the LM's keyword slots
 
 
-# Each projector's own budget on the full demo, over demo_defaults' (measured one run at a time on 2 cores; the
-# README's projector table gives the figures and the commands):
-# - cabstractor: 8 stage-1 epochs, not 2. It is Honeybee's module, and a linear probe on its tokens (python -m bench
-#   probe) classifies colour at 0.998, but it learns colour about four times more slowly than the perceiver; after
-#   2 stage-1 epochs colour is in its tokens too weakly for the LM (19% right), and stage 2's adapters then learn
-#   colour from the other three attributes, which is wrong for every unseen combination (8-14%, below blind).
-# - linear, mlp: 1 + 1 epochs, not 2 + 4. They feed the LM 8 x 64 = 512 tokens instead of 16, so a step takes
-#   2.7-3.2 s in stage 1 and 3.6-4.3 s in stage 2 (fp32, 2 threads; 40% matmuls, 20% element-wise products, 20%
-#   attention), and 1 + 1 epochs already fill the 10 minutes a demo run may take. They learn motion, only later:
-#   linear + LoRA names all four attributes in 13% with 1 + 1 epochs, 81% with 1 + 3 (tower v3), 95% with 1 + 4
-#   (22-26 min); four times the steps on the same videos (batches of 8) do not help (30%): they need more videos.
+# Each projector's own budget on the full demo, over demo_defaults' (the figures behind each, with their commands
+# and files: results/README.md#why-the-demos-defaults-are-what-they-are):
+# - cabstractor: 8 stage-1 epochs, not 2. Honeybee's module learns colour more slowly than the perceiver; after 2
+#   stage-1 epochs colour is in its tokens too weakly for the frozen LM, and stage 2's adapters then guess colour
+#   from the other three attributes, which is wrong for every unseen combination.
+# - linear, mlp: 1 + 1 epochs, not 2 + 4. They feed the LM 8 x 64 = 512 tokens instead of 16, so each step costs
+#   several times a resampler's, and 1 + 1 epochs already fill the minutes a demo run may take. They learn motion
+#   only with more stage-2 epochs (more passes over the videos, not more steps): `--stage2-epochs 4`.
 PROJECTOR_DEFAULTS = {"cabstractor": dict(stage1_epochs=8), "linear": dict(stage1_epochs=1, stage2_epochs=1),
                       "mlp": dict(stage1_epochs=1, stage2_epochs=1)}
 
@@ -107,9 +104,8 @@ PROJECTOR_DEFAULTS = {"cabstractor": dict(stage1_epochs=8), "linear": dict(stage
 def demo_defaults(scale: str = "full", projector: str = "perceiver") -> dict:
     """DemoConfig values of the demo (options given on the command line win). 2560 training videos in windows of
     32 make 80 steps an epoch: stage 1 trains the projector alone for 160 steps at lr 1e-3, stage 2 the projector
-    and the adapters for 320 at 2e-3 (a tiny LM moves less per step than Qwen3-8B, whose default is 5e-5). Measured
-    on the perceiver + DoRA default: with stage 2 at 1e-3 for 240 steps the model confused left with up (motion 71%
-    right); at 1e-3 for 400 steps 87%; at 2e-3 motion is read right in 99-100% of the test captions.
+    and the adapters for 320 at 2e-3: a tiny LM moves less per step than Qwen3-8B, whose default is 5e-5, and at
+    1e-3 the model confused left with up (results/README.md#why-the-demos-defaults-are-what-they-are).
     NUM_SLOTS visual tokens: the slots the LM learned to read. Captions are ~10 tokens: 32 new tokens at most.
     No activation checkpointing: the tiny LM's activations fit even with the per-patch projectors' 512 tokens.
     On the full scale a projector's own PROJECTOR_DEFAULTS replace these."""
@@ -157,7 +153,7 @@ def build_assets(demo_dir, scale: str = "full", seed: int = 42, is_main: bool = 
                  heldout: str = "combinations") -> DemoAssets:
     """The demo's data, tokenizer, vision tower and LM, built once into assets_folder (written under a temporary
     name and renamed when complete, so an interrupted build is never reused)."""
-    torch.set_flush_denormal(True)  # tiny models hit denormal floats on the CPU; flushing them is 3x faster here
+    torch.set_flush_denormal(True)  # tiny models hit denormal floats on the CPU, which are slow to compute with
     folder = assets_folder(demo_dir, scale, seed, heldout).resolve()
     assets = DemoAssets(str(folder), str(folder / "clip"), str(folder / "llm"), str(folder / "data/manifest.jsonl"),
                         heldout)
