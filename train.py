@@ -320,16 +320,15 @@ def end_of_epoch(model, optimizer, splits, cache, cfg: TrainConfig, run: Distrib
                          max_new_tokens=cfg.max_new_tokens, run=run, with_loss=True)
     meteor = val["metrics"]["meteor"]["value"]
     chosen_by = select_by.score(val["predictions"], splits["val"]) if select_by else None
-    scored = {f"val_{select_by.name}": chosen_by} if select_by else {}
     log.write(step=position.global_step, epoch=epoch + 1, stage=position.stage, val_loss=val["loss"],
-              val_meteor=meteor, **scored)
+              val_meteor=meteor, **({f"val_{select_by.name}": chosen_by} if select_by else {}))
     score = (meteor if chosen_by is None else chosen_by, meteor)  # a tie on select_by's score goes to METEOR
     improved = score > (position.best_score, position.best_meteor)
     best_score, best_meteor = score if improved else (position.best_score, position.best_meteor)
     position = replace(position, epoch=epoch + 1, step_in_epoch=0, best_score=best_score, best_meteor=best_meteor)
     if run.is_main:
-        print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}"
-              + "".join(f", {name.replace('_', ' ')} {value:.3f}" for name, value in scored.items()))
+        chosen = f", val {select_by.name.replace('_', ' ')} {chosen_by:.3f}" if select_by else ""
+        print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}{chosen}")
         out = Path(cfg.output_dir) / "checkpoints"
         if improved:
             checkpoint.save_model(out / "best_model.pt", model, cfg,
