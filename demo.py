@@ -1,4 +1,9 @@
-"""The embedded default: tiny, generated, self-contained assets that `train.py` uses when no paths are given.
+"""The embedded default: tiny, generated, self-contained assets, and a run of the trainer on them.
+
+It is one caller of train.py: `python train.py` without --clip, --llm or --train-manifest hands its command line
+to this file's main, which reads train.py's options and the demo's own (DemoConfig), fills in the demo's defaults
+(demo_defaults) for the options not given, builds the assets, trains with train.main and prints the test table
+(report(), also kept as logs/demo_table.json).
 
 Real CLIP / Qwen3 weights and real datasets cannot be fetched offline, so the demo builds its own with our own code,
 once per (scale, held-out kind, seed, VERSION), into .cache/demo/{scale}-seed{seed}-v{VERSION}/ (with
@@ -7,8 +12,8 @@ once per (scale, held-out kind, seed, VERSION), into .cache/demo/{scale}-seed{se
     data/   synthetic Korean videos (synth.synth_dataset): val and test hold attribute combinations never trained on
             (--demo-heldout pairs: colour-shape pairs never trained on);
             each video has 2-5 captions in different templates of synth.py's grammar, each attribute named by one
-            word (plain_caption; with synth.py's synonyms even a perfect captioner scores METEOR ~0.45, because
-            METEOR counts a synonym as a miss)
+            word (plain_caption: METEOR counts a synonym as a miss, so with synth.py's synonyms even a perfect
+            captioner would score low; results/README.md#why-the-demos-defaults-are-what-they-are)
     clip/   a CLIP-architecture vision tower (demo_tower.py: ViT, 64 px, patch 8, width 128, 3 layers), pretrained
             on the training frames with supervised heads (colour, shape, background, position; per token: which
             patch holds the object and what it is), heads discarded: a tower that "knows" these images, as CLIP
@@ -22,12 +27,15 @@ the LM already reads. An LM pretrained on captions alone ignores its prefix and 
 one that learned to describe whatever sits in the video slots lets the projector put the video there.
 
     python train.py --projector perceiver --peft dora            # builds the assets, trains, prints report()
+    python -m demo --demo-heldout pairs --seed 7 --demo-seed 42  # the same entry, named directly
 """
 import json
+import os
 import random
 import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,16 +44,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from checkpoint import load_checkpoint
+from checkpoint import atomic_write_text, load_checkpoint
 from data import read_manifest, write_manifest
 from demo_tower import pretrain_tower, save_clip
 from distributed import compute_dtype, default_device
+from errors import user_errors
 from evaluate import evaluate_split, rebuild_model, run_splits
 from features import prepare_splits
 from qwen3 import Qwen3, Qwen3Config
 from schedule import get_lr
 from synth import ATTRIBUTES, CAPTION_TEMPLATES, attribute_scores, caption_choices, make_caption, \
     parse_caption_attributes, synth_dataset
+from train import TrainConfig, ValScore, config_parser, option
+from train import main as train_main
 from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
 
 # The special tokens of Qwen3's tokenizer that kovlm's prompt uses. `<think>` / `</think>` are ordinary added
@@ -78,40 +89,49 @@ UNSEEN = {"combinations": "attribute combinations never seen in training",
 NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_queries), and the LM's keyword slots
 
 
-# Each projector's own budget on the full demo, over demo_defaults' (measured one run at a time on 2 cores; the
-# README's projector table gives the figures and the commands):
-# - cabstractor: 8 stage-1 epochs, not 2. It is Honeybee's module, and a linear probe on its tokens (python -m bench
-#   probe) classifies colour at 0.998, but it learns colour about four times more slowly than the perceiver; after
-#   2 stage-1 epochs colour is in its tokens too weakly for the LM (19% right), and stage 2's adapters then learn
-#   colour from the other three attributes, which is wrong for every unseen combination (8-14%, below blind).
-# - linear, mlp: 1 + 1 epochs, not 2 + 4. They feed the LM 8 x 64 = 512 tokens instead of 16, so a step takes
-#   2.7-3.2 s in stage 1 and 3.6-4.3 s in stage 2 (fp32, 2 threads; 40% matmuls, 20% element-wise products, 20%
-#   attention), and 1 + 1 epochs already fill the 10 minutes a demo run may take. They learn motion, only later:
-#   linear + LoRA names all four attributes in 13% with 1 + 1 epochs, 81% with 1 + 3 (tower v3), 95% with 1 + 4
-#   (22-26 min); four times the steps on the same videos (batches of 8) do not help (30%): they need more videos.
+# Each projector's own budget on the full demo, over demo_defaults' (the figures behind each, with their commands
+# and files: results/README.md#why-the-demos-defaults-are-what-they-are):
+# - cabstractor: 8 stage-1 epochs, not 2. Honeybee's module learns colour more slowly than the perceiver; after 2
+#   stage-1 epochs colour is in its tokens too weakly for the frozen LM, and stage 2's adapters then guess colour
+#   from the other three attributes, which is wrong for every unseen combination.
+# - linear, mlp: 1 + 1 epochs, not 2 + 4. They feed the LM 8 x 64 = 512 tokens instead of 16, so each step costs
+#   several times a resampler's, and 1 + 1 epochs already fill the minutes a demo run may take. They learn motion
+#   only with more stage-2 epochs (more passes over the videos, not more steps): `--stage2-epochs 4`.
 PROJECTOR_DEFAULTS = {"cabstractor": dict(stage1_epochs=8), "linear": dict(stage1_epochs=1, stage2_epochs=1),
                       "mlp": dict(stage1_epochs=1, stage2_epochs=1)}
 
 
 def demo_defaults(scale: str = "full", projector: str = "perceiver") -> dict:
-    """TrainConfig values of the demo (options given on the command line win). 2560 training videos in windows of
+    """DemoConfig values of the demo (options given on the command line win). 2560 training videos in windows of
     32 make 80 steps an epoch: stage 1 trains the projector alone for 160 steps at lr 1e-3, stage 2 the projector
-    and the adapters for 320 at 2e-3 (a tiny LM moves less per step than Qwen3-8B, whose default is 5e-5). Measured
-    on the perceiver + DoRA default: with stage 2 at 1e-3 for 240 steps the model confused left with up (motion 71%
-    right); at 1e-3 for 400 steps 87%; at 2e-3 motion is read right in 99-100% of the test captions.
+    and the adapters for 320 at 2e-3: a tiny LM moves less per step than Qwen3-8B, whose default is 5e-5, and at
+    1e-3 the model confused left with up (results/README.md#why-the-demos-defaults-are-what-they-are).
     NUM_SLOTS visual tokens: the slots the LM learned to read. Captions are ~10 tokens: 32 new tokens at most.
     No activation checkpointing: the tiny LM's activations fit even with the per-patch projectors' 512 tokens.
-    best_model.pt is the stage-2 epoch whose val captions name all four attributes right most often: val METEOR
-    also rewards wording, and for perceiver + LoRA it kept stage-2 epoch 2 (val METEOR 0.814, test all four 0.897)
-    over epoch 4 (0.805; test all four 0.983).
     On the full scale a projector's own PROJECTOR_DEFAULTS replace these."""
     full = scale == "full"
     defaults = dict(demo_scale=scale, num_frames=SCALES[scale].frames, num_queries=NUM_SLOTS,
                     batch_size=32 if full else 16, grad_accum=1, stage1_epochs=2, stage1_lr=1e-3,
                     stage2_epochs=4 if full else 1, stage2_lr=2e-3, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                     warmup_ratio=0.05, eval_batch_size=100, max_new_tokens=32, num_workers=0, save_every=1000,
-                    grad_checkpointing="off", select_by="attributes")
+                    grad_checkpointing="off")
     return defaults | (PROJECTOR_DEFAULTS.get(projector, {}) if full else {})
+
+
+@dataclass
+class DemoConfig(TrainConfig):
+    """train.py's options and the demo's own. The run records them all (config.json, checkpoints), so --resume
+    refuses a changed demo option as it does a changed training option."""
+    demo_dir: str = option(".cache/demo", "where the embedded demo's assets are built")
+    demo_scale: str = option("full", "size of the embedded demo", choices=["full", "ci"])
+    demo_heldout: str = option("combinations", "what the demo's val and test hold that training never shows: "
+                               "4-attribute combinations, or colour-shape pairs (harder)",
+                               choices=["combinations", "pairs"])
+    demo_seed: int | None = option(None, "seed of the demo's assets (videos, tower, LM); default --seed, so "
+                                   "--seed S --demo-seed 42 trains anew on the same assets")
+    select_by: str = option("attributes", "what picks best_model.pt among the stage-2 epochs: the share of val "
+                            "captions that name all four attributes right (ties go to val METEOR), or val METEOR: "
+                            "METEOR also rewards wording", choices=["attributes", "meteor"])
 
 
 @dataclass
@@ -123,13 +143,18 @@ class DemoAssets:
     heldout: str = "combinations"  # what the test split holds that training never showed (synth.HELDOUT)
 
 
+def assets_folder(demo_dir, scale: str = "full", seed: int = 42, heldout: str = "combinations") -> Path:
+    """The assets' folder, keyed by scale, held-out kind, seed and VERSION."""
+    kind = "" if heldout == "combinations" else f"-{heldout}"
+    return Path(demo_dir) / f"{scale}{kind}-seed{seed}-v{VERSION}"
+
+
 def build_assets(demo_dir, scale: str = "full", seed: int = 42, is_main: bool = True,
                  heldout: str = "combinations") -> DemoAssets:
-    """The demo's data, tokenizer, vision tower and LM, built once into a folder keyed by scale, held-out kind, seed
-    and VERSION (written under a temporary name and renamed when complete, so an interrupted build is never reused)."""
-    torch.set_flush_denormal(True)  # tiny models hit denormal floats on the CPU; flushing them is 3x faster here
-    kind = "" if heldout == "combinations" else f"-{heldout}"
-    folder = Path(demo_dir).resolve() / f"{scale}{kind}-seed{seed}-v{VERSION}"
+    """The demo's data, tokenizer, vision tower and LM, built once into assets_folder (written under a temporary
+    name and renamed when complete, so an interrupted build is never reused)."""
+    torch.set_flush_denormal(True)  # tiny models hit denormal floats on the CPU, which are slow to compute with
+    folder = assets_folder(demo_dir, scale, seed, heldout).resolve()
     assets = DemoAssets(str(folder), str(folder / "clip"), str(folder / "llm"), str(folder / "data/manifest.jsonl"),
                         heldout)
     if folder.is_dir():
@@ -333,3 +358,55 @@ def report(results: dict, assets: DemoAssets) -> dict:
     for p in results["predictions"][:5]:
         print(f"  {p['prediction']}\n      refs: {' | '.join(p['references'])}")
     return table
+
+
+# ---- the command line: the demo as a caller of train.py ----------------------------------------------------------
+def all_four_right(predictions: list[dict], samples: list) -> float:
+    """The share of captions that name every attribute of their video right."""
+    return attribute_scores(predictions, {s.id: s.attributes for s in samples})["all four"]
+
+
+def check_attributes(samples: list) -> None:
+    unlabelled = [s.id for s in samples if not s.attributes]
+    if unlabelled:
+        raise ValueError(f"--select-by attributes needs `attributes` on every val sample, and {len(unlabelled)} have "
+                         f"none (first: {unlabelled[0]}); use --select-by meteor")
+
+
+# What --select-by hands the trainer; val_all_four is the training log's column (and training_curves.png's line).
+SELECT_BY = {"attributes": ValScore("all_four", all_four_right, check_attributes), "meteor": None}
+
+
+def command_line_config(argv=None) -> DemoConfig:
+    """The options given, over the demo's defaults (for its scale and projector)."""
+    parser = config_parser(DemoConfig, description="the embedded default: builds tiny generated assets, then trains "
+                           "on them with train.py", epilog="The defaults shown are train.py's; the demo replaces "
+                           "them with its own (demo.demo_defaults) for the options not given.")
+    given = vars(parser.parse_args(argv))
+    if {"clip", "llm", "train_manifest"} & set(given):
+        parser.error("the embedded default builds its own bases and data: give --clip, --llm and "
+                     "--train-manifest to train.py instead")
+    chosen = DemoConfig(**given)
+    return DemoConfig(**demo_defaults(chosen.demo_scale, chosen.projector) | given)
+
+
+def run_demo(cfg: DemoConfig) -> dict | None:
+    """Build the assets, train on them, and on rank 0 print the test table and keep it in logs/demo_table.json."""
+    is_main = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; train.main sets up the process group
+    seed = cfg.seed if cfg.demo_seed is None else cfg.demo_seed
+    assets = build_assets(cfg.demo_dir, scale=cfg.demo_scale, seed=seed, is_main=is_main, heldout=cfg.demo_heldout)
+    cfg = replace(cfg, clip=assets.clip, llm=assets.llm, train_manifest=assets.manifest)
+    results = train_main(cfg, select_by=SELECT_BY[cfg.select_by])
+    if results is not None and is_main:
+        table = report(results, assets)
+        atomic_write_text(Path(cfg.output_dir) / "logs" / "demo_table.json", json.dumps(table, indent=2))
+    return results
+
+
+def main(argv=None) -> dict | None:
+    return run_demo(command_line_config(argv))
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(sys.argv[1:])

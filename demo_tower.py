@@ -23,7 +23,9 @@ from vlm import IGNORE_INDEX
 TOWER = CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                    image_size=64, patch_size=8)
 TOWER_FRAMES = 8  # frames of each training video the tower pretrains on
-TOWER_LR = 2e-3  # AdamW peak; slower (1e-3) or faster (4e-3) left shape at 0.3-0.6 in the feasibility probe
+# AdamW peak: half or double it and the tower learns shape poorly
+# (results/README.md#why-the-demos-defaults-are-what-they-are)
+TOWER_LR = 2e-3
 # The RGB channel orders a recoloured frame takes (the identity excluded); grey backgrounds stay as they are.
 CHANNEL_ORDERS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
 
@@ -103,7 +105,8 @@ def recolour(frames: np.ndarray, targets: dict, generator: torch.Generator) -> t
     colour or background label there: the shape heads see every shape in more colours than the videos show it in
     (a red star turns green or blue), so the tower learns shape apart from colour, as CLIP does from photos where a
     shape comes in every colour. Without it, on the pairs split, the tower's shape head reads the held-out
-    colour-shape pairs of the val frames at 0.58 (seen pairs 0.99)."""
+    colour-shape pairs of the val frames far worse than the seen ones
+    (results/README.md#why-the-demos-defaults-are-what-they-are)."""
     half = len(frames) // 2
     orders = CHANNEL_ORDERS[torch.randint(len(CHANNEL_ORDERS), (len(frames) - half,), generator=generator)]
     frames = frames.copy()

@@ -7,20 +7,23 @@ Each optimizer step sees one window of batch_size x grad_accum x world_size vide
 captions, drawn per epoch); the loss is the summed caption cross-entropy over the window divided by the window's
 number of supervised tokens (torchtune's normalisation), so accumulation and data parallelism change nothing but
 speed. The learning rate warms up linearly, then decays on a cosine, per stage. After each epoch: validation loss
-and METEOR on the val split, and the best stage-2 model kept, by val METEOR (on the demo, by the share of val
-captions that name every attribute right: --select-by attributes). Stage 1's frozen LM writes in its pretraining's
-style, which can score a higher METEOR while naming less of the video right, so its projector is kept apart as
-stage1_projector.pt. At the end the best model is evaluated on the test split. Run without model or data paths,
-it trains the embedded demo (demo.py), whose defaults replace the ones below.
+and METEOR on the val split, and the best stage-2 model kept, by val METEOR, or first by a score its caller hands
+over (ValScore: the demo's share of val captions that name every attribute right). Stage 1's frozen LM writes in
+its pretraining's style, which can score a higher METEOR while naming less of the video right, so its projector is
+kept apart as stage1_projector.pt. At the end the best model is evaluated on the test split. Run without model or
+data paths, `python train.py` hands its command line to the embedded default (demo.py), which builds its assets and
+calls this trainer with its own defaults.
 
     python train.py --projector perceiver --peft dora                      # the demo, on the CPU
     python train.py --clip CLIP_DIR --llm QWEN3_DIR --train-manifest m.jsonl --projector perceiver --peft dora
     torchrun --nproc-per-node 4 train.py ...                               # DDP, one process per GPU
 """
 import argparse
-import json
 import math
+import os
+import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -30,7 +33,6 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import checkpoint
-import demo
 from data import check_splits, load_splits
 from distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
     teardown_distributed, wrap_ddp
@@ -40,7 +42,6 @@ from features import batch_features, collate_features, prepare_splits, video_dat
 from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
 from projectors import PROJECTORS
 from schedule import epoch_caption_choice, epoch_windows, get_lr
-from synth import attribute_scores
 from vlm import VLMConfig, build_vlm, load_tokenizer
 
 
@@ -89,22 +90,12 @@ class TrainConfig:
     skip_bad: bool = option(False, "skip unreadable or missing videos (reported by path) instead of stopping")
     max_bad_fraction: float = option(0.05, "abort when more than this share of videos is bad")
     max_new_tokens: int = option(64, "caption length limit at validation and test time")
-    select_by: str = option("meteor", "what picks best_model.pt among the stage-2 epochs: val METEOR, or the share "
-                            "of val captions that name all the attributes in the manifest's `attributes` right "
-                            "(synthetic data; ties go to METEOR)", choices=["meteor", "attributes"])
     eval_batch_size: int = option(16, "videos per generation batch")
     save_every: int = option(200, "optimizer steps between resumable training states")
     max_steps: int = option(0, "stop (saving a resumable state) after this many optimizer steps in all; 0: no limit")
     cache_dir: str | None = option(None, "feature cache folder (default .cache/features)")
     feature_cache: bool = option(True, "encode each video once and train from cached features")
     num_workers: int = option(2, "DataLoader workers for video decoding")
-    demo_dir: str = option(".cache/demo", "where the embedded demo's assets are built")
-    demo_scale: str = option("full", "size of the embedded demo", choices=["full", "ci"])
-    demo_heldout: str = option("combinations", "what the demo's val and test hold that training never shows: "
-                               "4-attribute combinations, or colour-shape pairs (harder)",
-                               choices=["combinations", "pairs"])
-    demo_seed: int | None = option(None, "seed of the demo's assets (videos, tower, LM); default --seed, so "
-                                   "--seed S --demo-seed 42 trains anew on the same assets")
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -112,17 +103,26 @@ class TrainConfig:
         if self.cache_dir is None:
             self.cache_dir = str(Path(".cache") / "features")
 
-    @property
-    def uses_demo(self) -> bool:
-        return self.clip is None and self.llm is None and self.train_manifest is None
+
+@dataclass(frozen=True)
+class ValScore:
+    """A caller's score of the val captions that picks best_model.pt before val METEOR does (a tie goes to METEOR):
+    score(val predictions, val samples) -> higher is better, logged as val_<name>; check(val samples) refuses, before
+    anything loads, samples it cannot score."""
+    name: str
+    score: Callable[[list[dict], list], float]
+    check: Callable[[list], None] | None = None
+
+    def __post_init__(self):
+        if f"val_{self.name}" not in checkpoint.LOG_COLUMNS:
+            raise ValueError(f"the training log has no column val_{self.name} (checkpoint.LOG_COLUMNS)")
 
 
-def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
-    """TrainConfig from the command line, and the names of the options the user set explicitly."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-                                     epilog="Without --clip/--llm/--train-manifest the embedded demo runs, with "
-                                            "its own defaults (demo.demo_defaults) for the options not given.")
-    for f in fields(TrainConfig):
+def config_parser(config_class=TrainConfig, **parser_options) -> argparse.ArgumentParser:
+    """An option per field of `config_class` (TrainConfig, or a caller's extension of it), its default in its help;
+    options not given are left out of the parsed namespace."""
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS, **parser_options)
+    for f in fields(config_class):
         flag, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
         extra["help"] += f" (default: {f.default})"
         if isinstance(f.default, bool):
@@ -130,8 +130,22 @@ def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
         else:
             kind = type(f.default) if f.default is not None else int if f.type == int | None else str
             parser.add_argument(flag, type=kind, **extra)
-    explicit = vars(parser.parse_args(argv))
-    return TrainConfig(**explicit), set(explicit)
+    return parser
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = config_parser(description=__doc__.split("\n")[0], epilog="Without --clip/--llm/--train-manifest, "
+                           "`python train.py` runs the embedded default (demo.py) with its own defaults.")
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def names_paths(argv: list[str]) -> bool:
+    """Whether a command line gives --clip, --llm or --train-manifest (abbreviated too, as argparse reads it)."""
+    paths = argparse.ArgumentParser(add_help=False)
+    for flag in ("--clip", "--llm", "--train-manifest"):
+        paths.add_argument(flag, nargs="?")
+    given, _ = paths.parse_known_args(argv)
+    return any(value is not None for value in vars(given).values())
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -157,16 +171,15 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 # ---- before any model is loaded ----------------------------------------------------------------------------------
-def read_splits(cfg: TrainConfig, tokenizer: Tokenizer) -> dict[str, list]:
-    """The run's splits, every one present with captions, training captions cut to --max-caption-tokens."""
+def read_splits(cfg: TrainConfig, tokenizer: Tokenizer, select_by: ValScore | None = None) -> dict[str, list]:
+    """The run's splits, every one present with captions (and val scorable by select_by), training captions cut to
+    --max-caption-tokens."""
     splits = load_splits(cfg.train_manifest, val_manifest=cfg.val_manifest, test_manifest=cfg.test_manifest,
                          seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                          max_samples=cfg.max_samples or None)
     check_splits(splits)
-    unlabelled = [s.id for s in splits["val"] if not s.attributes]
-    if cfg.select_by == "attributes" and unlabelled:
-        raise ValueError(f"--select-by attributes needs `attributes` on every val sample, and {len(unlabelled)} have "
-                         f"none (first: {unlabelled[0]}); use --select-by meteor")
+    if select_by and select_by.check:
+        select_by.check(splits["val"])
     return splits | {"train": cut_long_captions(splits["train"], tokenizer, cfg.max_caption_tokens)}
 
 
@@ -248,7 +261,7 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    best_score: float = -1.0   # of the best stage-2 epoch so far: its --select-by value
+    best_score: float = -1.0   # of the best stage-2 epoch so far: its ValScore (its val METEOR without one)
     best_meteor: float = -1.0  # and its val METEOR
 
     @classmethod
@@ -300,34 +313,28 @@ def optimizer_step(model, wrapped, optimizer, trainable, window: list[int], capt
 
 # ---- the end of an epoch, of a stage, of the run -----------------------------------------------------------------
 def end_of_epoch(model, optimizer, splits, cache, cfg: TrainConfig, run: Distributed, log, position: Position,
-                 epoch: int) -> Position:
-    """Validation loss and METEOR (and the attributes' share with --select-by attributes), the best model by them,
-    and a resumable state at the epoch boundary."""
+                 epoch: int, select_by: ValScore | None = None) -> Position:
+    """Validation loss and METEOR (and select_by's score), the best model by them, and a resumable state at the
+    epoch boundary."""
     val = evaluate_split(model, splits["val"], cache, batch_size=cfg.eval_batch_size,
                          max_new_tokens=cfg.max_new_tokens, run=run, with_loss=True)
     meteor = val["metrics"]["meteor"]["value"]
-    all_four = attributes_right(val, splits["val"]) if cfg.select_by == "attributes" else None
+    chosen_by = select_by.score(val["predictions"], splits["val"]) if select_by else None
     log.write(step=position.global_step, epoch=epoch + 1, stage=position.stage, val_loss=val["loss"],
-              val_meteor=meteor, val_all_four=all_four)
-    score = (meteor if all_four is None else all_four, meteor)  # a tie on the attributes goes to METEOR
+              val_meteor=meteor, **({f"val_{select_by.name}": chosen_by} if select_by else {}))
+    score = (meteor if chosen_by is None else chosen_by, meteor)  # a tie on select_by's score goes to METEOR
     improved = score > (position.best_score, position.best_meteor)
     best_score, best_meteor = score if improved else (position.best_score, position.best_meteor)
     position = replace(position, epoch=epoch + 1, step_in_epoch=0, best_score=best_score, best_meteor=best_meteor)
     if run.is_main:
-        attributes = "" if all_four is None else f", all attributes right {all_four:.3f}"
-        print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}"
-              + attributes)
+        chosen = f", val {select_by.name.replace('_', ' ')} {chosen_by:.3f}" if select_by else ""
+        print(f"stage {position.stage} epoch {epoch + 1}: val loss {val['loss']:.4f}, val METEOR {meteor:.4f}{chosen}")
         out = Path(cfg.output_dir) / "checkpoints"
         if improved:
             checkpoint.save_model(out / "best_model.pt", model, cfg,
                                   {"stage": position.stage, "epoch": epoch + 1, "val": val["metrics"]})
         checkpoint.save_training_state(cfg.output_dir, model, optimizer, cfg, asdict(position))
     return position
-
-
-def attributes_right(val: dict, samples: list) -> float:
-    """The share of val captions that name every attribute of their video right (--select-by attributes)."""
-    return attribute_scores(val["predictions"], {s.id: s.attributes for s in samples})["all four"]
 
 
 def finish(model, cfg: TrainConfig, run: Distributed, log) -> None:
@@ -350,23 +357,24 @@ def start_stage(model, stage: int, peak_lr: float, cfg: TrainConfig, run: Distri
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, run: Distributed) -> bool:
+def train(cfg: TrainConfig, run: Distributed, select_by: ValScore | None = None) -> bool:
     """Both stages; True when they finished (False when stopped early by --max-steps)."""
     check_config(cfg)
     out = Path(cfg.output_dir)
     lock = checkpoint.claim_run_folder(out, resume=cfg.resume, start_over=cfg.start_over) if run.is_main else None
     try:
         state = resume_state(cfg)
-        splits = read_splits(cfg, load_tokenizer(cfg.llm))
+        splits = read_splits(cfg, load_tokenizer(cfg.llm), select_by)
         seed_everything(cfg.seed)
         model, splits, cache = prepare(cfg, splits, run)
-        return train_stages(model, splits, cache, cfg, run, state)
+        return train_stages(model, splits, cache, cfg, run, state, select_by)
     finally:
         if lock:
             lock.release()
 
 
-def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state: dict | None) -> bool:
+def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state: dict | None,
+                 select_by: ValScore | None = None) -> bool:
     train_set = video_dataset(splits["train"], cache, num_frames=cfg.num_frames,
                               image_size=model.vision.config.image_size)
     position = Position.of(state)
@@ -405,7 +413,7 @@ def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
                 if not keep_going(model, optimizer, cfg, run, position):
                     return False
-            position = end_of_epoch(model, optimizer, splits, cache, cfg, run, log, position, epoch)
+            position = end_of_epoch(model, optimizer, splits, cache, cfg, run, log, position, epoch, select_by)
         if stage == 1 and run.is_main:
             checkpoint.save_model(Path(cfg.output_dir) / "checkpoints" / "stage1_projector.pt", model, cfg,
                                   {"stage": 1})
@@ -424,36 +432,22 @@ def keep_going(model, optimizer, cfg: TrainConfig, run: Distributed, position: P
     return not stop
 
 
-def main(cfg: TrainConfig) -> dict | None:
+def main(cfg: TrainConfig, select_by: ValScore | None = None) -> dict | None:
     """Train, then evaluate the best model on the test split (the same code as evaluate.py)."""
     run = setup_distributed()
-    demo_assets = None
-    if cfg.uses_demo:
-        demo_seed = cfg.seed if cfg.demo_seed is None else cfg.demo_seed
-        demo_assets = demo.build_assets(cfg.demo_dir, scale=cfg.demo_scale, seed=demo_seed, is_main=run.is_main,
-                                        heldout=cfg.demo_heldout)
-        cfg = replace(cfg, clip=demo_assets.clip, llm=demo_assets.llm, train_manifest=demo_assets.manifest)
     results = None
-    if train(cfg, run):
+    if train(cfg, run, select_by):
         best = Path(cfg.output_dir) / "checkpoints" / "best_model.pt"
         results = evaluate_checkpoint(best, split="test", batch_size=cfg.eval_batch_size,
                                       max_new_tokens=cfg.max_new_tokens, run=run, output_dir=cfg.output_dir)
-        if demo_assets is not None and run.is_main:
-            table = demo.report(results, demo_assets)  # also kept beside the run's other metrics
-            checkpoint.atomic_write_text(Path(cfg.output_dir) / "logs" / "demo_table.json", json.dumps(table, indent=2))
     teardown_distributed(run)
     return results
 
 
-def command_line_config(argv=None) -> TrainConfig:
-    """The options given, over the demo's defaults when no model or data paths are given."""
-    config, explicit = parse_config(argv)
-    if config.uses_demo:
-        given = {k: getattr(config, k) for k in explicit}
-        config = TrainConfig(**(demo.demo_defaults(config.demo_scale, config.projector) | given))
-    return config
-
-
 if __name__ == "__main__":
+    if not names_paths(sys.argv[1:]):
+        # The embedded default builds its assets and calls this trainer; the trainer knows nothing of it. exec keeps
+        # the process and its environment, so this works under torchrun too.
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("demo.py")), *sys.argv[1:]])
     with user_errors():
-        main(command_line_config())
+        main(parse_config())

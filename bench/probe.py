@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from demo import NUM_SLOTS, assets_folder
 from manifests import read_manifest
 from projectors import ProjectorConfig, projector_from_config
 from synth import ATTRIBUTES
@@ -92,7 +93,6 @@ def probe(splits: dict, projector_config: ProjectorConfig, attribute: str, cut: 
 
 def demo_projector_config(name: str, vision_dim: int, llm_dim: int, **options) -> ProjectorConfig:
     """The projector the demo's train.py builds (16 visual tokens for the resamplers, 8 frames)."""
-    from demo import NUM_SLOTS
     requested = dict(num_queries=NUM_SLOTS, num_frames=8) | options
     return ProjectorConfig.requested(name, vision_dim, llm_dim, **requested)
 
@@ -131,7 +131,7 @@ def add_parser(commands) -> None:
     probe_parser.add_argument("--steps", default="40,160,320", help="report the test accuracy after these steps")
     probe_parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, for the head and the projector")
     probe_parser.add_argument("--options", help="projector options as JSON, e.g. '{\"temporal_init_std\": 0.02}'")
-    probe_parser.add_argument("--assets", default=".cache/demo/full-seed42-v3", help="a demo assets folder")
+    probe_parser.add_argument("--assets", default=str(assets_folder(".cache/demo")), help="a demo assets folder")
     probe_parser.add_argument("--cache-dir", default=".cache/features", help="the feature cache the demo filled")
     probe_parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     probe_parser.set_defaults(run=bench_probe)

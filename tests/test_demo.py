@@ -1,9 +1,12 @@
-"""The embedded demo: its snapshot folders load in transformers with our numbers, its pieces do what they say, and
-the shrunken default (scale "ci") runs end to end through train.main, evaluate.py reloading its checkpoint."""
+"""The embedded demo: its snapshot folders load in transformers with our numbers, its pieces do what they say, its
+command line and --select-by reach the trainer, and the shrunken default (scale "ci") runs end to end through
+train.main, evaluate.py reloading its checkpoint."""
 import csv
 import json
 import random
 import shutil
+from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,8 +119,77 @@ def test_caption_scores_read_the_attributes_back_from_the_captions():
 
 @pytest.mark.parametrize("scale", sorted(demo.SCALES))
 def test_demo_defaults_are_train_options(scale):
-    config = TrainConfig(**demo.demo_defaults(scale))
+    config = demo.DemoConfig(**demo.demo_defaults(scale))
     assert config.demo_scale == scale and config.num_frames == demo.SCALES[scale].frames
+    assert set(demo.demo_defaults(scale)) - {f.name for f in fields(TrainConfig)} == {"demo_scale"}
+
+
+@pytest.mark.parametrize("flags, asset_seed", [(["--seed", "7"], 7), (["--seed", "7", "--demo-seed", "42"], 42)])
+def test_demo_seed_picks_the_assets_and_seed_the_training(tmp_path, monkeypatch, flags, asset_seed):
+    """--demo-seed keeps the demo's videos, tower and LM while --seed draws a new training run (run-to-run spread)."""
+    built = {}
+
+    def build_assets(demo_dir, scale, seed, is_main, heldout):
+        built.update(seed=seed, heldout=heldout)
+        raise SystemExit("assets recorded")
+
+    monkeypatch.setattr(demo, "build_assets", build_assets)
+    cfg = demo.command_line_config([*flags, "--demo-scale", "ci", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="assets recorded"):
+        demo.run_demo(cfg)
+    assert built == {"seed": asset_seed, "heldout": "combinations"} and cfg.seed == 7
+
+
+def test_the_demo_takes_its_defaults_and_refuses_paths_of_its_own(capsys):
+    cfg = demo.command_line_config(["--projector", "linear", "--batch-size", "8"])
+    assert (cfg.batch_size, cfg.stage1_epochs, cfg.select_by) == (8, 1, "attributes")  # given, linear's, its own
+    with pytest.raises(SystemExit):
+        demo.command_line_config(["--clip", "models/clip"])
+    assert "give --clip, --llm and --train-manifest to train.py" in capsys.readouterr().err
+
+
+def test_without_attributes_on_val_select_by_attributes_is_refused_before_the_bases_load(tiny_bases, tiny_manifest,
+                                                                                         tmp_path, monkeypatch):
+    clip, llm = tiny_bases
+    assets = demo.DemoAssets(str(tmp_path), str(clip), str(llm), str(tiny_manifest))
+    monkeypatch.setattr(demo, "build_assets", lambda *args, **kwargs: assets)
+    monkeypatch.setattr("train.build_vlm", lambda *a, **k: pytest.fail("the bases were loaded"))
+    with pytest.raises(ValueError, match=r"--select-by attributes needs `attributes` on every val sample.*"
+                                         r"--select-by meteor"):
+        demo.main(["--demo-scale", "ci", "--output-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("select_by, kept", [("meteor", [1, 2]), ("attributes", [1, 3])])
+def test_best_model_is_the_epoch_that_scores_best_by_select_by(tmp_path, monkeypatch, select_by, kept):
+    """Epoch 1 names the attributes right, epoch 2 writes a higher-METEOR caption with the wrong colour, epoch 3
+    names them right with a higher METEOR than epoch 1: METEOR keeps epoch 2, the attributes epoch 3 (a tie on the
+    attributes goes to METEOR)."""
+    import checkpoint
+    from data import Sample
+    from distributed import setup_distributed
+    from train import Position, end_of_epoch
+    val = [Sample(id="v0", video=Path("v0.mp4"), captions=["빨간 원이 흰 배경 위에서 오른쪽으로 움직인다."],
+                  attributes={"colour": "red", "shape": "circle", "motion": "right", "background": "white"})]
+    epochs = iter([("빨간 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.5), ("파란 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.9),
+                   ("빨간 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.6)])
+
+    def evaluate_split(*args, **kwargs):
+        caption, meteor = next(epochs)
+        return {"predictions": [{"id": "v0", "prediction": caption}], "metrics": {"meteor": {"value": meteor}},
+                "loss": 1.0}
+    saved = []
+    monkeypatch.setattr("train.evaluate_split", evaluate_split)
+    monkeypatch.setattr("train.checkpoint.save_model", lambda path, model, cfg, info: saved.append(info["epoch"]))
+    monkeypatch.setattr("train.checkpoint.save_training_state", lambda *args: None)
+    cfg = demo.DemoConfig(output_dir=str(tmp_path / "run"), select_by=select_by)
+    log = checkpoint.TrainingLog(tmp_path / "log.csv", enabled=True)
+    position = Position(stage=2)
+    for epoch in range(3):
+        position = end_of_epoch(None, None, {"val": val}, None, cfg, setup_distributed(), log, position, epoch,
+                                demo.SELECT_BY[cfg.select_by])
+    assert saved == kept
+    all_four = [row["val_all_four"] for row in log.rows()]
+    assert all_four == (["", "", ""] if select_by == "meteor" else ["1.0", "0.0", "1.0"])
 
 
 @pytest.fixture
@@ -132,11 +204,10 @@ def one_thread():
 
 def test_ci_demo_runs_end_to_end_and_evaluate_reloads_it(tmp_path, capsys, one_thread):
     from evaluate import evaluate_checkpoint
-    from train import main
-    config = TrainConfig(**demo.demo_defaults("ci") | dict(demo_dir=str(tmp_path / "demo"),
-                                                            output_dir=str(tmp_path / "run"),
-                                                            cache_dir=str(tmp_path / "features")))
-    results = main(config)
+    config = demo.DemoConfig(**demo.demo_defaults("ci") | dict(demo_dir=str(tmp_path / "demo"),
+                                                                output_dir=str(tmp_path / "run"),
+                                                                cache_dir=str(tmp_path / "features")))
+    results = demo.run_demo(config)
     run = tmp_path / "run"
     printed = capsys.readouterr().out
     assert "demo: building the assets" in printed and "blind" in printed
@@ -154,9 +225,11 @@ def test_ci_demo_runs_end_to_end_and_evaluate_reloads_it(tmp_path, capsys, one_t
     assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in results["predictions"]]
     assets = demo.build_assets(tmp_path / "demo", scale="ci", seed=config.seed)
     assert "reusing" in capsys.readouterr().out
-    assert json.loads((run / "config.json").read_text())["clip"] == assets.clip  # main replaced, not mutated, its config
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["clip"] == assets.clip and recorded["demo_scale"] == "ci"  # replaced, not mutated, its config
     assert config.clip is None
-    table = demo.report(results, assets)
+    assert {row["val_all_four"] != "" for row in rows if row["val_meteor"]} == {True}  # --select-by attributes
+    table = json.loads((run / "logs" / "demo_table.json").read_text())  # the table report() printed
     assert set(table["model"]) == {"METEOR", "CIDEr-D", *ATTRIBUTES, "all four"}
     assert table["model"]["METEOR"] == pytest.approx(results["metrics"]["meteor"]["value"])
     assert set(table["blind"]) == set(table["model"])

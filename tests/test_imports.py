@@ -58,6 +58,34 @@ def test_the_cycle_finder_finds_a_planted_circle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def imported_names(path: Path) -> set[str]:
+    """Every dotted name an import anywhere in the file reaches (`from a import b` gives a and a.b), function bodies
+    included, with importlib.import_module("x") and __import__("x") calls."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in \
+                ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            names.add(node.args[0].value)
+    return names
+
+
+def test_the_trainer_imports_neither_its_demo_nor_the_dataset_generator():
+    """The embedded default is one caller of train.py: the caller depends on the trainer, never the reverse."""
+    parts = {part for name in imported_names(ROOT / "train.py") for part in name.split(".")}
+    assert "torch" in parts and parts & {"demo", "demo_tower", "synth"} == set()
+
+
+def test_imported_names_sees_imports_inside_functions(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import os\n\ndef later():\n    from synth import ATTRIBUTES\n    import demo.tower\n"
+                       "    return importlib.import_module('demo_tower')\n")
+    assert imported_names(planted) == {"os", "synth", "synth.ATTRIBUTES", "demo.tower", "demo_tower"}
+
+
 def test_the_root_holds_no_benchmark_files():
     assert not list(ROOT.glob("bench*.py"))
     assert (ROOT / "bench" / "__main__.py").is_file()

@@ -14,7 +14,7 @@ import torch
 
 import checkpoint
 from distributed import setup_distributed
-from train import TrainConfig, main, train
+from train import TrainConfig, ValScore, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two batchings of the same examples agree to 1% of one Adam step at lr 1e-3. Not tighter: where a gradient element
@@ -268,44 +268,6 @@ def test_a_missing_val_split_is_refused_before_the_bases_load(setup, tmp_path, m
         train(config(setup, tmp_path, train_manifest=str(manifest)), setup_distributed())
 
 
-def test_without_attributes_on_val_select_by_attributes_is_refused_before_the_bases_load(setup, tmp_path,
-                                                                                         monkeypatch):
-    monkeypatch.setattr("train.build_vlm", lambda *a, **k: pytest.fail("the bases were loaded"))
-    with pytest.raises(ValueError, match=r"--select-by attributes needs `attributes` on every val sample.*"
-                                         r"--select-by meteor"):
-        train(config(setup, tmp_path, select_by="attributes"), setup_distributed())
-
-
-@pytest.mark.parametrize("select_by, kept", [("meteor", [1, 2]), ("attributes", [1, 3])])
-def test_best_model_is_the_epoch_that_scores_best_by_select_by(setup, tmp_path, monkeypatch, select_by, kept):
-    """Epoch 1 names the attributes right, epoch 2 writes a higher-METEOR caption with the wrong colour, epoch 3
-    names them right with a higher METEOR than epoch 1: METEOR keeps epoch 2, the attributes epoch 3 (a tie on the
-    attributes goes to METEOR)."""
-    from data import Sample
-    from train import Position, end_of_epoch
-    val = [Sample(id="v0", video=Path("v0.mp4"), captions=["빨간 원이 흰 배경 위에서 오른쪽으로 움직인다."],
-                  attributes={"colour": "red", "shape": "circle", "motion": "right", "background": "white"})]
-    epochs = iter([("빨간 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.5), ("파란 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.9),
-                   ("빨간 원이 흰 배경 위에서 오른쪽으로 움직인다.", 0.6)])
-
-    def evaluate_split(*args, **kwargs):
-        caption, meteor = next(epochs)
-        return {"predictions": [{"id": "v0", "prediction": caption}], "metrics": {"meteor": {"value": meteor}},
-                "loss": 1.0}
-    saved = []
-    monkeypatch.setattr("train.evaluate_split", evaluate_split)
-    monkeypatch.setattr("train.checkpoint.save_model", lambda path, model, cfg, info: saved.append(info["epoch"]))
-    monkeypatch.setattr("train.checkpoint.save_training_state", lambda *args: None)
-    cfg = config(setup, tmp_path, select_by=select_by)
-    log = checkpoint.TrainingLog(tmp_path / "log.csv", enabled=True)
-    position = Position(stage=2)
-    for epoch in range(3):
-        position = end_of_epoch(None, None, {"val": val}, None, cfg, setup_distributed(), log, position, epoch)
-    assert saved == kept
-    all_four = [row["val_all_four"] for row in log.rows()]
-    assert all_four == (["", "", ""] if select_by == "meteor" else ["1.0", "0.0", "1.0"])
-
-
 def test_an_over_long_caption_is_cut_with_one_warning(setup, tmp_path, capsys):
     from dataclasses import replace as replaced
 
@@ -324,27 +286,36 @@ def test_an_over_long_caption_is_cut_with_one_warning(setup, tmp_path, capsys):
     assert capsys.readouterr().out.count("1 training captions are longer than 12 tokens") == 1
 
 
-def test_help_shows_every_default():
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
-                            timeout=60)
-    text = " ".join(result.stdout.split())
+def test_a_scorer_names_a_column_of_the_training_log():
+    assert ValScore("all_four", lambda predictions, samples: 1.0).name == "all_four"
+    with pytest.raises(ValueError, match="no column val_colour"):
+        ValScore("colour", lambda predictions, samples: 1.0)
+
+
+@pytest.mark.parametrize("argv, gives_paths", [([], False), (["--projector", "linear", "--demo-scale", "ci"], False),
+                                               (["--clip", "c"], True), (["--train-manifest=m.jsonl"], True),
+                                               (["--seed", "1", "--ll", "q"], True)])
+def test_names_paths_reads_the_path_options_as_argparse_does(argv, gives_paths):
+    from train import names_paths
+    assert names_paths(argv) == gives_paths
+
+
+def test_help_without_paths_is_the_demos_and_with_paths_the_trainers():
+    """Every option with its default in both; without --clip/--llm/--train-manifest train.py hands the command line
+    over to the embedded default, whose help adds its own options."""
+    def shown(*flags):
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--help"], capture_output=True,
+                                text=True, timeout=60, cwd="/")
+        assert result.returncode == 0, result.stderr[-2000:]
+        return " ".join(result.stdout.split())
     from dataclasses import fields
+
+    from demo import DemoConfig
+    demo_help, train_help = shown(), shown("--clip", "x")
     for f in fields(TrainConfig):
-        assert f"(default: {f.default})" in text, f.name
-
-
-@pytest.mark.parametrize("flags, asset_seed", [(["--seed", "7"], 7), (["--seed", "7", "--demo-seed", "42"], 42)])
-def test_demo_seed_picks_the_assets_and_seed_the_training(tmp_path, monkeypatch, flags, asset_seed):
-    """--demo-seed keeps the demo's videos, tower and LM while --seed draws a new training run (run-to-run spread)."""
-    import train as train_module
-    built = {}
-
-    def build_assets(demo_dir, scale, seed, is_main, heldout):
-        built.update(seed=seed, heldout=heldout)
-        raise SystemExit("assets recorded")
-
-    monkeypatch.setattr(train_module.demo, "build_assets", build_assets)
-    cfg = train_module.command_line_config([*flags, "--demo-scale", "ci", "--output-dir", str(tmp_path / "run")])
-    with pytest.raises(SystemExit, match="assets recorded"):
-        main(cfg)
-    assert built == {"seed": asset_seed, "heldout": "combinations"} and cfg.seed == 7
+        assert f"(default: {f.default})" in demo_help and f"(default: {f.default})" in train_help, f.name
+    trainer_options = {f.name for f in fields(TrainConfig)}
+    for f in fields(DemoConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name not in trainer_options:  # the demo's own
+            assert f"{flag} " in demo_help and f"(default: {f.default})" in demo_help and flag not in train_help
