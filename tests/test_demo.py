@@ -216,7 +216,8 @@ def test_ci_demo_runs_end_to_end_and_evaluate_reloads_it(tmp_path, capsys, one_t
     assert np.mean(losses[-5:]) < 0.85 * losses[0], losses  # the projector learns to address the frozen LM
     for name in ("best_model.pt", "final_model.pt", "stage1_projector.pt"):
         assert (run / "checkpoints" / name).is_file()
-    assert (run / "logs" / "training_curves.png").stat().st_size > 0
+    curves = (run / "logs" / "training_curves.png").read_bytes()
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and len(curves) > 1000
     metrics = json.loads((run / "logs" / "final_metrics.json").read_text())
     predictions = json.loads((run / "samples" / "predictions.json").read_text())
     assert metrics["split"] == "test" and metrics["num_videos"] == len(predictions) == demo.SCALES["ci"].num_test

@@ -129,7 +129,8 @@ def test_summary_page_csv_and_plots_from_finished_runs(tmp_path, monkeypatch, ca
     assert page.count('<tr class="run">') == 2 and page.count('src="data:image/png;base64,') == 2
     assert 'href="../runs/E1_perceiver_lora/samples/report.html"' in page
     assert "--bertscore-model" in page and "bertscore" not in (tmp_path / "summary" / "all_results.csv").read_text()
-    assert (tmp_path / "summary" / "learning_curves.png").stat().st_size > 0
+    curves = (tmp_path / "summary" / "learning_curves.png").read_bytes()
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and len(curves) > 1000
     # an older run without a machine or wall time says so
     saved = read_csv(tmp_path / "summary" / "all_results.csv")
     assert [(r["machine"], r["wall_seconds"]) for r in saved] == [("NVIDIA H100", "320.5"), ("unknown", "unknown")]
