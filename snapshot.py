@@ -155,11 +155,11 @@ def read_tensors(folder: Path, our_name: Rename = keep_every_key) -> Iterator[tu
 
 
 def assign(model: nn.Module, name: str, tensor: torch.Tensor, *, dtype: torch.dtype, device) -> None:
-    """Put one checkpoint tensor, cast and moved, in place of the meta tensor `name` (a parameter or buffer).
-    copy=True: a tensor read from a file may alias its memory map; a copy lets the file close."""
+    """Put one checkpoint tensor, moved and (floating point only) cast, in place of the meta tensor `name`, a
+    parameter or a buffer. copy=True: a tensor read from a file may alias its memory map; a copy lets the file close."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
-    value = tensor.to(device=device, dtype=dtype, copy=True)
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
     if attribute in module._buffers:
         module.register_buffer(attribute, value)
     else:
@@ -184,8 +184,9 @@ def fingerprint(folder: Path) -> str:
     sha256 over config.json and, for each weight file, its name and size; for safetensors its header (every
     tensor's name, dtype, shape and offsets) and BLOCKS evenly spaced blocks of each tensor's bytes, the whole
     tensor when it is small; a .bin (an older, smaller snapshot) whole. Any change of shape or dtype is seen, and
-    so is a change of a tensor's values (a fine-tune, a LoRA merge changes them all): a few MiB are read for
-    Qwen3-8B's 16 GB. A byte-identical copy in another folder has the same fingerprint."""
+    so is a change of a tensor's values that reaches its sampled blocks, as a fine-tune or a merged LoRA update
+    (every value changes) does; a few values edited between the blocks of a large tensor are not. At most 32 KiB
+    a tensor: about 12 MiB of Qwen3-8B's 16 GB. A byte-identical copy in another folder has the same fingerprint."""
     folder = Path(folder)
     digest = hashlib.sha256((folder / "config.json").read_bytes())
     for file in weight_files(folder):

@@ -95,6 +95,20 @@ def test_missing_unexpected_and_misshapen_keys_are_one_line_naming_the_first_few
         "shape (3, 5), but config.json implies (3, 4))"
 
 
+def test_buffers_are_assigned_and_only_floating_tensors_cast(tmp_path):
+    norm = nn.BatchNorm1d(3)
+    norm.running_mean += 1.0
+    norm.num_batches_tracked += 7
+    folder = write_folder(tmp_path / "norm", norm.state_dict())
+    with torch.device("meta"):
+        model = nn.BatchNorm1d(3)
+    snapshot.load_into(model, folder, dtype=torch.bfloat16, device="cpu")
+    assert dict(model.named_buffers()).keys() == {"running_mean", "running_var", "num_batches_tracked"}
+    assert model.running_mean.dtype == torch.bfloat16 and torch.equal(model.running_mean.float(), torch.ones(3))
+    assert model.num_batches_tracked.dtype == torch.int64 and model.num_batches_tracked.item() == 7
+    assert model.weight.dtype == torch.bfloat16 and not model.weight.requires_grad
+
+
 def test_a_key_mapped_twice_is_refused(tmp_path):
     folder = write_folder(tmp_path / "twice", {"a.bias": torch.zeros(3), "b.bias": torch.zeros(3)})
     with pytest.raises(ValueError, match="'a.bias' and 'b.bias' are both 'first.bias'"):
