@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
+
+import snapshot
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -134,7 +135,7 @@ class Bert(nn.Module):
         return x
 
 
-# ---- loading a Hugging Face snapshot folder ----
+# ---- loading a Hugging Face snapshot folder (snapshot.py reads it) ----
 
 def bert_name(key: str, config: BertConfig, num_layers: int) -> str | None:
     """Our name for a checkpoint key, or None for one BERTScore does not use: the pooler, BertForPreTraining's
@@ -150,68 +151,19 @@ def bert_name(key: str, config: BertConfig, num_layers: int) -> str | None:
     return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
-def weight_files(folder: Path) -> list[Path]:
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (folder / single).is_file():
-            return [folder / single]
-        if (folder / index).is_file():
-            return sorted({folder / shard for shard in json.loads((folder / index).read_text())["weight_map"].values()})
-    raise FileNotFoundError(f"{folder}: no weights; expected model.safetensors or pytorch_model.bin (or an index "
-                            f"with its shards), as in a Hugging Face BERT snapshot")
-
-
-def read_tensors(folder: Path):
-    """(file, key, tensor) for every tensor of the folder's weights; a .bin is read with weights_only (no pickled
-    code runs) and memory-mapped."""
-    for file in weight_files(folder):
-        if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as weights:
-                yield from ((file, key, weights.get_tensor(key)) for key in weights.keys())
-        else:
-            for key, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
-                yield file, key, tensor
-
-
-def read_bert_config(folder: Path) -> BertConfig:
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face BERT model folder (config.json, "
-                                f"model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt)")
-    try:
-        return BertConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    except ValueError as error:
-        raise ValueError(f"{folder / 'config.json'}: {error}") from error
-
-
 def load_bert(path, num_layers: int, *, dtype: torch.dtype = torch.float32, device="cpu") -> Bert:
     """A frozen Bert with the embeddings and the first `num_layers` layers of a Hugging Face BERT folder.
 
-    Built on the meta device and filled tensor by tensor (`assign=True`); every kept key must match a parameter in
-    name and shape, and every parameter must be in the checkpoint."""
+    Built on the meta device and filled tensor by tensor; every kept key must match a parameter in name and shape,
+    and every parameter must be in the checkpoint."""
     folder = Path(path).expanduser()
-    config = read_bert_config(folder)
+    config = snapshot.read_config(folder, BertConfig.from_hf)
     if not 0 <= num_layers <= config.num_hidden_layers:
         raise ValueError(f"{folder}: layer {num_layers} does not exist; this BERT has layers 0 (the embeddings) "
                          f"to {config.num_hidden_layers}")
     with torch.device("meta"):
         model = Bert(config, num_layers)
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state = {}
-    for file, key, tensor in read_tensors(folder):
-        if (name := bert_name(key, config, num_layers)) is None:
-            continue
-        if name not in expected or name in state:
-            why = "appears twice" if name in state else f"has no place in a BERT encoder (no '{name}')"
-            raise ValueError(f"{file}: unexpected weight '{key}': it {why}")
-        if tensor.shape != expected[name]:
-            raise ValueError(f"{file}: '{key}' has shape {tuple(tensor.shape)}, but config.json implies "
-                             f"{tuple(expected[name])}")
-        state[name] = tensor.to(device=device, dtype=dtype, copy=True)  # copy: let the file's memory map close
-    missing = sorted(expected.keys() - state.keys())
-    if missing:
-        raise ValueError(f"{folder}: missing weight '{missing[0]}' ({len(missing)} missing in all); the checkpoint "
-                         f"does not match its config.json")
-    model.load_state_dict(state, strict=True, assign=True)
+    snapshot.load_into(model, folder, lambda key: bert_name(key, config, num_layers), dtype=dtype, device=device)
     return model.requires_grad_(False).eval()
 
 
@@ -272,7 +224,7 @@ def load_bert_tokenizer(path) -> BertTokenizer:
     else:
         raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt; copy the BERT snapshot's tokenizer "
                                 f"files into the folder")
-    positions = read_bert_config(folder).max_position_embeddings
+    positions = snapshot.read_config(folder, BertConfig.from_hf).max_position_embeddings
     needed = [special[name] for name in ("cls_token", "sep_token", "pad_token")]
     ids = [tokenizer.token_to_id(token) for token in needed]
     if None in ids:

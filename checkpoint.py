@@ -6,11 +6,13 @@ POSIX), so a crash or a full disk mid-save leaves the previous file loadable and
 A run folder belongs to one run: a second writer is refused while the first holds the lock, and a folder that
 already holds a run is continued (--resume auto) or moved aside (--start-over), never overwritten. Everything is loaded with `torch.load(..., weights_only=True)`: tensors, numbers, strings,
 lists and dicts only, never pickled code. A checkpoint holds only trainable weights (projector + adapters), the
-configs that rebuild the model, and the bases' fingerprints, never the frozen bases.
+configs that rebuild the model, and the bases' fingerprints (snapshot.fingerprint; the older forms of checkpoints
+written before it are still accepted, see base_identity_today), never the frozen bases.
 """
 import csv
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -27,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import snapshot
+from clip import CLIPConfig, vision_key
 
 MODEL_FORMAT = "kovlm-model-1"
 STATE_FORMAT = "kovlm-training-state-1"
@@ -150,6 +155,43 @@ def restore_training_state(state: dict, model, optimizer) -> None:
     model.load_trainable_state_dict(state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_states(state["rng"])
+
+
+# ---- the bases' identity ----------------------------------------------------------------------------------------
+def base_identity_today(saved: dict, current: dict, folders: dict) -> dict:
+    """A checkpoint's `base_identity` as it is compared with the bases loaded now (`current`, from
+    snapshot.fingerprint): a fingerprint of the older form (another length) that `legacy_fingerprint` finds again
+    in its folder is read as that folder's fingerprint today, so checkpoints written before still load. Anything
+    else is returned as saved, and a difference is refused by the caller."""
+    today = dict(saved)
+    for base, recorded in saved.items():
+        if base in current and len(recorded) != len(current[base]) and \
+                recorded == legacy_fingerprint(base, Path(folders[base])):
+            today[base] = current[base]
+    return today
+
+
+def legacy_fingerprint(base: str, folder: Path) -> str:
+    """What checkpoints written before snapshot.fingerprint recorded, kept only so that they still load.
+    "clip": 16 hex digits of sha256 over the tower's config and every vision tensor's name, shape, dtype and bytes.
+    "llm": 64 hex digits of sha256 over config.json and each weight file's name, size and first MiB."""
+    if base == "llm":
+        digest = hashlib.sha256((folder / "config.json").read_bytes())
+        for file in snapshot.weight_files(folder):
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+        return digest.hexdigest()
+    tensors = {}
+    for name, tensor in snapshot.read_tensors(folder, vision_key):
+        digest = hashlib.sha256(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        tensors[name] = digest.hexdigest()
+    config = asdict(snapshot.read_config(folder, CLIPConfig.from_hf))
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(f"{name}:{tensors[name]}".encode())
+    return digest.hexdigest()[:16]
 
 
 # ---- the run folder ---------------------------------------------------------------------------------------------

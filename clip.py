@@ -13,16 +13,14 @@ Shapes (the legend of every file):
     nh  attention heads; hs head dim (Dv = nh * hs)
 ViT-L/14-336: p 14, P 576, T 577, Dv 1024, Dff 4096, 24 layers, nh 16, hs 64.
 """
-import hashlib
-import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
+
+import snapshot
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +150,9 @@ class CLIPVision(nn.Module):
 
     `post_layernorm` is part of the checkpoint but forward never applies it: transformers applies it only to the
     pooled CLS token (`pooler_output`), never to `hidden_states`, and the features kovlm uses are hidden states.
-    It is kept so that every vision weight of a checkpoint has a home and the fingerprint covers it.
-    `fingerprint` is set by `load_clip_vision`; a model built in code gets one from `fingerprint_state`.
+    It is kept so that every vision weight of a checkpoint has a home.
+    `load_clip_vision` sets `weights_fingerprint` (the snapshot's, snapshot.fingerprint) and `fingerprint` (those
+    weights in the dtype they compute in: the feature cache's key); a model built in code has neither.
     """
 
     def __init__(self, config: CLIPConfig):
@@ -196,34 +195,8 @@ class CLIPVision(nn.Module):
                              f"(N, {c}, {size}, {size}): resize the frames to image_size={size} first")
 
 
-# ---- fingerprint: identifies the tower's exact weights, so cached features can be keyed on it ----
+# ---- loading a Hugging Face snapshot folder (snapshot.py reads it) ----
 
-def tensor_digest(name: str, tensor: torch.Tensor) -> str:
-    """sha256 over a tensor's name, shape, dtype and raw bytes."""
-    digest = hashlib.sha256(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def combine_fingerprint(config_dict: dict, tensor_digests: dict[str, str]) -> str:
-    """One short hex string from the config (sorted JSON) and the per-tensor digests, taken in name order, so the
-    same weights give the same fingerprint whether they come from one file or many shards, in any order."""
-    digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True).encode())
-    for name in sorted(tensor_digests):
-        digest.update(f"{name}:{tensor_digests[name]}".encode())
-    return digest.hexdigest()[:16]
-
-
-def fingerprint_state(config_dict: dict, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """The fingerprint of any state: `fingerprint_state(asdict(model.config), model.state_dict().items())`
-    equals what `load_clip_vision` sets on the model it loads."""
-    return combine_fingerprint(config_dict, {name: tensor_digest(name, t) for name, t in named_tensors})
-
-
-# ---- loading a Hugging Face snapshot folder ----
-
-WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
-                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 NON_VISION_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
@@ -244,76 +217,18 @@ def vision_key(checkpoint_key: str) -> str | None:
     return checkpoint_key
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The weight files to read: the single file, or the shards of an index that hold at least one vision key."""
-    for single, index in WEIGHT_LAYOUTS:
-        if (folder / single).is_file():
-            return [folder / single]
-        if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            shards = sorted({folder / shard for key, shard in weight_map.items() if vision_key(key) is not None})
-            for shard in shards:
-                if not shard.is_file():
-                    raise FileNotFoundError(f"{folder}: {index} lists {shard.name}, which is not in the folder")
-            return shards
-    raise FileNotFoundError(f"{folder}: no weights; expected model.safetensors, model.safetensors.index.json with "
-                            f"its shards, pytorch_model.bin, or pytorch_model.bin.index.json with its shards")
-
-
-def read_vision_tensors(file: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(checkpoint key, CLIPVision name, tensor) for each vision key of one weight file; other keys are not read."""
-    if file.suffix == ".safetensors":
-        with safe_open(file, framework="pt") as weights:
-            for key in weights.keys():
-                if (name := vision_key(key)) is not None:
-                    yield key, name, weights.get_tensor(key)
-    else:
-        # weights_only: unpickling runs no code; mmap: the text tower's tensors are mapped, never read
-        for key, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
-            if (name := vision_key(key)) is not None:
-                yield key, name, tensor
-
-
 def load_clip_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> CLIPVision:
     """A frozen CLIPVision (eval mode, requires_grad False) from a Hugging Face CLIP or CLIPVision model folder.
 
     The module is built on the meta device (shapes, no memory) and the checkpoint's tensors, cast to `dtype`, become
-    its parameters (`assign=True`): memory holds one copy. Every vision key must match a parameter in name and
-    shape, and every parameter must be in the checkpoint.
+    its parameters one by one: memory holds one copy. Every vision key must match a parameter in name and shape,
+    and every parameter must be in the checkpoint.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face CLIP model folder "
-                                f"(config.json + model.safetensors or pytorch_model.bin)")
-    try:
-        config = CLIPConfig.from_hf(json.loads(config_file.read_text()))
-    except ValueError as error:
-        raise ValueError(f"{config_file}: {error}") from error
+    config = snapshot.read_config(folder, CLIPConfig.from_hf)
     with torch.device("meta"):
         model = CLIPVision(config)
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state, digests, cast = {}, {}, False
-    for file in checkpoint_files(folder):
-        for key, name, tensor in read_vision_tensors(file):
-            if name not in expected or name in state:
-                why = "appears twice" if name in state else f"has no place in CLIPVision (no '{name}')"
-                raise ValueError(f"{folder}: unexpected vision weight '{key}' in {file.name}: it {why}")
-            if tensor.shape != expected[name]:
-                raise ValueError(f"{folder}: '{key}' in {file.name} has shape {tuple(tensor.shape)}, but config.json "
-                                 f"implies {tuple(expected[name])}")
-            digests[name] = tensor_digest(name, tensor)  # hashed as stored, while read: no second pass
-            cast |= tensor.dtype != dtype
-            state[name] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(expected.keys() - state.keys())
-    if missing:
-        raise ValueError(f"{folder}: missing vision weight '{missing[0]}' ({len(missing)} missing in all); "
-                         f"the checkpoint does not match its config.json")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.requires_grad_(False).eval()
-    # weights_fingerprint names the weights as stored (a checkpoint's base identity, whatever dtype it ran in);
-    # fingerprint the weights as they compute (the feature cache's key: bf16 features are not fp32 features).
-    model.weights_fingerprint = combine_fingerprint(asdict(config), digests)
-    model.fingerprint = combine_fingerprint({"weights": model.weights_fingerprint, "dtype": str(dtype)}, {}) \
-        if cast else model.weights_fingerprint
-    return model
+    snapshot.load_into(model, folder, vision_key, dtype=dtype, device=device)
+    model.weights_fingerprint = snapshot.fingerprint(folder)  # a checkpoint's base identity: the weights as stored
+    model.fingerprint = snapshot.fingerprint_with_dtype(model.weights_fingerprint, dtype)  # the feature cache's key
+    return model.requires_grad_(False).eval()

@@ -17,11 +17,12 @@ when train.py passes output_dir. The table is printed before anything is written
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from checkpoint import atomic_write_text, load_checkpoint, peak_memory
+from checkpoint import atomic_write_text, base_identity_today, load_checkpoint, peak_memory
 from data import load_splits
 from distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
     teardown_distributed
@@ -105,6 +106,8 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
     config = VLMConfig(**{**checkpoint["vlm_config"], "clip_path": clip or saved.clip_path,
                           "llm_path": llm or saved.llm_path})
     model = build_vlm(config, device=device, dtype=dtype)
+    saved = replace(saved, base_identity=base_identity_today(saved.base_identity, model.config.base_identity,
+                                                             {"clip": config.clip_path, "llm": config.llm_path}))
     for name in ("base_identity", "projector", "adapter", "vision_layer", "num_frames", "quant"):
         difference = describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)})
         if difference:

@@ -2,13 +2,14 @@
 features are kept on disk (README, "The feature cache"). Later epochs and evaluation run zero CLIP forwards.
 
 A cache entry is one safetensors file named by a key over everything that decides the features: the video file's
-content (sha256), the segment's span, the number of frames and the image size, the tower's fingerprint (config +
-weights) and the layer. Change any of them and the key changes, so stale features are never returned. The entry's
-metadata holds that key, the video's path and a sha256 of the tensor's bytes; an entry that does not parse, fails
-its checksum (a changed byte, another entry's data) or carries another key (another video's whole entry) is
-recomputed with one warning naming the video. Features are stored in CACHE_DTYPE (fp16): (F, P, Dv) =
-(8, 576, 1024) is 9.4 MB; a model trained from the cache saw its features rounded to it, so captioning without the
-cache rounds them alike (caption.py).
+content (sha256 of every byte: a video is small beside the model snapshots), the segment's span, the number of
+frames and the image size, the tower's fingerprint (snapshot.fingerprint of its folder with the dtype it computes
+in, set by the loader: bf16 features are not fp32 features) and the layer. Change any of them and the key changes,
+so stale features are never returned. The entry's metadata holds that key, the video's path and a sha256 of the
+tensor's bytes; an entry that does not parse, fails its checksum (a changed byte, another entry's data) or carries
+another key (another video's whole entry) is recomputed with one warning naming the video. Features are stored in
+CACHE_DTYPE (fp16): (F, P, Dv) = (8, 576, 1024) is 9.4 MB; a model trained from the cache saw its features rounded
+to it, so captioning without the cache rounds them alike (caption.py).
 """
 import hashlib
 import json

@@ -16,18 +16,16 @@ which calls `hidden_states` and `run_layers`, the part of the forward the two sh
 Shape legend: B batch, T positions in this forward, S key positions (cached + T), C hidden_size, nh query heads,
 nkv key/value heads, hs head_dim, I intermediate_size, V vocab_size.
 """
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nf4 import bnb, empty_nf4_linear
+import snapshot
 
 
 @dataclass
@@ -306,35 +304,6 @@ class Qwen3(nn.Module):
                        dtype=embedding.dtype, device=embedding.device)
 
 
-def snapshot_files(path: Path) -> tuple[Path, list[Path]]:
-    """config.json and the safetensors files of a Hugging Face snapshot folder (one file, or shards + index)."""
-    config_file, single, index = path / "config.json", path / "model.safetensors", path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        weight_files = [single] if single.is_file() else []
-    missing = ([] if config_file.is_file() else ["config.json"]) + \
-              ([] if weight_files else ["model.safetensors (or model.safetensors.index.json and its shards)"])
-    if missing:
-        raise FileNotFoundError(f"{path}: not a Qwen3 snapshot folder, missing {' and '.join(missing)}; pass the "
-                                f"folder that holds config.json and the *.safetensors weights")
-    for file in weight_files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{index}: lists shard {file.name}, which is not in {path}; download it again")
-    return config_file, weight_files
-
-
-def snapshot_fingerprint(config_file: Path, weight_files: list[Path]) -> str:
-    """sha256 of config.json + each weight file's name, size and first MiB: cheap, and enough to tell snapshots
-    apart when a checkpoint is matched to its base model (hashing 16 GB of weights would take minutes)."""
-    digest = hashlib.sha256(config_file.read_bytes())
-    for file in weight_files:
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-    return digest.hexdigest()
-
-
 def swap_linears_to_nf4(model: Qwen3, compute_dtype: torch.dtype) -> None:
     """Every nn.Linear inside the decoder layers becomes an empty (meta) bitsandbytes Linear4bit. Embeddings,
     norms and lm_head stay in full precision, as transformers' BitsAndBytesConfig leaves them."""
@@ -349,45 +318,23 @@ def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="
     """Build Qwen3 from a Hugging Face snapshot folder; quant="nf4" quantizes decoder-layer linears while reading.
 
     The returned model is in eval mode and frozen (requires_grad=False everywhere). A tied model's checkpoint may
-    still carry lm_head.weight (older exports do): it is read once, must equal the embedding, and is dropped."""
+    still carry lm_head.weight (older exports do): it is not loaded, but must equal the embedding."""
     if quant not in (None, "nf4"):
         raise ValueError(f"quant={quant!r}: use None (weights in `dtype`) or 'nf4' (4-bit NormalFloat)")
-    path = Path(path).expanduser()
-    config_file, weight_files = snapshot_files(path)
-    config = Qwen3Config.from_hf(json.loads(config_file.read_text()))
+    folder = Path(path).expanduser()
+    config = Qwen3Config.from_hf(snapshot.read_config(folder))
     with torch.device("meta"):
         model = Qwen3(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    stored = {}  # name -> (file, shape), from the safetensors headers only: every check runs before any read
-    for file in weight_files:
-        with safe_open(file, framework="pt") as f:
-            stored.update({name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
-    spare_head = stored.pop("lm_head.weight", None) if config.tie_word_embeddings else None
-    for name, (file, shape) in stored.items():
-        if name not in expected:
-            raise ValueError(f"{file}: unexpected tensor {name!r}; a Qwen3ForCausalLM checkpoint has no such key")
-        if shape != expected[name]:
-            raise ValueError(f"{file}: tensor {name!r} has shape {shape} but config.json implies {expected[name]}; "
-                             f"config.json and the weights disagree")
-    missing = [name for name in expected if name not in stored]
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks tensor {missing[0]!r}" +
-                         (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; the snapshot is incomplete")
     if quant == "nf4":
-        swap_linears_to_nf4(model, dtype)
-    for file in weight_files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name in stored:
-                    load_tensor(model, name, f.get_tensor(name), dtype=dtype, device=device)
-    if spare_head is not None:
-        with safe_open(spare_head[0], framework="pt") as f:
-            head = f.get_tensor("lm_head.weight").to(device=device, dtype=dtype)
-        if not torch.equal(head, model.model.embed_tokens.weight):
-            raise ValueError(f"{spare_head[0]}: config.json says tie_word_embeddings=true but lm_head.weight differs "
-                             f"from model.embed_tokens.weight; set tie_word_embeddings to false if the head is its own")
+        swap_linears_to_nf4(model, dtype)  # still (out, in) on the meta device: the key check is unchanged
+
+    def qwen3_name(key: str) -> str | None:
+        return None if config.tie_word_embeddings and key == "lm_head.weight" else key
+    snapshot.load_into(model, folder, qwen3_name, dtype=dtype, device=device, place=load_tensor)
+    if config.tie_word_embeddings:
+        check_spare_head(model, folder)
     model.model.rotary_emb = Qwen3RotaryEmbedding(config).to(device)  # the one tensor not in the checkpoint
-    model.fingerprint = snapshot_fingerprint(config_file, weight_files)
+    model.fingerprint = snapshot.fingerprint(folder)
     return model.eval().requires_grad_(False)
 
 
@@ -400,5 +347,13 @@ def load_tensor(model: Qwen3, name: str, tensor: torch.Tensor, *, dtype, device)
                                    quant_type="nf4", module=module)
         module.weight = weight.to(device)  # Params4bit.to(device) is what quantizes (on the CPU too)
     else:
-        # copy=True: a tensor read from safetensors may alias the file's memory map; a copy lets the map close.
-        setattr(module, param_name, nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False))
+        snapshot.assign(model, name, tensor, dtype=dtype, device=device)
+
+
+def check_spare_head(model: Qwen3, folder: Path) -> None:
+    """A tied checkpoint's leftover lm_head.weight, if any, must be the embedding it is tied to."""
+    embedding = model.model.embed_tokens.weight
+    for _, head in snapshot.read_tensors(folder, lambda key: key if key == "lm_head.weight" else None):
+        if not torch.equal(head.to(device=embedding.device, dtype=embedding.dtype), embedding):
+            raise ValueError(f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                             f"model.embed_tokens.weight; set tie_word_embeddings to false if the head is its own")

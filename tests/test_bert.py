@@ -126,9 +126,10 @@ def edit_folder(source: Path, target: Path, *, drop=(), add=None, config=None) -
 
 
 @pytest.mark.parametrize("edit, layers, message", [
-    (dict(drop=["encoder.layer.1.output.dense.bias"]), 3, r"missing weight 'encoder.layer.1.output.dense.bias'"),
-    (dict(add={"encoder.layer.7.output.dense.bias": torch.zeros(32)}), 3, r"unexpected weight 'encoder.layer.7"),
-    (dict(add={"embeddings.extra.weight": torch.zeros(2)}), 3, r"no 'embeddings.extra.weight'"),
+    (dict(drop=["encoder.layer.1.output.dense.bias"]), 3, r"missing weights 'encoder.layer.1.output.dense.bias'"),
+    (dict(add={"encoder.layer.7.output.dense.bias": torch.zeros(32)}), 3, r"unexpected weights 'encoder.layer.7"),
+    (dict(add={"embeddings.extra.weight": torch.zeros(2)}), 3,
+     r"unexpected weights 'embeddings.extra.weight'; Bert has no place for them"),
     (dict(config={"intermediate_size": 48}), 3,
      r"'encoder.layer.0.intermediate.dense.bias' has shape \(64,\), but config.json implies \(48,\)"),
     (dict(config={"position_embedding_type": "relative_key"}), 3, r"config.json: position_embedding_type"),
@@ -144,7 +145,7 @@ def test_a_layer_past_the_one_asked_is_neither_loaded_nor_required(bert_dir, tmp
     folder = edit_folder(bert_dir, tmp_path / "cut", drop=[k for k in bert.load_bert(bert_dir, 3).state_dict()
                                                            if k.startswith("encoder.layer.2.")])
     assert len(bert.load_bert(folder, 2).encoder.layer) == 2
-    with pytest.raises(ValueError, match="missing weight 'encoder.layer.2."):
+    with pytest.raises(ValueError, match="missing weights 'encoder.layer.2."):
         bert.load_bert(folder, 3)
 
 

@@ -1,6 +1,7 @@
 """What a run keeps on disk: atomic writes with writer-unique temporary names (two writers and a reader never
 collide or see a torn file), the run folder's lock, a full disk, and checkpoints that are refused in one line."""
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,58 @@ def test_a_full_disk_keeps_the_previous_state_loadable_and_says_the_disk_is_full
             checkpoint.check_writable(disk, needed_bytes=10 * 2**20)
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+# ---- the bases' identity: checkpoints written before snapshot.fingerprint still load --------------------------------
+FIXED_CLIP = {"model_type": "clip_vision_model", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 8, "patch_size": 4}
+FIXED_QWEN3 = {"model_type": "qwen3", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+               "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32, "tie_word_embeddings": False}
+# What load_clip_vision(...).weights_fingerprint and load_qwen3(...).fingerprint were for these two folders before
+# snapshot.fingerprint (commit 64fcd01): the base identity a checkpoint of that time recorded.
+OLDER_IDENTITY = {"clip": "1f0b31f65db8eb71", "llm": "20c0e729a9c9d1e44546d8b299ab5c69d110ffcc2441bf48094e1c400744386a"}
+
+
+def write_fixed_snapshot(folder: Path, config: dict, model, shift: float = 0.0) -> Path:
+    """A snapshot folder whose bytes do not depend on any random generator: each tensor holds (i % 7 - 3) / 4."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({name: ((torch.arange(t.numel()) % 7 - 3) / 4 + shift).reshape(t.shape)
+               for name, t in model.state_dict().items()}, folder / "model.safetensors")
+    return folder
+
+
+def fixed_bases(root: Path, clip_shift: float = 0.0) -> dict:
+    from clip import CLIPConfig, CLIPVision
+    from qwen3 import Qwen3, Qwen3Config
+    return {"clip": write_fixed_snapshot(root / "clip", FIXED_CLIP, CLIPVision(CLIPConfig.from_hf(FIXED_CLIP)),
+                                         clip_shift),
+            "llm": write_fixed_snapshot(root / "llm", FIXED_QWEN3, Qwen3(Qwen3Config.from_hf(FIXED_QWEN3)))}
+
+
+def test_the_older_fingerprints_are_read_as_todays_for_the_same_bases_only(tmp_path):
+    import snapshot
+    bases = fixed_bases(tmp_path / "same")
+    assert {base: checkpoint.legacy_fingerprint(base, folder) for base, folder in bases.items()} == OLDER_IDENTITY
+    today = {base: snapshot.fingerprint(folder) for base, folder in bases.items()}
+    assert checkpoint.base_identity_today(OLDER_IDENTITY, today, bases) == today
+    assert checkpoint.base_identity_today(today, today, bases) == today
+    other = fixed_bases(tmp_path / "other", clip_shift=0.5)  # another tower: its older fingerprint is not the saved one
+    other_today = {base: snapshot.fingerprint(folder) for base, folder in other.items()}
+    assert checkpoint.base_identity_today(OLDER_IDENTITY, other_today, other) == {**other_today,
+                                                                                   "clip": OLDER_IDENTITY["clip"]}
+
+
+def test_a_checkpoint_with_the_older_base_identity_is_rebuilt(tiny_bases):
+    from dataclasses import asdict
+    from evaluate import rebuild_model
+    from vlm import VLMConfig, build_vlm
+    clip, llm = tiny_bases
+    model = build_vlm(VLMConfig(clip_path=str(clip), llm_path=str(llm), projector={"name": "linear"}),
+                      dtype=torch.float32)
+    older = {"clip": checkpoint.legacy_fingerprint("clip", clip), "llm": checkpoint.legacy_fingerprint("llm", llm)}
+    saved = {"vlm_config": asdict(model.config) | {"base_identity": older}, "trainable": model.trainable_state_dict()}
+    rebuilt = rebuild_model(saved, clip=None, llm=None, device="cpu", dtype=torch.float32)
+    assert rebuilt.config.base_identity == model.config.base_identity != older

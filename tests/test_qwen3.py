@@ -293,29 +293,29 @@ def copy_snapshot(source, target, edit_tensors=None, edit_config=None):
 
 
 def test_folder_without_config_or_weights(snapshot, tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing config.json and model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
         load_qwen3(tmp_path)
     shutil.copy(snapshot() / "config.json", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"missing model.safetensors \(or model.safetensors.index.json"):
+    with pytest.raises(FileNotFoundError, match="no weights; expected model.safetensors"):
         load_qwen3(tmp_path)
     sharded = shutil.copytree(snapshot(max_shard_size="20KB"), tmp_path / "sharded")
     next(sharded.glob("model-00002-*.safetensors")).unlink()
-    with pytest.raises(FileNotFoundError, match="lists shard model-00002-.* which is not in"):
+    with pytest.raises(FileNotFoundError, match="lists model-00002-.*, which is not in the folder"):
         load_qwen3(sharded)
 
 
 def test_missing_unexpected_and_misshapen_tensors(snapshot, tmp_path):
     source = snapshot()
     missing = copy_snapshot(source, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ValueError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'; the snapshot is"):
+    with pytest.raises(ValueError, match="missing weights 'model.layers.1.mlp.up_proj.weight'"):
         load_qwen3(missing)
     extra = copy_snapshot(source, tmp_path / "extra",
                           lambda t: t.update({"model.layers.0.self_attn.rotary.weight": torch.zeros(3)}))
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.self_attn.rotary.weight'"):
+    with pytest.raises(ValueError, match="unexpected weights 'model.layers.0.self_attn.rotary.weight'"):
         load_qwen3(extra)
     shape = copy_snapshot(source, tmp_path / "shape",
                           lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(96, 64)}))
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(96, 64\) but "
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(96, 64\), but "
                                          r"config.json implies \(48, 64\)"):
         load_qwen3(shape)
 
@@ -352,7 +352,7 @@ def test_config_reading_and_refusals(snapshot, tmp_path):
 
 def test_fingerprint_tells_snapshots_apart(snapshot):
     first, again = load_qwen3(snapshot()).fingerprint, load_qwen3(snapshot()).fingerprint
-    assert len(first) == 64 and first == again
+    assert len(first) == 32 and first == again
     assert load_qwen3(snapshot(seed=1)).fingerprint != first
 
 
