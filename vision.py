@@ -31,6 +31,7 @@ from torch import nn
 import clip
 import dino
 import siglip
+import snapshot
 from data import CLIP_MEAN, CLIP_STD, resize_like_pil
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # transformers' IMAGENET_DEFAULT_*
@@ -177,37 +178,14 @@ class VisionTower(nn.Module):
 
 def load_weights(folder: Path, model: nn.Module, rename: Callable[[str], str | None], *, dtype: torch.dtype,
                  device) -> nn.Module:
-    """The checkpoint's tensors, renamed by `rename` (None: not the tower's), cast to `dtype`, become the parameters
-    of `model`, built on the meta device (`assign=True`: memory holds one copy). Every kept key must match a
-    parameter in name and shape, and every parameter must be in the checkpoint. clip.py's readers pick the files
-    (shards holding any key outside a text tower) and skip text-tower keys unread; keys that `rename` drops
-    (SigLIP's pooling head, DINO's mask token) are read, then dropped."""
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state, digests, cast = {}, {}, False
-    for file in clip.checkpoint_files(folder):
-        for key, _, tensor in clip.read_vision_tensors(file):
-            if (name := rename(key)) is None:
-                continue
-            if name not in expected or name in state:
-                why = "appears twice" if name in state else f"has no place in {type(model).__name__} (no '{name}')"
-                raise ValueError(f"{folder}: unexpected vision weight '{key}' in {file.name}: it {why}")
-            if tensor.shape != expected[name]:
-                raise ValueError(f"{folder}: '{key}' in {file.name} has shape {tuple(tensor.shape)}, but config.json "
-                                 f"implies {tuple(expected[name])}")
-            digests[name] = clip.tensor_digest(name, tensor)
-            cast |= tensor.dtype != dtype
-            state[name] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(expected.keys() - state.keys())
-    if missing:
-        raise ValueError(f"{folder}: missing vision weight '{missing[0]}' ({len(missing)} missing in all); "
-                         f"the checkpoint does not match its config.json")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.requires_grad_(False).eval()
-    # as clip.load_clip_vision: the weights as stored (a checkpoint's base identity), and as they compute (cache key)
-    model.weights_fingerprint = clip.combine_fingerprint(asdict(model.config), digests)
-    model.fingerprint = clip.combine_fingerprint({"weights": model.weights_fingerprint, "dtype": str(dtype)}, {}) \
-        if cast else model.weights_fingerprint
-    return model
+    """The checkpoint's tensors, renamed by `rename` (None: not the tower's: a text tower, SigLIP's pooling head,
+    DINO's mask token), cast to `dtype`, become the parameters of `model`, built on the meta device; the two
+    fingerprints as clip.load_clip_vision keeps them (the weights as stored: a checkpoint's base identity; and as
+    they compute: the feature cache's key)."""
+    snapshot.load_into(model, folder, rename, dtype=dtype, device=device)
+    model.weights_fingerprint = snapshot.fingerprint(folder)
+    model.fingerprint = snapshot.fingerprint_with_dtype(model.weights_fingerprint, dtype)
+    return model.requires_grad_(False).eval()
 
 
 def read_json(file: Path, what: str) -> dict | None:
@@ -223,11 +201,7 @@ def load_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Vi
     """A frozen tower (eval mode, requires_grad False) from a Hugging Face CLIP, SigLIP, DINOv2 or DINOv3 folder:
     (a) the config from config.json, (b) the family's `vision_key` renaming, (c) a meta build and assignment."""
     folder = Path(path)
-    config_file = folder / "config.json"
-    hf_config = read_json(config_file, "model config")
-    if hf_config is None:
-        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face vision model folder (CLIP, "
-                                f"SigLIP, DINOv2 or DINOv3: config.json + model.safetensors)")
+    hf_config = snapshot.read_config(folder)
     model_type = hf_config.get("model_type")
     if model_type in ("clip", "clip_vision_model"):
         model = clip.load_clip_vision(folder, dtype=dtype, device=device)
@@ -235,7 +209,7 @@ def load_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Vi
         try:
             model, rename = build_on_meta(hf_config)
         except ValueError as error:
-            raise ValueError(f"{config_file}: {error}") from None
+            raise ValueError(f"{folder / 'config.json'}: {error}") from None
         model = load_weights(folder, model, rename, dtype=dtype, device=device)
     processing = folder_processing(folder, model_type, model.config)
     size, patch = processing.image_size, model.config.patch_size

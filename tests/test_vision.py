@@ -6,7 +6,6 @@ the folder's own transformers image processor (the PIL one; torchvision is not a
 import json
 import re
 import shutil
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import clip
 import data
+import snapshot
 from conftest import save_tiny_clip
 from dino import DINOv3Vision, Dinov2Vision, DinoConfig
 from siglip import SiglipConfig, SiglipVision
@@ -302,7 +302,7 @@ def test_clip_tower_is_clip_py(folders):
 
 
 def test_full_siglip_loads_the_vision_tower_only(folders, monkeypatch):
-    read, real_safe_open = [], clip.safe_open
+    read, real_safe_open = [], snapshot.safe_open
 
     class SpyingSafeOpen:
         def __init__(self, file, framework):
@@ -322,12 +322,12 @@ def test_full_siglip_loads_the_vision_tower_only(folders, monkeypatch):
             read.append(key)
             return self.weights.get_tensor(key)
 
-    monkeypatch.setattr(clip, "safe_open", SpyingSafeOpen)
+    monkeypatch.setattr(snapshot, "safe_open", SpyingSafeOpen)
     full, vision_only = load_vision(folders["siglip_full"]), load_vision(folders["siglip"])
     assert not any(key.startswith(("text_model.", "logit_scale")) for key in read)
     assert full.model.state_dict().keys() == vision_only.model.state_dict().keys()
     assert not any(name.startswith("head.") for name in full.model.state_dict())  # the pooling head is not built
-    assert full.fingerprint == clip.fingerprint_state(asdict(full.model.config), full.model.state_dict().items())
+    assert full.weights_fingerprint == snapshot.fingerprint(folders["siglip_full"]) != vision_only.weights_fingerprint
 
 
 def test_dinov2_attention_keys_are_renamed(folders):
@@ -369,20 +369,20 @@ def test_missing_and_unexpected_keys(folders, tmp_path):
     def drop(weights):
         del weights["layer.1.attention.q_proj.bias"]
     folder = copy_with_edited_weights(folders["dinov3"], tmp_path / "missing", drop)
-    with pytest.raises(ValueError, match=rf"{folder}: missing vision weight 'layer.1.attention.q_proj.bias'"):
+    with pytest.raises(ValueError, match=rf"{folder}: missing weights 'layer.1.attention.q_proj.bias'"):
         load_vision(folder)
 
     def add_key_bias(weights):  # dinov3's config says key_bias false
         weights["layer.0.attention.k_proj.bias"] = torch.zeros(32)
     folder = copy_with_edited_weights(folders["dinov3"], tmp_path / "extra", add_key_bias)
-    with pytest.raises(ValueError, match=r"unexpected vision weight 'layer.0.attention.k_proj.bias' in "
-                                         r"model.safetensors: it has no place in DINOv3Vision"):
+    with pytest.raises(ValueError, match=r"unexpected weights 'layer.0.attention.k_proj.bias'; "
+                                         r"DINOv3Vision has no place for them"):
         load_vision(folder)
 
     def shrink(weights):
         weights["vision_model.encoder.layers.0.mlp.fc1.weight"] = torch.zeros(63, 32)
     folder = copy_with_edited_weights(folders["siglip_full"], tmp_path / "shape", shrink)
-    with pytest.raises(ValueError, match=r"'vision_model.encoder.layers.0.mlp.fc1.weight' in model.safetensors has "
+    with pytest.raises(ValueError, match=r"'vision_model.encoder.layers.0.mlp.fc1.weight' has "
                                          r"shape \(63, 32\), but config.json implies \(64, 32\)"):
         load_vision(folder)
 
