@@ -200,3 +200,26 @@ def split_fused_experts(name: str, tensor: torch.Tensor) -> list[tuple[str, torc
     return [(f"{prefix}.{e}.{proj}.weight", half[e]) for e in range(tensor.shape[0])
             for proj, half in (("gate_proj", gate), ("up_proj", up))]  # (I, C) each
 
+
+def parameter_counts(d: dict) -> dict[str, int]:
+    """Parameters of a Qwen3ForCausalLM or Qwen3MoeForCausalLM from its config.json dict, by arithmetic (no build),
+    in the parts that quantization treats apart: `linear_weights`, the decoder layers' linear weight matrices
+    (attention, dense MLPs, experts: what NF4 / int8 store in 4 / 8 bits), and what stays in full precision,
+    `embeddings` (with the head, counted once when tied), `routers`, `norms_and_biases`."""
+    C, V, L = d["hidden_size"], d["vocab_size"], d["num_hidden_layers"]
+    nh, nkv = d["num_attention_heads"], d["num_key_value_heads"]
+    hs = d.get("head_dim") or C // nh
+    attention = C * nh * hs + 2 * C * nkv * hs + nh * hs * C  # q, k, v, o
+    attention_bias = (nh * hs + 2 * nkv * hs + C) if d.get("attention_bias", False) else 0
+    moe = MoeConfig.from_hf(d) if d.get("model_type") == "qwen3_moe" else None
+    moe_layers = sum(is_moe_layer(i, moe) for i in range(L))
+    experts = 0 if moe is None else moe.num_experts * 3 * C * moe.moe_intermediate_size
+    return {"embeddings": V * C * (1 if d.get("tie_word_embeddings", False) else 2),
+            "linear_weights": L * attention + moe_layers * experts + (L - moe_layers) * 3 * C * d["intermediate_size"],
+            "routers": 0 if moe is None else moe_layers * moe.num_experts * C,
+            "norms_and_biases": L * (2 * hs + 2 * C + attention_bias) + C}  # q/k_norm, 2 layer norms; final norm
+
+
+def count_parameters(d: dict) -> int:
+    """All parameters, as `sum(p.numel() for p in model.parameters())` counts them on transformers' model."""
+    return sum(parameter_counts(d).values())

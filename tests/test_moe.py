@@ -1,9 +1,10 @@
 """moe.py against transformers' Qwen3-MoE (the reference, test-only): the sparse block, its gradients, the
-load-balancing loss, the checkpoint layouts, and the MoE-or-dense layer rule.
+load-balancing loss, the checkpoint layouts, the MoE-or-dense layer rule, and parameter counts of the released sizes.
 
 Tolerances: fp32, within 1e-5 of transformers (the same routing, the same sums in another order).
 """
 import json
+import re
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora import apply_adapters, dequantized_weight
-from moe import (MoeConfig, Qwen3MoeBlock, is_moe_layer, load_balancing_loss, router_aux_loss,
-                 split_fused_experts)
+from moe import (MoeConfig, Qwen3MoeBlock, count_parameters, is_moe_layer, load_balancing_loss, parameter_counts,
+                 router_aux_loss, split_fused_experts)
 from nf4 import bnb, empty_nf4_linear
 
 ATOL = 1e-5
@@ -208,3 +209,78 @@ def test_nf4_and_adapters_apply_to_experts_and_leave_the_router():
     with torch.no_grad():
         torch.testing.assert_close(block(x)[0], quantized_out, rtol=0, atol=ATOL)
 
+
+# The released Qwen3 sizes (their config.json on the hub): hidden, layers, heads, KV heads, MLP width, tied head.
+DENSE_SIZES = {"0.6B": (1024, 28, 16, 8, 3072, True), "1.7B": (2048, 28, 16, 8, 6144, True),
+               "4B": (2560, 36, 32, 8, 9728, True), "8B": (4096, 36, 32, 8, 12288, False),
+               "14B": (5120, 40, 40, 8, 17408, False), "32B": (5120, 64, 64, 8, 25600, False)}
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                     decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+
+
+def published_config(size: str) -> dict:
+    if size == "30B-A3B":
+        return dict(QWEN3_30B_A3B)
+    hidden, layers, heads, kv_heads, mlp, tied = DENSE_SIZES[size]
+    return dict(model_type="qwen3", vocab_size=151936, hidden_size=hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=128, intermediate_size=mlp,
+                tie_word_embeddings=tied)
+
+
+def unique_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def parts_by_name(model: nn.Module) -> dict[str, int]:
+    """transformers' parameters sorted into parameter_counts' parts by their names."""
+    parts = dict.fromkeys(("embeddings", "linear_weights", "routers", "norms_and_biases"), 0)
+    for name, p in model.named_parameters():
+        if name.startswith(("model.embed_tokens.", "lm_head.")):
+            part = "embeddings"
+        elif name.endswith("mlp.gate.weight"):
+            part = "routers"
+        elif re.search(r"layers\.\d+\..*(proj\.weight|experts\.(gate_up|down)_proj)$", name):
+            part = "linear_weights"
+        else:
+            part = "norms_and_biases"
+        parts[part] += p.numel()
+    return parts
+
+
+def meta_reference(d: dict) -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    moe = d["model_type"] == "qwen3_moe"
+    options = {key: value for key, value in d.items() if key != "model_type"}
+    with torch.device("meta"):
+        return (Qwen3MoeForCausalLM(Qwen3MoeConfig(**options)) if moe else Qwen3ForCausalLM(Qwen3Config(**options)))
+
+
+@pytest.mark.parametrize("size", [*DENSE_SIZES, "30B-A3B"])
+def test_parameter_counts_equal_transformers(size):
+    d = published_config(size)
+    model = meta_reference(d)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == d["tie_word_embeddings"]
+    print(f"Qwen3-{size}: {count_parameters(d):,} parameters")
+    assert count_parameters(d) == unique_parameters(model)
+    assert parameter_counts(d) == parts_by_name(model)
+
+
+def test_parameter_counts_with_attention_bias_dense_layers_and_a_tied_head():
+    config = tiny_config(num_hidden_layers=5, decoder_sparse_step=2, mlp_only_layers=[3], attention_bias=True,
+                         tie_word_embeddings=True)
+    d = json.loads(config.to_json_string())  # the config.json transformers writes (num_local_experts, ...)
+    model = meta_reference(d)
+    assert parameter_counts(d) == parts_by_name(model)
+    assert count_parameters(d) == unique_parameters(model)
+
+
+def test_our_block_has_transformers_parameter_count_at_30b_a3b_size():
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    options = {key: value for key, value in QWEN3_30B_A3B.items() if key != "model_type"}
+    with torch.device("meta"):
+        ours = Qwen3MoeBlock(2048, MoeConfig.from_hf(QWEN3_30B_A3B))
+        reference = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(**options))
+    assert unique_parameters(ours) == unique_parameters(reference) == 128 * (3 * 2048 * 768 + 2048)
