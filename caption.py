@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import atomic_write_text, load_checkpoint, peak_memory
+from infra.checkpoint import atomic_write_text, load_checkpoint, peak_memory
 from data import VideoError, preprocess, read_frames
-from distributed import compute_dtype, default_device
-from errors import user_errors
+from infra.distributed import compute_dtype, default_device
+from infra.errors import user_errors
 from evaluate import DEFAULT_DECODING, add_decoding_options, decoding_from_args, rebuild_model
 from export import load_exported
 from features import CACHE_DTYPE, FeatureCache
-from labels import VIDEO_SUFFIXES
-from manifests import ManifestError, Sample, read_manifest
+from formats.labels import VIDEO_SUFFIXES
+from formats.manifests import ManifestError, Sample, read_manifest
 from report import render_report
 
 MANIFEST_SUFFIXES = {".jsonl", ".csv", ".json"}

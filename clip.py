@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import snapshot
+from infra import snapshot
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

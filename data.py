@@ -4,7 +4,7 @@
     manifest / label folder ──manifests.read_manifest──▶ [Sample] ──load_splits──▶ {"train", "val", "test"}
 
 Manifest layouts live in manifests.py, the label files of real data sets (AI Hub, ActivityNet Captions) in
-labels.py, the synthetic Korean video dataset in synth.py (`python synth.py OUT`).
+labels.py (both in formats/), the synthetic Korean video dataset in demo/synth.py (`python -m demo.synth OUT`).
 
     python data.py convert aihub LABELS_DIR VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
     python data.py convert activitynet train.json VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from errors import user_errors
-from labels import SPAN_TOLERANCE
-from manifests import ManifestError, Sample, convert_labels, read_manifest, subset_samples, write_manifest
+from infra.errors import user_errors
+from formats.labels import SPAN_TOLERANCE
+from formats.manifests import ManifestError, Sample, convert_labels, read_manifest, subset_samples, write_manifest
 
 log = logging.getLogger(__name__)
 # One OpenCV thread per process: the parallelism is DataLoader workers, and N OpenCV threads in each of N workers

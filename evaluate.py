@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import atomic_write_text, base_identity_today, load_checkpoint, peak_memory
+from infra.checkpoint import atomic_write_text, base_identity_today, load_checkpoint, peak_memory
 from data import load_splits
-from distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
+from infra.distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
     teardown_distributed
-from errors import user_errors
+from infra.errors import user_errors
 from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
-from manifests import read_manifest
+from formats.manifests import read_manifest
 from metrics import format_metrics_table, score_captions
 from report import render_report
 from vlm import VLMConfig, build_vlm, describe_mismatch, merged_for_eval

@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import LOCK_FILE, RESUMABLE_CHANGES, STATE_FILE, atomic_write_text, holds_a_run, move_aside
-from errors import user_errors
+from infra.checkpoint import LOCK_FILE, RESUMABLE_CHANGES, STATE_FILE, atomic_write_text, holds_a_run, move_aside
+from infra.errors import user_errors
 from report import SummarySection, render_summary
 
 PEFTS = ("lora", "dora")

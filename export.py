@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import load_checkpoint
-from distributed import compute_dtype
-from errors import user_errors
+from infra.checkpoint import load_checkpoint
+from infra.distributed import compute_dtype
+from infra.errors import user_errors
 from evaluate import rebuild_model
 from features import CACHE_DTYPE
 from lora import dequantized_weight, merge_adapters

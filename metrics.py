@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import sacrebleu
 
-from bertscore import BERTSCORE_REFERENCE, bertscore, check_caption, check_captions
-from errors import user_errors
-from meteor_coco import corpus_meteor
+from scoring.bertscore import BERTSCORE_REFERENCE, bertscore, check_caption, check_captions
+from infra.errors import user_errors
+from scoring.meteor_coco import corpus_meteor
 
 BLEU_TOKENIZE = "char"  # sacrebleu tokenizer for BLEU; see `bleu` for why
 
@@ -77,7 +77,7 @@ def meteor(hyps: list[str], refs: list[list[str]]) -> float:
 
 
 # ------------------------------------------------------------------------------------- METEOR (COCO, jar)
-# The transcription of the jar lives in meteor_coco.py.
+# The transcription of the jar lives in scoring/meteor_coco.py.
 
 def meteor_coco(hyps: list[str], refs: list[list[str]]) -> float:
     """pycocoevalcap's `Meteor().compute_score` corpus score (Meteor 1.5 jar, `-l en -norm`) without Java: the

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nf4 import bnb, empty_nf4_linear
-import snapshot
+from infra import snapshot
 
 
 @dataclass

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from data import VideoError, read_frames
-from errors import user_errors
+from infra.errors import user_errors
 
 FONTS = ('"Noto Sans KR", "Noto Sans CJK KR", "Nanum Gothic", "NanumGothic", "Malgun Gothic", '
          '"Apple SD Gothic Neo", system-ui, sans-serif')

@@ -32,16 +32,16 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-import checkpoint
+from infra import checkpoint
 from data import check_splits, load_splits
-from distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
+from infra.distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
     teardown_distributed, wrap_ddp
-from errors import user_errors
+from infra.errors import user_errors
 from evaluate import evaluate_checkpoint, evaluate_split
 from features import batch_features, collate_features, prepare_splits, video_dataset
 from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
 from projectors import PROJECTORS
-from schedule import epoch_caption_choice, epoch_windows, get_lr
+from infra.schedule import epoch_caption_choice, epoch_windows, get_lr
 from vlm import VLMConfig, build_vlm, load_tokenizer
 
 
@@ -446,8 +446,10 @@ def main(cfg: TrainConfig, select_by: ValScore | None = None) -> dict | None:
 
 if __name__ == "__main__":
     if not names_paths(sys.argv[1:]):
-        # The embedded default builds its assets and calls this trainer; the trainer knows nothing of it. exec keeps
-        # the process and its environment, so this works under torchrun too.
-        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("demo.py")), *sys.argv[1:]])
+        # The embedded default (demo/) builds its assets and calls this trainer; the trainer knows nothing of it. exec
+        # keeps the process and its environment (so torchrun's too); PYTHONPATH lets `-m demo` run from any folder.
+        here = str(Path(__file__).resolve().parent)
+        path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+        os.execve(sys.executable, [sys.executable, "-m", "demo", *sys.argv[1:]], os.environ | {"PYTHONPATH": path})
     with user_errors():
         main(parse_config())

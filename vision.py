@@ -19,7 +19,7 @@ mean = std = 0.5; DINOv2: short side 256 + centre crop 224, bicubic, ImageNet me
 ImageNet mean/std).
 """
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,7 @@ from torch import nn
 import clip
 import dino
 import siglip
-import snapshot
+from infra import snapshot
 from data import CLIP_MEAN, CLIP_STD, resize_like_pil
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # transformers' IMAGENET_DEFAULT_*

@@ -21,7 +21,7 @@ from clip import load_clip_vision
 from data import preprocess, read_frames, read_manifest
 from features import CachedFeatureDataset, FeatureCache, fill_feature_cache
 from lora import after_optimizer_step
-from synth import synth_dataset
+from demo.synth import synth_dataset
 from vlm import IGNORE_INDEX, VLM, VLMConfig, caption_loss as label_only_loss, merged_for_eval
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

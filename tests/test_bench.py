@@ -189,8 +189,8 @@ def test_grid_estimate_projects_the_plan_from_measured_times(tmp_path):
 def probe_splits(num_train: int = 96, num_test: int = 48, frames: int = 4, patches: int = 16, width: int = 16):
     """Features where each video's colour is one fixed direction added to the object's patches (a quarter of the
     grid) over noise: a linear readout of the right tensor recovers it, a random projector mostly hides it."""
-    from manifests import Sample
-    from synth import ATTRIBUTES
+    from formats.manifests import Sample
+    from demo.synth import ATTRIBUTES
     colours = list(ATTRIBUTES["colour"])
     directions = torch.randn(len(colours), width, generator=torch.Generator().manual_seed(1)) * 2
     splits, generator = {}, torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bert
+from scoring import bert
 
 KOREAN_CORPUS = [
     "빨간 원이 파란 배경 위에서 왼쪽으로 움직인다.", "파란 배경에서 빨간 원이 왼쪽으로 이동한다.",
@@ -163,5 +163,5 @@ def test_missing_files_are_named(bert_dir, tmp_path):
 
 
 def test_bench_runs_the_bert_base_shape_up_to_the_layer_asked():
-    result = bert.bench(layer=1, batch_size=2, sentences=2)  # a smoke test: the figure comes from `bert.py --bench`
+    result = bert.bench(layer=1, batch_size=2, sentences=2)  # a smoke test: the figure comes from `python -m scoring.bert --bench`
     assert result["sentences_per_s"] > 0 and result["layer"] == 1 and 12 <= result["mean_tokens"] <= 32

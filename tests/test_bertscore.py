@@ -2,7 +2,7 @@
 input check every caption metric shares. bert_score and transformers are imported inside the tests only."""
 import pytest
 
-import bertscore
+from scoring import bertscore
 
 # Malformed (hyps, refs) and the one-line error each gets; tests/test_metrics.py runs them through every metric.
 MALFORMED_CAPTIONS = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from errors import describe
+from infra import checkpoint
+from infra.errors import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_temporary_names_are_unique_to_each_writer(tmp_path):
 STRESS = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {root!r})
-    import checkpoint
+    from infra import checkpoint
     role, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     failures = done = 0
     end = time.time() + seconds
@@ -84,8 +84,8 @@ def test_two_writers_and_a_reader_never_fail_or_see_a_torn_file(tmp_path):
 
 def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path):
     lock = checkpoint.claim_run_folder(tmp_path / "run", resume=None, start_over=False)
-    holder = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import checkpoint; "
-                             "checkpoint.claim_run_folder(sys.argv[2], resume=None, start_over=False)",
+    holder = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from infra import checkpoint; "
+                             "infra.checkpoint.claim_run_folder(sys.argv[2], resume=None, start_over=False)",
                              str(ROOT), str(tmp_path / "run")], capture_output=True, text=True)
     assert holder.returncode != 0
     assert f"{tmp_path / 'run'} is in use by another run (pid {os.getpid()})" in holder.stderr
@@ -199,7 +199,7 @@ def fixed_bases(root: Path, clip_shift: float = 0.0) -> dict:
 
 
 def test_the_older_fingerprints_are_read_as_todays_for_the_same_bases_only(tmp_path):
-    import snapshot
+    from infra import snapshot
     bases = fixed_bases(tmp_path / "same")
     assert {base: checkpoint.legacy_fingerprint(base, folder) for base, folder in bases.items()} == OLDER_IDENTITY
     today = {base: snapshot.fingerprint(folder) for base, folder in bases.items()}

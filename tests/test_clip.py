@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import snapshot
+from infra import snapshot
 from clip import CLIPConfig, CLIPVision, load_clip_vision, vision_key
 from conftest import save_tiny_clip
 

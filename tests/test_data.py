@@ -13,7 +13,7 @@ import torch
 
 from data import (CLIP_MEAN, CLIP_STD, BadVideos, Sample, VideoError, check_splits, load_splits, main, preprocess,
                   read_frames, read_manifest, sample_indices, split_samples, write_manifest)
-from synth import write_video
+from demo.synth import write_video
 
 BITS = 8  # a frame's index is written as 8 black / white bars (8 px wide each) in its lower half
 

@@ -2,7 +2,7 @@
 gather drops the repeats; the compute dtype follows the device."""
 import torch
 
-from distributed import Distributed, compute_dtype, gather, shard
+from infra.distributed import Distributed, compute_dtype, gather, shard
 
 
 def test_shards_cover_every_item_once_with_equal_lengths_padded_by_repeats():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import describe
+from infra.errors import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def test_operating_system_refusals_name_the_file_and_what_to_do(code, words):
 
 
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from errors import user_errors\n"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from infra.errors import user_errors\n"
               "with user_errors():\n    raise {}\n")
     for raised, one_line in [("ValueError('data/train.jsonl:4: caption 1 is empty')", True),
                              ("OSError(28, 'No space left on device', 'runs/x/state.pt')", True),

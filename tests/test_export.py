@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import save_model
+from infra.checkpoint import save_model
 from evaluate import rebuild_model
 from export import export_checkpoint, load_exported
 from lora import AdapterConfig

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from labels import activitynet_rows, label_folder_rows, parse_timestamp
-from manifests import read_manifest, samples_from_rows
+from formats.labels import activitynet_rows, label_folder_rows, parse_timestamp
+from formats.manifests import read_manifest, samples_from_rows
 
 
 # ── timestamps ─────────────────────────────────────────────────────────────────────────────────────────────────────

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from manifests import ManifestError, Sample, read_manifest, subset_samples, write_manifest
+from formats.manifests import ManifestError, Sample, read_manifest, subset_samples, write_manifest
 
 
 # ── manifests ──────────────────────────────────────────────────────────────────────────────────────────────────────

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from schedule import epoch_caption_choice, epoch_windows, get_lr
+from infra.schedule import epoch_caption_choice, epoch_windows, get_lr
 
 
 def test_warmup_rises_linearly_to_the_peak_then_the_cosine_falls_to_zero():

@@ -1,4 +1,4 @@
-"""snapshot.py: every layout transformers writes reads to the same tensors, a folder that does not fit its model is
+"""infra/snapshot.py: every layout transformers writes reads to the same tensors, a folder that does not fit its model is
 refused in one line naming the first keys, tensors stream one at a time, and the fingerprint sees a changed tensor
 anywhere while reading a bounded number of bytes."""
 import gc
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import snapshot
+from infra import snapshot
 from clip import CLIPConfig, CLIPVision, vision_key
 from conftest import save_tiny_clip, save_tiny_qwen3
 

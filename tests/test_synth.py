@@ -1,9 +1,9 @@
 """synth.py: the caption grammar reads back (every template, value and synonym), the dataset is deterministic and
-holds out attribute combinations (or colour-shape pairs), and `python synth.py` writes it."""
+holds out attribute combinations (or colour-shape pairs), and `python -m demo.synth` writes it."""
 import numpy as np
 
 from data import read_frames, read_manifest
-from synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices,
+from demo.synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices,
                    heldout_combinations, heldout_pairs, main, make_caption, parse_caption_attributes, synth_dataset)
 
 

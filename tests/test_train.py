@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from distributed import setup_distributed
+from infra import checkpoint
+from infra.distributed import setup_distributed
 from train import TrainConfig, ValScore, main, train
 
 ROOT = Path(__file__).resolve().parents[1]

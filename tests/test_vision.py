@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import clip
 import data
-import snapshot
+from infra import snapshot
 from conftest import save_tiny_clip
 from dino import DINOv3Vision, Dinov2Vision, DinoConfig
 from siglip import SiglipConfig, SiglipVision

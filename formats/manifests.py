@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # ManifestError is re-exported: readers of manifests catch it from here
-from labels import ManifestError, activitynet_rows, label_folder_rows, load_json, parse_span, read_text
+from formats.labels import ManifestError, activitynet_rows, label_folder_rows, load_json, parse_span, read_text
 
 
 @dataclass

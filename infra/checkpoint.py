@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import snapshot
+from infra import snapshot
 from clip import CLIPConfig, vision_key
 
 MODEL_FORMAT = "kovlm-model-1"

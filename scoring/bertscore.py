@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from bert import embed_token_ids, load_bert, load_bert_tokenizer
+from scoring.bert import embed_token_ids, load_bert, load_bert_tokenizer
 
 BERTSCORE_REFERENCE = ("bert-score 0.3 (score with model_type=FOLDER, num_layers={layer}, idf={idf}{baseline}): "
                        "greedy cosine matching of layer-{layer} token embeddings, mean over captions")

@@ -1,7 +1,7 @@
 """The embedded default: tiny, generated, self-contained assets, and a run of the trainer on them.
 
 It is one caller of train.py: `python train.py` without --clip, --llm or --train-manifest hands its command line
-to this file's main, which reads train.py's options and the demo's own (DemoConfig), fills in the demo's defaults
+to `python -m demo` (demo/__main__.py), whose main here reads train.py's options and the demo's own (DemoConfig), fills in the demo's defaults
 (demo_defaults) for the options not given, builds the assets, trains with train.main and prints the test table
 (report(), also kept as logs/demo_table.json).
 
@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,16 +43,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from checkpoint import atomic_write_text, load_checkpoint
+from infra.checkpoint import atomic_write_text, load_checkpoint
 from data import read_manifest, write_manifest
-from demo_tower import pretrain_tower, save_clip
-from distributed import compute_dtype, default_device
-from errors import user_errors
+from demo.tower import pretrain_tower, save_clip
+from infra.distributed import compute_dtype, default_device
 from evaluate import evaluate_split, rebuild_model, run_splits
 from features import prepare_splits
 from qwen3 import Qwen3, Qwen3Config
-from schedule import get_lr
-from synth import ATTRIBUTES, CAPTION_TEMPLATES, attribute_scores, caption_choices, make_caption, \
+from infra.schedule import get_lr
+from demo.synth import ATTRIBUTES, CAPTION_TEMPLATES, attribute_scores, caption_choices, make_caption, \
     parse_caption_attributes, synth_dataset
 from train import TrainConfig, ValScore, config_parser, option
 from train import main as train_main
@@ -405,8 +403,3 @@ def run_demo(cfg: DemoConfig) -> dict | None:
 
 def main(argv=None) -> dict | None:
     return run_demo(command_line_config(argv))
-
-
-if __name__ == "__main__":
-    with user_errors():
-        main(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""The synthetic Korean video dataset (`python synth.py OUT --num N --seed S`): a coloured shape moves across a
+"""The synthetic Korean video dataset (`python -m demo.synth OUT --num N --seed S`): a coloured shape moves across a
 plain background, one short video each, with 2-5 Korean captions that name what is seen.
 
   Attribute space (ATTRIBUTES), 6 x 5 x 4 x 4 = 480 combinations:
@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from data import SPLITS, Sample, VideoError, write_manifest
-from errors import user_errors
+from infra.errors import user_errors
 
 ATTRIBUTES = {
     "colour": {"red": "빨간색", "orange": "주황색", "yellow": "노란색", "green": "초록색", "blue": "파란색",

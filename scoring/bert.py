@@ -7,7 +7,7 @@ modeling_bert.py, v5.25). A BERT layer is post-LN, unlike CLIP's and Qwen3's pre
 x = LN(x + attn(x)), then x = LN(x + mlp(x)). Module names are transformers', so loading is a prefix strip.
 Only the layers BERTScore reads are built and loaded (layer 9 of bert-base-multilingual-cased's 12).
 
-    python bert.py --bench   # captions/s of a random 110M-parameter BERT shape (12 layers, width 768), CPU
+    python -m scoring.bert --bench   # captions/s of a random 110M-parameter BERT shape (12 layers, width 768), CPU
 
 Shape legend: B sentences in a batch, T tokens (with [CLS] and [SEP]), C hidden_size, nh heads, hs head dim,
 I intermediate_size, V vocab.
@@ -23,7 +23,7 @@ from tokenizers.models import WordPiece
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-import snapshot
+from infra import snapshot
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 

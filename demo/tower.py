@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from clip import CLIPConfig, CLIPVision
 from data import preprocess, read_frames
-from synth import ATTRIBUTES
-from schedule import get_lr
+from demo.synth import ATTRIBUTES
+from infra.schedule import get_lr
 from vlm import IGNORE_INDEX
 
 TOWER = CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
