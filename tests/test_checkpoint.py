@@ -85,7 +85,7 @@ def test_two_writers_and_a_reader_never_fail_or_see_a_torn_file(tmp_path):
 def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path):
     lock = checkpoint.claim_run_folder(tmp_path / "run", resume=None, start_over=False)
     holder = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from infra import checkpoint; "
-                             "infra.checkpoint.claim_run_folder(sys.argv[2], resume=None, start_over=False)",
+                             "checkpoint.claim_run_folder(sys.argv[2], resume=None, start_over=False)",
                              str(ROOT), str(tmp_path / "run")], capture_output=True, text=True)
     assert holder.returncode != 0
     assert f"{tmp_path / 'run'} is in use by another run (pid {os.getpid()})" in holder.stderr
