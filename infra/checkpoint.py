@@ -139,10 +139,18 @@ def load_training_state(resume: str, out: Path) -> dict:
     return state
 
 
+# Options that train.py had before the embedded default became its own caller (demo/), with the value that left a
+# run outside the demo unaffected: a run saved then still resumes with train.py.
+MOVED_TO_THE_DEMO = {"select_by": "meteor", "demo_dir": None, "demo_scale": None, "demo_heldout": None,
+                     "demo_seed": None}
+
+
 def check_same_run(state: dict, train_config) -> None:
     """Resuming with other settings would not continue the same run: refuse, naming the first differing option."""
     current = asdict(train_config)
     for key, saved in state["train_config"].items():
+        if key not in current and key in MOVED_TO_THE_DEMO and MOVED_TO_THE_DEMO[key] in (None, saved):
+            continue
         if key not in current:
             raise ValueError(f"cannot resume: the saved run has an option this version does not know ({key!r}); "
                              "resume it with the version that started it")

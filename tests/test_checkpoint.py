@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,15 @@ def test_a_saved_option_this_version_does_not_know_is_refused_by_name():
     state = {"train_config": {"projector": "perceiver", "frobnicate": 3}}
     with pytest.raises(ValueError, match="does not know \\('frobnicate'\\)"):
         checkpoint.check_same_run(state, TrainConfig())
+
+
+def test_a_run_saved_before_the_demo_options_moved_out_of_train_still_resumes():
+    from train import TrainConfig
+    saved = asdict(TrainConfig()) | {"select_by": "meteor", "demo_dir": ".cache/demo", "demo_scale": "full",
+                                     "demo_heldout": "combinations", "demo_seed": None}
+    checkpoint.check_same_run({"train_config": saved}, TrainConfig())  # nothing differs that still matters
+    with pytest.raises(ValueError, match="does not know \\('select_by'\\)"):  # a choice train.py no longer makes
+        checkpoint.check_same_run({"train_config": saved | {"select_by": "attributes"}}, TrainConfig())
 
 
 def test_the_training_log_keeps_rows_up_to_the_resumed_step(tmp_path):
