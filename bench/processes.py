@@ -140,7 +140,8 @@ def run_measured(argv: list[str], *, cwd, env: dict, log: Path, watched: set[str
                  echo: str | None = None, timeout: float | None = None) -> dict:
     """Run argv to its end (killed with its process group after `timeout` seconds) and measure it."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    record, lines, stop = {"rss": [], "watched_seen": [], "watched_files": set(), "gpu_mib": None}, [], threading.Event()
+    record, lines, stop = {"rss": [], "watched_seen": [], "watched_files": set(), "gpu_mib": None}, [], \
+        threading.Event()
     started, report = time.perf_counter(), log.with_suffix(".rusage.json")
     launcher, pid = launch(argv, report, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     threads = [threading.Thread(target=read_output, args=(launcher.stdout, log, lines, echo)),
