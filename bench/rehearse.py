@@ -102,7 +102,7 @@ def write_videos(folder: Path) -> Path:
 @dataclass
 class Command:
     name: str
-    argv: list[str]               # as typed: "python", the script, its options
+    argv: list[str]               # as typed: "python" (run as this interpreter), the script, its options
     lm_folder: Path               # the LM snapshot this command reads (its *.safetensors mark the load)
     needs: list[Path] = field(default_factory=list)     # inputs an earlier command writes
     outputs: list[str] = field(default_factory=list)    # glob patterns (from the work folder) that must match
