@@ -8,6 +8,8 @@
     python -m bench adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
     python -m bench adapters --norms [--repeats 7] [--threads 1] [--quick] [--json PATH]
     python -m bench probe [--projector cabstractor] [--attribute colour] [--cut stage1,readout] [--json PATH]
+    python -m bench pruning [--tokens 4608] [--keep 1152] [--threads 1] [--json PATH]
+    python -m bench rehearse [--layers 36] [--device cpu|cuda] [--dtype auto|bf16|fp32] [--keep DIR] [--json PATH]
 
 `model` writes random weights with the preset's Qwen3 / CLIP shapes once to a temporary snapshot folder, so both
 stacks load the same files the normal way, then measures, each in its own process (peak memory is per process):
@@ -16,7 +18,10 @@ computation (label-only vs full logits, T ≈ 4700) and two epochs of the vision
 Before timing, every reference process checks that its per-label losses (dropout off) agree with ours.
 `adapters` compares one adapted NF4 linear at Qwen3-8B's layer shapes (with --norms: what holding DoRA's norm
 saves). `probe` (bench/probe.py) is not a comparison: it trains linear heads at cuts inside a projector on the
-embedded default's cached features, to see where an attribute is lost.
+embedded default's cached features, to see where an attribute is lost. `pruning` (bench/pruning.py) times DivPrune
+against one CLIP-L frame. `rehearse` (bench/rehearse.py) runs the user's commands (train, evaluate, caption, export)
+as subprocesses on random snapshots of CLIP-L/336 and Qwen3-8B at their published sizes, with each command's exit
+status, time and peak memory.
 
 Each subcommand is one function taking the parsed arguments and returning a JSON-ready dict. transformers and PEFT
 are test-only references of kovlm: only this benchmark (and the tests) import them.
@@ -38,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from bench import grid, probe
+from bench import grid, probe, rehearse
+from bench import pruning as pruning_bench
 from bench.adapters import bench_adapters
 from bench.memory import bench_memory
 from bench.profile import bench_profile
@@ -261,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     profiler.set_defaults(run=bench_profile)
     grid.add_parser(commands)
     probe.add_parser(commands)
+    pruning_bench.add_parser(commands)
+    rehearse.add_parser(commands)
     memory = commands.add_parser("memory", help="load one Qwen3 snapshot folder; its size, load time, peak memory")
     memory.add_argument("path", help="a Qwen3 snapshot folder")
     memory.add_argument("--quant", choices=["nf4"], default=None)

@@ -6,6 +6,9 @@ caption length, repeats). write_snapshots writes those models once as ordinary H
 from_pretrained read the same files the normal way.
 """
 import json
+import math
+import struct
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -138,3 +141,188 @@ def write_snapshots(preset: Preset, root: Path, device, shard_bytes: int = 2 << 
         write_random_weights(folder, shapes, dtype, device, shard_bytes)
     marker.write_text(json.dumps(asdict(preset)))
     return folders
+
+
+# ---- the published shapes, at real size (python -m bench rehearse) -----------------------------------------------
+# Qwen/Qwen3-8B's config.json as published (num_hidden_layers is the one field the rehearsal may lower).
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+            "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
+            "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
+            "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+            "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+# The keys transformers 4.2x wrote into each sub-config of openai/clip-vit-large-patch14-336's config.json (the
+# published file spells them all out; kovlm's loader must read past them).
+_PRETRAINED_KEYS = {
+    "add_cross_attention": False, "architectures": None, "bad_words_ids": None, "chunk_size_feed_forward": 0,
+    "cross_attention_hidden_size": None, "decoder_start_token_id": None, "diversity_penalty": 0.0, "do_sample": False,
+    "early_stopping": False, "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
+    "finetuning_task": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "is_decoder": False, "is_encoder_decoder": False,
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "length_penalty": 1.0, "max_length": 20, "min_length": 0,
+    "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1, "num_return_sequences": 1,
+    "output_attentions": False, "output_hidden_states": False, "output_scores": False, "prefix": None,
+    "problem_type": None, "pruned_heads": {}, "remove_invalid_values": False, "repetition_penalty": 1.0,
+    "return_dict": True, "return_dict_in_generate": False, "sep_token_id": None, "task_specific_params": None,
+    "temperature": 1.0, "tf_legacy_loss": False, "tie_encoder_decoder": False, "tie_word_embeddings": True,
+    "tokenizer_class": None, "top_k": 50, "top_p": 1.0, "torch_dtype": None, "torchscript": False, "typical_p": 1.0,
+    "use_bfloat16": False}
+_CLIP_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+              "projection_dim": 768}
+_CLIP_VISION = {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "num_attention_heads": 16,
+                "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}
+CLIP_L_336 = {
+    "_name_or_path": "openai/clip-vit-large-patch14-336", "architectures": ["CLIPModel"], "initializer_factor": 1.0,
+    "logit_scale_init_value": 2.6592, "model_type": "clip", "projection_dim": 768,
+    "text_config": _PRETRAINED_KEYS | _CLIP_TEXT | {
+        "_name_or_path": "", "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
+        "hidden_act": "quick_gelu", "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77, "model_type": "clip_text_model", "pad_token_id": 1, "transformers_version":
+        "4.21.3", "vocab_size": 49408},
+    "text_config_dict": _CLIP_TEXT, "torch_dtype": "float32", "transformers_version": None,
+    "vision_config": _PRETRAINED_KEYS | _CLIP_VISION | {
+        "_name_or_path": "", "attention_dropout": 0.0, "bos_token_id": None, "dropout": 0.0, "eos_token_id": None,
+        "hidden_act": "quick_gelu", "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05,
+        "model_type": "clip_vision_model", "num_channels": 3, "pad_token_id": None, "transformers_version": "4.21.3"},
+    "vision_config_dict": _CLIP_VISION}
+CLIP_L_336_PROCESSOR = {"crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                        "feature_extractor_type": "CLIPFeatureExtractor",
+                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 336}
+# Qwen3's added tokens (tokenizer_config.json's added_tokens_decoder): (id, content, special). The byte-level BPE
+# vocabulary holds ids 0-151642; the embedding has 151,936 rows, the last 267 never produced by the tokenizer.
+QWEN3_ADDED_TOKENS = [(151643 + i, token, i < 14) for i, token in enumerate([
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>"])]
+QWEN3_BPE_SIZE = 151643
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
+
+
+def write_qwen3_tokenizer(folder: Path, texts: list[str]) -> Tokenizer:
+    """tokenizer.json (+ tokenizer_config.json) laid out as Qwen3's: a byte-level BPE trained on `texts` (so Korean
+    encodes in a few tokens a word), its vocabulary filled with unused entries up to id 151642, then Qwen3's 26
+    added tokens at their real ids (151643 <|endoftext|> ... 151656 <|video_pad|>, 151667 <think>, 151668
+    </think>)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["user\n", "assistant\n", *texts], trainer)
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), QWEN3_BPE_SIZE)})
+    spec["added_tokens"] = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": special} for i, token, special in QWEN3_ADDED_TOKENS]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    config = {"added_tokens_decoder": {str(i): {"content": token, "lstrip": False, "normalized": False,
+                                                "rstrip": False, "single_word": False, "special": special}
+                                       for i, token, special in QWEN3_ADDED_TOKENS},
+              "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
+              "model_max_length": 131072, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    loaded = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    wrong = [(token, i) for i, token, _ in QWEN3_ADDED_TOKENS if loaded.token_to_id(token) != i]
+    if wrong:
+        raise RuntimeError(f"tokenizer.json: added tokens not at Qwen3's ids: {wrong[:3]}")
+    return loaded
+
+
+def random_tensor(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """One weight as write_random_weights draws it (Normal(0, 0.02), ones for norm scales, zeros for biases; CLIP's
+    logit_scale its init value), seeded by its name: the same folder whatever order the tensors are written in."""
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if "norm" in name and len(shape) == 1:  # Qwen3 RMSNorms, CLIP LayerNorms (pre_layrnorm too)
+        return torch.ones(shape, dtype=dtype)
+    if name == "logit_scale":
+        return torch.full(shape, 2.6592, dtype=dtype)
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator, dtype=dtype).mul_(0.02)
+
+
+def write_safetensors_streaming(path: Path, shapes: dict[str, tuple], dtype: torch.dtype, make=random_tensor) -> int:
+    """One safetensors file written tensor by tensor: the header first (every offset follows from the shapes), then
+    each tensor made by make(name, shape, dtype), written and dropped. Memory holds one tensor, never the file.
+    Returns the bytes of tensor data."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for name, shape in shapes.items():
+            tensor = make(name, tuple(shape), dtype).contiguous()
+            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return offset
+
+
+def write_sharded(folder: Path, shapes: dict[str, tuple], dtype: torch.dtype, shard_bytes: int) -> list[str]:
+    """model-0000k-of-0000n.safetensors of at most shard_bytes each (a larger tensor alone) and
+    model.safetensors.index.json, as transformers' save_pretrained lays them out. Returns the shard names."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups, size = groups + [[]], 0
+        groups[-1].append(name)
+        size += nbytes
+    files = [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    total = sum(write_safetensors_streaming(folder / file, {name: shapes[name] for name in names}, dtype)
+                for file, names in zip(files, groups))
+    weight_map = {name: file for file, names in zip(files, groups) for name in names}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return files
+
+
+def hf_shapes(model_class, config) -> dict[str, tuple]:
+    """transformers' tensor names and shapes for a model, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
+
+
+def write_qwen3_8b(folder: Path, layers: int = 36, shard_bytes: int = 4 * 10**9, texts=CAPTION_TEXTS,
+                   overrides: dict | None = None) -> dict:
+    """A random-weight Qwen/Qwen3-8B snapshot folder (its config.json, with num_hidden_layers = layers and any
+    `overrides`, e.g. a narrower hidden_size), bf16, sharded like the hub's (five files of up to 4 GB at 36
+    layers), tokenizer files with Qwen3's ids."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    config = QWEN3_8B | {"num_hidden_layers": layers, "max_window_layers": layers} | (overrides or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = hf_shapes(Qwen3ForCausalLM, Qwen3Config(**config))
+    files = write_sharded(folder, shapes, torch.bfloat16, shard_bytes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": [151645,
+                                                                151643], "pad_token_id": 151643}, indent=2))
+    write_qwen3_tokenizer(folder, texts)
+    return {"parameters": sum(math.prod(s) for s in shapes.values()), "files": files}
+
+
+def write_clip_l_336(folder: Path, vision_layers: int = 24) -> dict:
+    """A random-weight openai/clip-vit-large-patch14-336 folder: the published config.json (the vision tower cut
+    to vision_layers) and preprocessor_config.json, and the full CLIPModel checkpoint (text tower, projections,
+    logit_scale too) as one fp32 model.safetensors, as the hub has it."""
+    from transformers import CLIPConfig, CLIPModel
+    config = json.loads(json.dumps(CLIP_L_336))
+    for key in ("vision_config", "vision_config_dict"):
+        config[key]["num_hidden_layers"] = vision_layers
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = hf_shapes(CLIPModel, CLIPConfig(text_config=config["text_config"], vision_config=config["vision_config"],
+                                             projection_dim=768))
+    write_safetensors_streaming(folder / "model.safetensors", shapes, torch.float32)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_L_336_PROCESSOR, indent=2))
+    return {"parameters": sum(math.prod(s) for s in shapes.values()), "files": ["model.safetensors"]}

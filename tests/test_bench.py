@@ -219,3 +219,19 @@ def test_probe_reads_the_cut_it_names_and_learns_a_clear_attribute():
     result = probe(probe_splits(), config, "colour", "readout", steps=[60], frozen=False)
     assert result["width"] == config.num_queries * 32
     assert result["accuracy"][60] >= 0.9, result
+
+
+def test_pruning_and_rehearse_are_subcommands():
+    """bench/cli.py builds `pruning` and `rehearse` from their modules' add_parser, like its other parts."""
+    from bench.cli import build_parser
+    from bench.pruning import bench_pruning
+    from bench.rehearse import COMMAND_NAMES, bench_rehearse
+    parser = build_parser()
+    rehearse = parser.parse_args(["rehearse", "--layers", "2", "--device", "cpu", "--commands", "train,export"])
+    assert (rehearse.run, rehearse.layers, rehearse.clip_layers, rehearse.commands) == \
+        (bench_rehearse, 2, 24, ["train", "export"])
+    assert parser.parse_args(["rehearse"]).commands == list(COMMAND_NAMES)
+    assert parser.parse_args(["rehearse"]).layers == 36
+    assert parser.parse_args(["pruning", "--tokens", "64"]).run == bench_pruning
+    with pytest.raises(SystemExit):
+        parser.parse_args(["rehearse", "--commands", "train,fly"])
