@@ -89,12 +89,13 @@ def check_int8_runs(device, dtype: torch.dtype) -> None:
     this bitsandbytes build lacks becomes one line (a ValueError) before a model is loaded."""
     device = torch.device(device)
     try:
-        layer = empty_int8_linear(64, 8, bias=False, compute_dtype=dtype)
-        layer.weight = quantize_int8(torch.randn(8, 64), device)
-        x = torch.randn(2, 64, device=device, dtype=dtype, requires_grad=True)
-        layer.train()(x).sum().backward()
-        with torch.no_grad():
-            layer.eval()(x)
+        with torch.inference_mode(False), torch.enable_grad():  # a caller's no_grad must not skip the backward
+            layer = empty_int8_linear(64, 8, bias=False, compute_dtype=dtype)
+            layer.weight = quantize_int8(torch.randn(8, 64), device)
+            x = torch.randn(2, 64, device=device, dtype=dtype, requires_grad=True)
+            layer.train()(x).sum().backward()
+            with torch.no_grad():
+                layer.eval()(x)
     except (NotImplementedError, RuntimeError, AttributeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"--quant int8: bitsandbytes {bnb.__version__} has no int8 path on {device.type} "
