@@ -262,8 +262,10 @@ def checkpoint_bytes(model, cfg: TrainConfig) -> int:
     """About what the run keeps on disk at once: fp32 trainable weights in four files and AdamW's two moments, with
     the adapters' share included (counted at stage 2's size)."""
     trainable, _ = parameter_counts(model)
-    adapter_share = 0 if cfg.peft == "none" else cfg.lora_r * 2 * model.llm.config.hidden_size * 7 * \
-        model.llm.config.num_hidden_layers
+    targets = adapter_targets(cfg.lora_targets, model.llm.config)
+    adapter_share = 0 if cfg.peft == "none" else sum(
+        cfg.lora_r * (m.in_features + m.out_features) + m.out_features for name, m in model.llm.named_modules()
+        if name.rpartition(".")[2] in targets)  # A, B and DoRA's magnitude of every linear stage 2 adapts
     return (trainable + adapter_share) * 4 * 6
 
 
