@@ -8,7 +8,8 @@ forward; unpadded rows of one length need no mask, so SDPA gets is_causal=True a
 value there (its one write path, index_copy_) and the step attends to the whole buffer under a mask of the filled
 slots, so every tensor has the same shape and address at every step. That is what a CUDA graph needs: on a GPU the
 step is captured once and each new token is one `graph.replay()` (one launch instead of ~20 per layer from Python,
-which at batch 8 is most of a step's time). On the CPU the same step runs eagerly; there is no graph to capture.
+which at batch 8 is most of a step's time). On the CPU the same step runs eagerly; there is no graph to capture;
+nor for a Qwen3-MoE model, whose expert dispatch reads to the host (Decoder.__init__ says so, the one place).
 
 Shapes: B batch, T prompt positions, S_max cache slots, hs head dim, C width, V vocab.
 """
@@ -52,7 +53,9 @@ class Decoder:
         device = self.cache.slots.device
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        self.use_graph, self.graph = cuda_graphs and device.type == "cuda", None
+        # Never for Qwen3-MoE: its block reads each expert's token count to the host (moe.Qwen3MoeBlock), which a
+        # captured graph cannot do; its steps run eagerly, with the same numbers.
+        self.use_graph, self.graph = cuda_graphs and device.type == "cuda" and llm.config.moe is None, None
 
     def matches(self, batch_size: int, max_len: int) -> bool:
         """Usable for this batch size and at least max_len slots, with the parameters where they were (unfilled

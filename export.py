@@ -9,11 +9,12 @@
       kovlm.json                 the model config: projector, frames, tower layer, prompt, feature rounding
       clip/                      a copy of the vision tower's folder
 
-The folder loads in transformers' Qwen3ForCausalLM and in our load_qwen3 without adapter code: each adapted linear
-becomes W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA); lora.LoRALinear.merged_linear), computed in fp32 from the
-dequantized base when the base is 4-bit, then stored in --dtype; linears the adapters did not touch are dequantized
-too. caption.py takes the folder in place of a checkpoint. The folder is written under a temporary name and renamed,
-so an interrupted export leaves nothing that looks finished.
+The folder loads in transformers' Qwen3ForCausalLM (Qwen3MoeForCausalLM for a Qwen3-MoE base: each expert under its
+own per-expert names, the hub's layout, which transformers fuses as it loads) and in our load_qwen3 without adapter
+code: each adapted linear becomes W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA); lora.LoRALinear.merged_linear),
+computed in fp32 from the dequantized base when the base is 4-bit or 8-bit, then stored in --dtype; linears the
+adapters did not touch are dequantized too. caption.py takes the folder in place of a checkpoint. The folder is
+written under a temporary name and renamed, so an interrupted export leaves nothing that looks finished.
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""LoRA and DoRA adapters over frozen nn.Linear and bitsandbytes 4-bit (NF4) linears.
+"""LoRA and DoRA adapters over frozen nn.Linear and bitsandbytes 4-bit (NF4) and 8-bit (LLM.int8) linears.
 
 LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
 DoRA: Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353 (row norm detached, §4.3).
@@ -26,7 +26,8 @@ One adapted linear of Qwen3-8B (q_proj: 4096 -> 4096, r = 16, s = alpha / r = 2)
 
 Shapes: T tokens (any leading dims), in / out features, r rank. Adapter weights are fp32; they compute in the
 activations' dtype (as autocast would). The DoRA norm is formed in fp32 (only W A^T comes from the base pass, in
-its compute dtype); PEFT forms it in the compute dtype.
+its compute dtype); PEFT forms it in the compute dtype. Over an 8-bit base, W A^T comes from the dequantized int8
+weight instead of the base pass, since LLM.int8 would round A's rows to int8 like activations (see base_and_norm).
 """
 import copy
 import math
@@ -37,9 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nf4 import bnb, keep_one_layout
+from nf4 import bnb, dequantize_int8, keep_one_layout
 
 QWEN3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_LINEARS = QWEN3_LINEARS[:4]  # Qwen3-MoE's default targets: its experts stay frozen unless named
+QUANTIZED_LINEARS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)  # the bitsandbytes bases LoRALinear wraps
 
 
 @dataclass
@@ -60,7 +63,8 @@ class AdapterConfig:
 
 
 def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
-    """The base weight (out, in) in fp32; a 4-bit one dequantized. Called when wrapping and merging, never per step."""
+    """The base weight (out, in) in fp32; a 4-bit or 8-bit one dequantized. Called when wrapping and merging (and,
+    for an 8-bit base, by DoRA's norm: base_and_norm)."""
     if linear.weight.is_meta:
         return torch.empty(linear.out_features, linear.in_features, device="meta")
     if isinstance(linear, bnb.nn.Linear4bit):
@@ -69,6 +73,8 @@ def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
             raise ValueError("a Linear4bit weight must be quantized (moved to its device) and not yet repacked by "
                              "a CPU eval forward before LoRALinear wraps or merges it; wrap right after loading")
         return bnb.functional.dequantize_4bit(linear.weight.data, state).float()
+    if isinstance(linear, bnb.nn.Linear8bitLt):
+        return dequantize_int8(linear)
     return linear.weight.float()
 
 
@@ -88,8 +94,9 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False):
         super().__init__()
-        if type(base) is not nn.Linear and not isinstance(base, bnb.nn.Linear4bit):
-            raise TypeError(f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit, not {type(base).__name__}")
+        if type(base) is not nn.Linear and not isinstance(base, QUANTIZED_LINEARS):
+            raise TypeError(f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit / Linear8bitLt, not "
+                            f"{type(base).__name__}")
         if isinstance(base, bnb.nn.Linear4bit):
             keep_one_layout(base)  # no CPU repacking into a layout dequantize_4bit cannot read (nf4.py)
         self.base = base.requires_grad_(False)
@@ -129,6 +136,8 @@ class LoRALinear(nn.Module):
         base pass, which gives W A^T."""
         if self.weight_sq_norm.is_meta:
             raise RuntimeError("DoRA adapters were applied on the meta device; apply them after loading the base")
+        if isinstance(self.base, bnb.nn.Linear8bitLt):  # LLM.int8 would round A's rows to int8, as activations
+            return self.base(x), self.weight_norm(self.int8_WAt(x.dtype))  # (T, out), (out,)
         rows = torch.cat([x.reshape(-1, x.shape[-1]), self.lora_A.detach().to(x.dtype)])  # (N + r, in)
         out = self.base(rows)  # (N + r, in) -> (N + r, out)
         WAt = self.without_bias(out[-self.r:].detach()).T  # (r, out) -> (out, r): W A^T
@@ -139,9 +148,18 @@ class LoRALinear(nn.Module):
         activations' dtype (a 4-bit base takes its compute dtype from its first input); forwards read it while
         norm_held is True (see held_dora_norms)."""
         with torch.no_grad():
-            WAt = self.without_bias(self.base(self.lora_A.detach().to(dtype))).T  # (r, out) -> (out, r)
+            if isinstance(self.base, bnb.nn.Linear8bitLt):
+                WAt = self.int8_WAt(dtype)  # (out, r)
+            else:
+                WAt = self.without_bias(self.base(self.lora_A.detach().to(dtype))).T  # (r, out) -> (out, r)
             self.held_norm.copy_(self.weight_norm(WAt))
         self.norm_held = True
+
+    def int8_WAt(self, dtype: torch.dtype) -> torch.Tensor:
+        """W A^T (out, r) of an 8-bit base from its dequantized weight in `dtype` (as bitsandbytes' own CPU training
+        path multiplies): one (out, in) copy for the moment of the product, as PEFT makes for its norm."""
+        W = dequantized_weight(self.base).to(dtype)  # (out, in)
+        return F.linear(W, self.lora_A.detach().to(dtype))  # (out, in) @ (in, r) -> (out, r)
 
     def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
         bias = self.base.bias
@@ -167,10 +185,10 @@ class LoRALinear(nn.Module):
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA)), computed in fp32.
 
-        A 4-bit base merges into its compute dtype (bf16 when it has none): W + sBA is not on the NF4 grid,
-        and re-quantizing it would move every weight by up to half a quantization step."""
+        A 4-bit or 8-bit base merges into its compute dtype (bf16 when it has none): W + sBA is not on the NF4 or
+        int8 grid, and re-quantizing it would move every weight by up to half a quantization step."""
         base = self.base
-        dtype = (base.compute_dtype or torch.bfloat16) if isinstance(base, bnb.nn.Linear4bit) else base.weight.dtype
+        dtype = quantized_compute_dtype(base) if isinstance(base, QUANTIZED_LINEARS) else base.weight.dtype
         with torch.no_grad():
             weight = dequantized_weight(base) + self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
             if self.dora:
@@ -183,9 +201,15 @@ class LoRALinear(nn.Module):
         return merged.requires_grad_(False)
 
 
+def quantized_compute_dtype(linear: nn.Module) -> torch.dtype:
+    """A bitsandbytes linear's compute dtype, bf16 when it has none (nf4.empty_int8_linear records one)."""
+    return getattr(linear, "compute_dtype", None) or torch.bfloat16
+
+
 def dense_linear(linear: nn.Module) -> nn.Linear:
-    """A 4-bit linear as a plain nn.Linear in its compute dtype (bf16 when it has none); W dequantized once."""
-    dtype = linear.compute_dtype or torch.bfloat16
+    """A 4-bit or 8-bit linear as a plain nn.Linear in its compute dtype (bf16 when it has none); W dequantized
+    once."""
+    dtype = quantized_compute_dtype(linear)
     dense = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       device=linear.weight.device, dtype=dtype)
     with torch.no_grad():
@@ -196,16 +220,18 @@ def dense_linear(linear: nn.Module) -> nn.Linear:
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` for generation in which every LoRALinear is its merged_linear() and every other 4-bit
-    linear a dense one: plain GEMMs, no per-token dequantization. All other parameters and buffers are shared with
+    """A copy of `model` for generation in which every LoRALinear is its merged_linear() and every other 4-bit or
+    8-bit linear a dense one: plain GEMMs, no per-token dequantization. All other parameters and buffers are shared with
     `model`, not copied; `model` keeps its adapters and its 4-bit weights (so the copy costs the dense weights)."""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    int8_states = [t for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)
+                   for t in (m.state.CB, m.state.SCB) if t is not None]  # where bitsandbytes keeps them (nf4.py)
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers(), *int8_states]}
     merged = copy.deepcopy(model, memo=shared)  # new module objects around the same tensors
     for name, module in list(merged.named_modules()):
         if isinstance(module, LoRALinear):
             _replace(merged, name, module.merged_linear())
-    for name, module in list(merged.named_modules()):  # the 4-bit linears no adapter wraps
-        if isinstance(module, bnb.nn.Linear4bit):
+    for name, module in list(merged.named_modules()):  # the quantized linears no adapter wraps
+        if isinstance(module, QUANTIZED_LINEARS):
             _replace(merged, name, dense_linear(module))
     return merged.eval()
 
@@ -228,9 +254,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **opti
                          f"check AdapterConfig.targets against model.named_modules()")
     for name in names:
         module = model.get_submodule(name)
-        if type(module) is not nn.Linear and not isinstance(module, bnb.nn.Linear4bit):
+        if type(module) is not nn.Linear and not isinstance(module, QUANTIZED_LINEARS):
             raise TypeError(f"adapter target {name} is a {type(module).__name__} (adapters applied twice?); "
-                            f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit")
+                            f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit / Linear8bitLt")
     model.requires_grad_(False)
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout,

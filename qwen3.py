@@ -5,9 +5,14 @@ the model: "Qwen3 Technical Report", arXiv 2505.09388, §2). A Qwen3 layer is a 
 RMSNorm, grouped-query attention (GQA, arXiv 2305.13245) with RoPE, SwiGLU MLP. Against Qwen2 it drops the QKV bias
 and adds QK-Norm, an RMSNorm over each head's query and key before RoPE (q_norm / k_norm), for stable training.
 
+Qwen3-MoE (Qwen3-30B-A3B, transformers' `Qwen3MoeForCausalLM`) is the same decoder in which some layers (moe.py's
+`is_moe_layer`) hold a router and many small SwiGLU experts (moe.Qwen3MoeBlock) in place of the dense MLP; a
+`qwen3_moe` config.json sets `Qwen3Config.moe`, and everything else here is shared.
+
 `load_qwen3` builds the model on the meta device (no memory), then reads the checkpoint one tensor at a time; with
-quant="nf4" each decoder-layer linear is quantized to 4-bit NormalFloat (QLoRA, arXiv 2305.14314) as soon as it is
-read, so the whole model never sits in memory in bf16.
+quant="nf4" each decoder-layer linear (the experts' too) is quantized to 4-bit NormalFloat (QLoRA, arXiv 2305.14314)
+as soon as it is read, so the whole model never sits in memory in bf16; quant="int8" does the same with LLM.int8
+(arXiv 2208.07339; nf4.py has both formats and their quirks). Routers stay in the compute dtype.
 
 The KV cache lives here, beside the attention that writes it (as in gpt-fast's model.py): buffers of a fixed length,
 one write path (`KVCache.update`). Generation (prefill, the static-shape decode step, its CUDA graph) is decode.py's,
@@ -24,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nf4 import bnb, empty_nf4_linear
 from infra import snapshot
+from moe import MoeConfig, Qwen3MoeBlock, is_moe_layer, split_fused_experts
+from nf4 import QUANTIZATIONS, bnb, check_int8_runs, empty_int8_linear, empty_nf4_linear, quantize_int8
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Qwen3Config:
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    moe: MoeConfig | None = None  # Qwen3-MoE's expert layers; None for a dense Qwen3
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -52,7 +59,7 @@ class Qwen3Config:
     @classmethod
     def from_hf(cls, d: dict) -> "Qwen3Config":
         """Read a Hugging Face Qwen3 config.json dict; refuse, by name, every feature this decoder does not have."""
-        refusals = {"model_type": d.get("model_type", "qwen3") != "qwen3",
+        refusals = {"model_type": d.get("model_type", "qwen3") not in ("qwen3", "qwen3_moe"),
                     "hidden_act": d.get("hidden_act", "silu") != "silu",
                     "use_sliding_window": bool(d.get("use_sliding_window", False)),
                     "layer_types": any(t != "full_attention" for t in d.get("layer_types") or [])}
@@ -75,7 +82,8 @@ class Qwen3Config:
         return cls(**{key: d[key] for key in required}, rope_theta=float(theta),
                    head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
                    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                   attention_bias=bool(d.get("attention_bias", False)))
+                   attention_bias=bool(d.get("attention_bias", False)),
+                   moe=MoeConfig.from_hf(d) if d.get("model_type") == "qwen3_moe" else None)
 
 
 class Qwen3RMSNorm(nn.Module):
@@ -201,13 +209,19 @@ class Qwen3DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
         self.self_attn = Qwen3Attention(config, layer_idx)
-        self.mlp = Qwen3MLP(config)
+        # Qwen3-MoE: the router and experts in the MLP's place in the layers moe.is_moe_layer names
+        self.mlp = Qwen3MoeBlock(config.hidden_size, config.moe) if is_moe_layer(layer_idx, config.moe) \
+            else Qwen3MLP(config)
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, slots=None):
+        """-> x (B, T, C), and an MoE layer's router logits (B * T, E) (None for a dense MLP)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, slots)  # (B, T, C)
-        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
+        if isinstance(self.mlp, Qwen3MoeBlock):
+            y, router_logits = self.mlp(self.post_attention_layernorm(x))  # (B, T, C), (B * T, E)
+            return x + y, router_logits
+        return x + self.mlp(self.post_attention_layernorm(x)), None  # (B, T, C)
 
 
 class Qwen3Model(nn.Module):
@@ -254,8 +268,9 @@ class Qwen3(nn.Module):
         self.fingerprint = ""
 
     def hidden_states(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
-                      kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, C) after model.norm; attention_mask (B, S) is 1 for real tokens, 0 for pads."""
+                      kv_cache: KVCache | None = None, router_logits: list | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) after model.norm; attention_mask (B, S) is 1 for real tokens, 0 for pads.
+        A list given as router_logits receives each MoE layer's (B * T, E) (for moe.router_aux_loss)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -272,18 +287,20 @@ class Qwen3(nn.Module):
             position_ids = default_position_ids(attention_mask, past, T, x.device)  # (B or 1, T)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B or 1, T, hs) each
         mask = build_attention_mask(attention_mask, past, T, x.device)
-        return self.run_layers(x, cos, sin, mask, kv_cache, slots)  # (B, T, C)
+        return self.run_layers(x, cos, sin, mask, kv_cache, slots, router_logits)  # (B, T, C)
 
-    def run_layers(self, x, cos, sin, mask, kv_cache=None, slots=None) -> torch.Tensor:
+    def run_layers(self, x, cos, sin, mask, kv_cache=None, slots=None, router_logits=None) -> torch.Tensor:
         """The decoder layers and the final norm over embeddings x (B, T, C), with RoPE angles and an SDPA mask
         (None: causal) already made, writing keys and values at `slots` of kv_cache when given;
         decode.decode_one_token calls it with its own static-shape mask and slot."""
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
             if checkpointing:  # keep only each layer's input; recompute its inside in backward
-                x = checkpoint(layer, x, cos, sin, mask, kv_cache, slots, use_reentrant=False)
+                x, layer_router_logits = checkpoint(layer, x, cos, sin, mask, kv_cache, slots, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, slots)
+                x, layer_router_logits = layer(x, cos, sin, mask, kv_cache, slots)
+            if router_logits is not None and layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
         return self.model.norm(x)  # (B, T, C)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -307,30 +324,44 @@ class Qwen3(nn.Module):
 def swap_linears_to_nf4(model: Qwen3, compute_dtype: torch.dtype) -> None:
     """Every nn.Linear inside the decoder layers becomes an empty (meta) bitsandbytes Linear4bit. Embeddings,
     norms and lm_head stay in full precision, as transformers' BitsAndBytesConfig leaves them."""
+    swap_quantized_linears(model, "nf4", compute_dtype)
+
+
+def swap_quantized_linears(model: Qwen3, quant: str, compute_dtype: torch.dtype) -> None:
+    """Every nn.Linear inside the decoder layers (attention, dense MLPs, experts) becomes an empty (meta)
+    bitsandbytes Linear4bit (nf4) or Linear8bitLt (int8). Embeddings, norms, lm_head and the routers (a bare
+    parameter, not an nn.Linear) stay in full precision, as transformers' BitsAndBytesConfig leaves them."""
+    empty_linear = {"nf4": empty_nf4_linear, "int8": empty_int8_linear}[quant]
     for layer in model.model.layers:
         for name, linear in list(layer.named_modules()):
             if isinstance(linear, nn.Linear):
-                layer.set_submodule(name, empty_nf4_linear(linear.in_features, linear.out_features,
-                                                           bias=linear.bias is not None, compute_dtype=compute_dtype))
+                layer.set_submodule(name, empty_linear(linear.in_features, linear.out_features,
+                                                       bias=linear.bias is not None, compute_dtype=compute_dtype))
 
 
 def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="cpu") -> Qwen3:
-    """Build Qwen3 from a Hugging Face snapshot folder; quant="nf4" quantizes decoder-layer linears while reading.
+    """Build Qwen3 or Qwen3-MoE from a Hugging Face snapshot folder; quant="nf4" or "int8" quantizes the
+    decoder-layer linears while reading. Expert weights are read in the hub's per-expert layout or transformers
+    5's fused one (moe.split_fused_experts).
 
     The returned model is in eval mode and frozen (requires_grad=False everywhere). A tied model's checkpoint may
     still carry lm_head.weight (older exports do): it is not loaded, but must equal the embedding."""
-    if quant not in (None, "nf4"):
-        raise ValueError(f"quant={quant!r}: use None (weights in `dtype`) or 'nf4' (4-bit NormalFloat)")
+    if quant not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quant={quant!r}: use None (weights in `dtype`), 'nf4' (4-bit NormalFloat) or 'int8' "
+                         f"(LLM.int8)")
+    if quant == "int8":
+        check_int8_runs(device, dtype)  # a path bitsandbytes lacks here is one line now, not a crash later
     folder = Path(path).expanduser()
     config = Qwen3Config.from_hf(snapshot.read_config(folder))
     with torch.device("meta"):
         model = Qwen3(config)
-    if quant == "nf4":
-        swap_linears_to_nf4(model, dtype)  # still (out, in) on the meta device: the key check is unchanged
+    if quant is not None:
+        swap_quantized_linears(model, quant, dtype)  # still (out, in) on the meta device: the key check is unchanged
 
     def qwen3_name(key: str) -> str | None:
         return None if config.tie_word_embeddings and key == "lm_head.weight" else key
-    snapshot.load_into(model, folder, qwen3_name, dtype=dtype, device=device, place=load_tensor)
+    snapshot.load_into(model, folder, qwen3_name, dtype=dtype, device=device, place=load_tensor,
+                       split=split_fused_experts if config.moe else None)
     if config.tie_word_embeddings:
         check_spare_head(model, folder)
     model.model.rotary_emb = Qwen3RotaryEmbedding(config).to(device)  # the one tensor not in the checkpoint
@@ -339,13 +370,16 @@ def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="
 
 
 def load_tensor(model: Qwen3, name: str, tensor: torch.Tensor, *, dtype, device) -> None:
-    """Put one checkpoint tensor in place of its meta parameter; a Linear4bit weight is quantized on the way."""
+    """Put one checkpoint tensor in place of its meta parameter; a Linear4bit or Linear8bitLt weight is quantized
+    on the way."""
     module_name, _, param_name = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
-        weight = bnb.nn.Params4bit(tensor.to(dtype), requires_grad=False, compress_statistics=True,
+        weight = bnb.nn.Params4bit(tensor.to(dtype).contiguous(), requires_grad=False, compress_statistics=True,
                                    quant_type="nf4", module=module)
         module.weight = weight.to(device)  # Params4bit.to(device) is what quantizes (on the CPU too)
+    elif isinstance(module, bnb.nn.Linear8bitLt) and param_name == "weight":
+        module.weight = quantize_int8(tensor, device)  # from the values as stored, through fp16 (nf4.py)
     else:
         snapshot.assign(model, name, tensor, dtype=dtype, device=device)
 

@@ -39,7 +39,8 @@ from infra.distributed import Distributed, all_reduce_mean, compute_dtype, seed_
 from infra.errors import user_errors
 from evaluate import evaluate_checkpoint, evaluate_split
 from features import batch_features, collate_features, prepare_splits, video_dataset
-from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
+from lora import ATTENTION_LINEARS, QWEN3_LINEARS, AdapterConfig, after_optimizer_step, parameter_counts, \
+    parameter_report
 from projectors import PROJECTORS
 from infra.schedule import epoch_caption_choice, epoch_windows, get_lr
 from vlm import VLMConfig, build_vlm, load_tokenizer
@@ -72,6 +73,12 @@ class TrainConfig:
     lora_r: int = option(16, "adapter rank")
     lora_alpha: float = option(32, "adapter alpha (scale alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the adapter branch")
+    lora_targets: str = option("auto", "comma-separated linears to adapt, from " + ",".join(QWEN3_LINEARS) +
+                               " (auto: all seven for a dense Qwen3; q_proj,k_proj,v_proj,o_proj for a Qwen3-MoE, "
+                               "whose experts stay frozen unless gate_proj,up_proj,down_proj are named; the router "
+                               "is never adapted)")
+    router_aux_coef: float = option(0.0, "Qwen3-MoE: weight of the router's load-balancing loss added to the "
+                                    "caption loss (Switch Transformer's; the config's router_aux_loss_coef is 0.001)")
     num_frames: int = option(8, "frames sampled per video")
     num_queries: int = option(64, "visual tokens of the resampling projectors (cabstractor, crossattn, perceiver)")
     seed: int = option(42, "seed of the initialisation, data order, caption draws and splits")
@@ -80,8 +87,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     max_caption_tokens: int = option(128, "training captions longer than this many tokens are cut (one warning "
                                      "counts them)")
-    quant: str = option("nf4", "storage of the frozen LLM (nf4: 4-bit NormalFloat, none: the compute dtype)",
-                        choices=["nf4", "none"])
+    quant: str = option("nf4", "storage of the frozen LLM's decoder-layer linears (nf4: 4-bit NormalFloat; int8: "
+                        "LLM.int8, outlier threshold 6; none: the compute dtype)", choices=["nf4", "int8", "none"])
     grad_checkpointing: str = option("auto", "activation checkpointing per decoder layer (auto: on for long "
                                      "sequences, i.e. per-patch projectors)", choices=["auto", "on", "off"])
     dtype: str = option("auto", "compute dtype (auto: bf16 on CUDA, fp32 on the CPU)", choices=["auto", "bf16", "fp32"])
@@ -153,7 +160,7 @@ def check_config(cfg: TrainConfig) -> None:
     positive = ["stage1_epochs", "stage2_epochs", "batch_size", "grad_accum", "lora_r", "num_frames", "num_queries",
                 "max_new_tokens", "eval_batch_size", "save_every", "max_caption_tokens"]
     non_negative = ["stage1_lr", "stage2_lr", "lora_alpha", "weight_decay", "max_grad_norm", "max_steps",
-                    "num_workers", "max_samples"]
+                    "num_workers", "max_samples", "router_aux_coef"]
     fractions = ["val_fraction", "test_fraction", "warmup_ratio", "max_bad_fraction", "lora_dropout"]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -164,6 +171,11 @@ def check_config(cfg: TrainConfig) -> None:
     for name in fractions:
         if not 0 <= getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.quant not in ("nf4", "int8", "none"):
+        raise ValueError(f"--quant {cfg.quant}: use nf4, int8 or none")
+    unknown = [name for name in cfg.lora_targets.split(",") if name not in QWEN3_LINEARS]
+    if cfg.lora_targets != "auto" and unknown:
+        raise ValueError(f"--lora-targets: {', '.join(unknown)} is not one of {','.join(QWEN3_LINEARS)} (or auto)")
     if cfg.val_fraction + cfg.test_fraction >= 1:
         raise ValueError("--val-fraction + --test-fraction must leave samples to train on")
     if not (cfg.clip and cfg.llm and cfg.train_manifest):
@@ -221,6 +233,8 @@ def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
     model.llm.gradient_checkpointing = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto"
                                                                            and long_inputs)
     check_positions(model, cfg)
+    if cfg.router_aux_coef and model.llm.config.moe is None:
+        raise ValueError(f"--router-aux-coef {cfg.router_aux_coef}: {cfg.llm} is a dense Qwen3, which has no router")
     if run.is_main:
         checkpoint.check_writable(Path(cfg.output_dir), needed_bytes=checkpoint_bytes(model, cfg))
         if not cfg.feature_cache:
@@ -248,8 +262,10 @@ def checkpoint_bytes(model, cfg: TrainConfig) -> int:
     """About what the run keeps on disk at once: fp32 trainable weights in four files and AdamW's two moments, with
     the adapters' share included (counted at stage 2's size)."""
     trainable, _ = parameter_counts(model)
-    adapter_share = 0 if cfg.peft == "none" else cfg.lora_r * 2 * model.llm.config.hidden_size * 7 * \
-        model.llm.config.num_hidden_layers
+    targets = adapter_targets(cfg.lora_targets, model.llm.config)
+    adapter_share = 0 if cfg.peft == "none" else sum(
+        cfg.lora_r * (m.in_features + m.out_features) + m.out_features for name, m in model.llm.named_modules()
+        if name.rpartition(".")[2] in targets)  # A, B and DoRA's magnitude of every linear stage 2 adapts
     return (trainable + adapter_share) * 4 * 6
 
 
@@ -294,7 +310,7 @@ def optimizer_step(model, wrapped, optimizer, trainable, window: list[int], capt
         with wrapped.no_sync() if run.world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
             with autocast:
                 features = batch_features(model, batch, run.device)  # (B, F, P, Dv)
-            loss = wrapped(features, mine, num_label_tokens) * run.world
+            loss = wrapped(features, mine, num_label_tokens, router_aux_coef=cfg.router_aux_coef) * run.world
             loss.backward()
         losses.append(loss.detach() / run.world)
         sample_ids.append(batch["ids"])
@@ -345,11 +361,21 @@ def finish(model, cfg: TrainConfig, run: Distributed, log) -> None:
         log.write_summary(out / "logs" / "train_summary.json", model, run.device, run.world)
 
 
+def adapter_targets(lora_targets: str, llm_config) -> tuple[str, ...]:
+    """--lora-targets as module names; auto: every linear of a dense Qwen3, the attention projections of a
+    Qwen3-MoE (adapting its experts, 128 per layer at 30B-A3B, multiplies the adapters by ~50 and each expert sees
+    few tokens)."""
+    if lora_targets == "auto":
+        return ATTENTION_LINEARS if llm_config.moe else QWEN3_LINEARS
+    return tuple(lora_targets.split(","))
+
+
 def start_stage(model, stage: int, peak_lr: float, cfg: TrainConfig, run: Distributed):
     """Stage 2 wraps the LLM's linears with adapters first; each stage has its own AdamW over what it trains."""
     if stage == 2 and cfg.peft != "none":
         model.add_adapters(AdapterConfig(method=cfg.peft, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                                         dropout=cfg.lora_dropout))
+                                         dropout=cfg.lora_dropout,
+                                         targets=adapter_targets(cfg.lora_targets, model.llm.config)))
         model.to(run.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=cfg.weight_decay)

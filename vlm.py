@@ -24,6 +24,7 @@ from clip import load_clip_vision
 from decode import Decoder
 from lora import (AdapterConfig, adapter_state_dict, apply_adapters, held_dora_norms, load_adapter_state_dict,
                   merged_copy)
+from moe import load_balancing_loss
 from projectors import ProjectorConfig, projector_from_config
 from qwen3 import load_qwen3
 from sampling import next_token
@@ -127,17 +128,25 @@ class VLM(nn.Module):
         """Supervised tokens of these captions: the loss normaliser of an accumulation window is their sum."""
         return sum(len(self.template.caption_ids(c)) for c in captions)
 
-    def forward(self, features: torch.Tensor, captions: list[str], num_label_tokens: int | None = None):
+    def forward(self, features: torch.Tensor, captions: list[str], num_label_tokens: int | None = None,
+                router_aux_coef: float = 0.0):
         """Summed caption cross-entropy / num_label_tokens (default: this batch's own count; torchtune's
         normalisation, so one batch of 8 equals 8 accumulated batches of 1). Right padding needs no attention mask:
         with causal attention, padding after a caption never reaches it. The labels stay on the host, so the
-        supervised positions are found there: no device synchronisation inside the step."""
+        supervised positions are found there: no device synchronisation inside the step. With router_aux_coef (a
+        Qwen3-MoE LM), plus that times the router's load-balancing loss (router_balance_loss)."""
         visual = self.project(features)  # (B, N, C)
         input_ids, labels = self.tokenize_batch(captions, visual.shape[1])  # (B, T) each, on the host
         embeds = splice_visual_tokens(self.llm.model.embed_tokens, input_ids.to(visual.device, non_blocking=True),
                                       visual, self.template.video_pad_id)  # (B, T, C)
-        hidden = self.llm.hidden_states(inputs_embeds=embeds)  # (B, T, C)
-        return caption_loss(self.llm, hidden, labels, num_label_tokens)
+        router_logits = [] if router_aux_coef else None  # each MoE layer's (B * T, E), filled by the forward
+        hidden = self.llm.hidden_states(inputs_embeds=embeds, router_logits=router_logits)  # (B, T, C)
+        loss = caption_loss(self.llm, hidden, labels, num_label_tokens)
+        if router_logits:
+            real = input_ids != self.template.end_of_text_id  # (B, T): the padding is <|endoftext|>
+            loss = loss + router_aux_coef * router_balance_loss(self.llm, router_logits, real, labels,
+                                                                num_label_tokens)
+        return loss
 
     # ---- generation ----------------------------------------------------------------------------------------------
     def prompt_ids(self, batch_size: int, num_visual: int) -> torch.Tensor:
@@ -238,6 +247,15 @@ def caption_loss(llm, hidden: torch.Tensor, labels: torch.Tensor, num_label_toke
     logits, targets = label_logits(llm, hidden, labels)  # (L, V), (L,)
     loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss_sum / (num_label_tokens or targets.numel())
+
+
+def router_balance_loss(llm, router_logits: list[torch.Tensor], real: torch.Tensor, labels: torch.Tensor,
+                        num_label_tokens: int | None) -> torch.Tensor:
+    """moe.load_balancing_loss over this batch's real tokens (B, T) (not the <|endoftext|> padding), weighted by the
+    batch's share of the window's supervised tokens: the shares of a window's micro-batches (and ranks) sum to 1,
+    so the window adds the coefficient times their token-weighted mean, whatever the accumulation."""
+    share = 1.0 if num_label_tokens is None else int((labels != IGNORE_INDEX).sum()) / num_label_tokens
+    return share * load_balancing_loss(router_logits, llm.config.moe.num_experts_per_tok, real)
 
 
 def merged_for_eval(model: VLM, merge: str = "auto") -> tuple[VLM, str]:

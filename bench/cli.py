@@ -2,7 +2,7 @@
 
     python -m bench --preset cpu-small        # = python -m bench model --preset cpu-small; qwen3-8b on a GPU
     python -m bench model [--preset cpu-small|qwen3-8b] [--tasks train,generate,loss,vision] [--quick] [--json PATH]
-    python -m bench memory SNAPSHOT [--quant nf4] [--device cuda]
+    python -m bench memory [SNAPSHOT [--quant nf4|int8] [--device cuda]]
     python -m bench profile [--preset cpu-small|qwen3-8b] [--layers N] [--quick] [--json PATH]
     python -m bench grid-estimate RESULTS_JSON [--videos 500] [--val-videos 50]
     python -m bench adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
@@ -269,9 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_parser(commands)
     pruning_bench.add_parser(commands)
     rehearse.add_parser(commands)
-    memory = commands.add_parser("memory", help="load one Qwen3 snapshot folder; its size, load time, peak memory")
-    memory.add_argument("path", help="a Qwen3 snapshot folder")
-    memory.add_argument("--quant", choices=["nf4"], default=None)
+    memory = commands.add_parser("memory", help="Qwen3 0.6B-32B and 30B-A3B x nf4/int8/bf16: weights and the "
+                                 "estimated training peak (computed); with a snapshot folder, its load measured")
+    memory.add_argument("path", nargs="?", help="a Qwen3 snapshot folder to load and measure")
+    memory.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    memory.add_argument("--quant", choices=["nf4", "int8"], default=None)
     memory.add_argument("--device", default="cpu")
     memory.set_defaults(run=bench_memory)
     one = commands.add_parser("_one", parents=[common], help="internal: one measurement, printed as JSON")

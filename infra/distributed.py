@@ -86,8 +86,10 @@ def all_reduce_mean(value: float, run: Distributed) -> float:
 
 def wrap_ddp(model) -> DistributedDataParallel:
     """DDP over the trainable weights only: the frozen bases (identical on every rank, 4-bit in part) are neither
-    broadcast at start nor reduced."""
+    broadcast at start nor reduced. Adapters on Qwen3-MoE experts: an expert no token of a rank's micro-batch chose
+    gets no gradient there, so DDP must look for unused parameters (a graph walk per step)."""
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     frozen += [name for name, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    return DistributedDataParallel(model)
+    adapted_experts = any(".experts." in name for name, p in model.named_parameters() if p.requires_grad)
+    return DistributedDataParallel(model, find_unused_parameters=adapted_experts)

@@ -13,7 +13,9 @@ A loader is four steps (gpt-fast's: build on the meta device, then assign the ch
     load_into(model, folder, x_name, dtype=dtype, device=device)
     model.fingerprint = fingerprint(folder)
 `x_name(checkpoint_key) -> our name or None` is the loader's whole key mapping (a prefix strip, a rename); None
-skips a tensor without reading it (CLIP's text tower, BERT's pooler).
+skips a tensor without reading it (CLIP's text tower, BERT's pooler). A loader whose checkpoints may hold several of
+its tensors in one (transformers 5's fused Qwen3-MoE experts) also passes `split(name, tensor) -> [(name, piece)]`,
+applied after the rename; the key check applies it to meta tensors of the stored shapes, so nothing is read.
 """
 import hashlib
 import json
@@ -30,6 +32,7 @@ LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
 BLOCKS, BLOCK_BYTES = 8, 4096  # the fingerprint reads 8 evenly spaced 4 KiB blocks of each tensor (all of a small one)
 CHUNK_BYTES = 1 << 20  # and a .bin whole, a MiB at a time
 Rename = Callable[[str], str | None]
+Split = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None
 
 
 def keep_every_key(key: str) -> str:
@@ -96,9 +99,17 @@ def read_bin(file: Path) -> dict[str, torch.Tensor]:
                          f"truncated, or holding more than tensors") from None
 
 
-def stored_shapes(folder: Path, our_name: Rename = keep_every_key) -> dict[str, tuple[str, tuple]]:
-    """{our name: (checkpoint key, shape)} of every tensor `our_name` keeps, from the files' headers: no tensor is
-    read (a .bin is memory-mapped)."""
+def split_shapes(name: str, shape: tuple, split: Split) -> list[tuple[str, tuple]]:
+    """(name, shape) of each piece `split` makes of a tensor of this shape, from a meta tensor: nothing is read."""
+    if split is None:
+        return [(name, shape)]
+    return [(piece, tuple(tensor.shape)) for piece, tensor in split(name, torch.empty(shape, device="meta"))]
+
+
+def stored_shapes(folder: Path, our_name: Rename = keep_every_key, split: Split = None
+                  ) -> dict[str, tuple[str, tuple]]:
+    """{our name: (checkpoint key, shape)} of every tensor `our_name` keeps (and of each piece `split` makes of
+    it), from the files' headers: no tensor is read (a .bin is memory-mapped)."""
     stored = {}
     for file in weight_files(folder, our_name):
         if file.suffix == ".safetensors":
@@ -108,9 +119,11 @@ def stored_shapes(folder: Path, our_name: Rename = keep_every_key) -> dict[str, 
         for key, shape in shapes.items():
             if (name := our_name(key)) is None:
                 continue
-            if name in stored:
-                raise ValueError(f"{folder}: '{stored[name][0]}' and '{key}' are both '{name}'; keep one of them")
-            stored[name] = (key, shape)
+            for piece, piece_shape in split_shapes(name, shape, split):
+                if piece in stored:
+                    raise ValueError(f"{folder}: '{stored[piece][0]}' and '{key}' are both '{piece}'; keep one of "
+                                     f"them")
+                stored[piece] = (key, piece_shape)
     return stored
 
 
@@ -118,11 +131,11 @@ def first_few(items: list[str], few: int = 3) -> str:
     return ", ".join(items[:few]) + (f" and {len(items) - few} more" if len(items) > few else "")
 
 
-def check_keys(folder: Path, model: nn.Module, our_name: Rename = keep_every_key) -> None:
+def check_keys(folder: Path, model: nn.Module, our_name: Rename = keep_every_key, split: Split = None) -> None:
     """Every kept tensor must have a place in `model.state_dict()` (a meta model is enough), of the same shape,
     and every place must be filled: else one line names the folder and the first few keys."""
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    stored = stored_shapes(folder, our_name)
+    stored = stored_shapes(folder, our_name, split)
     unexpected = [f"'{key}'" for name, (key, _) in stored.items() if name not in expected]
     if unexpected:
         raise ValueError(f"{folder}: unexpected weights {first_few(unexpected)}; {type(model).__name__} has no "
@@ -138,20 +151,24 @@ def check_keys(folder: Path, model: nn.Module, our_name: Rename = keep_every_key
                          f"{shape}, but config.json implies {implied})")
 
 
-def read_tensors(folder: Path, our_name: Rename = keep_every_key) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, tensor as stored) for each kept tensor, one at a time: a caller that converts each one as it
-    comes (qwen3.py's NF4) never holds the whole model in full precision. Skipped tensors are never read."""
+def read_tensors(folder: Path, our_name: Rename = keep_every_key, split: Split = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor as stored) for each kept tensor (or each piece `split` makes of it), one at a time: a
+    caller that converts each one as it comes (qwen3.py's NF4) never holds the whole model in full precision.
+    Skipped tensors are never read."""
+    def named(name: str, tensor: torch.Tensor):
+        return [(name, tensor)] if split is None else split(name, tensor)
     for file in weight_files(folder, our_name):
         if file.suffix == ".safetensors":
             read_header(file)  # a damaged file is named in one line before safetensors opens it
             with safe_open(file, framework="pt") as weights:
                 for key in weights.keys():
                     if (name := our_name(key)) is not None:
-                        yield name, weights.get_tensor(key)
+                        yield from named(name, weights.get_tensor(key))
         else:
             for key, tensor in read_bin(file).items():
                 if (name := our_name(key)) is not None:
-                    yield name, tensor
+                    yield from named(name, tensor)
 
 
 def assign(model: nn.Module, name: str, tensor: torch.Tensor, *, dtype: torch.dtype, device) -> None:
@@ -167,12 +184,12 @@ def assign(model: nn.Module, name: str, tensor: torch.Tensor, *, dtype: torch.dt
 
 
 def load_into(model: nn.Module, folder: Path, our_name: Rename = keep_every_key, *, dtype: torch.dtype, device,
-              place=assign) -> None:
+              place=assign, split: Split = None) -> None:
     """Fill `model` (built on the meta device) from the folder: every key is checked from the headers first, then
-    each tensor is read and handed to `place(model, name, tensor, dtype=, device=)` (default `assign`), one at a
-    time."""
-    check_keys(folder, model, our_name)
-    for name, tensor in read_tensors(folder, our_name):
+    each tensor (or each piece `split` makes of it) is read and handed to `place(model, name, tensor, dtype=,
+    device=)` (default `assign`), one at a time."""
+    check_keys(folder, model, our_name, split)
+    for name, tensor in read_tensors(folder, our_name, split):
         place(model, name, tensor, dtype=dtype, device=device)
 
 

@@ -35,6 +35,36 @@ def save_tiny_qwen3(path, *, tie=False, vocab_size=128, hidden_size=64, intermed
     return Path(path)
 
 
+def save_tiny_qwen3_moe(path, *, vocab_size=128, hidden_size=64, intermediate_size=96, layers=2, heads=4, kv_heads=2,
+                        head_dim=16, experts=8, active=2, expert_size=32, sparse_step=1, mlp_only_layers=(),
+                        norm_topk_prob=True, fused=False, seed=0):
+    """A random transformers Qwen3MoeForCausalLM written to `path`, in the hub's per-expert layout (save_pretrained
+    splits the experts) or, fused=True, in transformers 5's in-memory one (experts.gate_up_proj / down_proj). The
+    routers are drawn at random too: transformers' init leaves them at zero, where every expert ties."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                            head_dim=head_dim, num_experts=experts, num_experts_per_tok=active,
+                            moe_intermediate_size=expert_size, decoder_sparse_step=sparse_step,
+                            mlp_only_layers=list(mlp_only_layers), norm_topk_prob=norm_topk_prob,
+                            rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False)
+    model = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                parameter.normal_(0, 0.5)
+    if not fused:
+        model.save_pretrained(path)
+        return Path(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, Path(path) / "model.safetensors",
+              metadata={"format": "pt"})
+    return Path(path)
+
+
 def save_tiny_clip(path, *, full=True, hidden_size=32, intermediate_size=64, layers=3, heads=4, image_size=28,
                    patch_size=7, max_shard_size=None, safe_serialization=True, seed=0):
     """A random transformers CLIPModel (full=True, text tower included) or CLIPVisionModel written to `path`."""

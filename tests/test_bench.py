@@ -235,3 +235,32 @@ def test_pruning_and_rehearse_are_subcommands():
     assert parser.parse_args(["pruning", "--tokens", "64"]).run == bench_pruning
     with pytest.raises(SystemExit):
         parser.parse_args(["rehearse", "--commands", "train,fly"])
+
+
+def test_memory_table_is_computed_from_the_published_configs_and_the_stored_formats(capsys):
+    """`python -m bench memory`: bf16 weights of Qwen3-8B are its published size; the nf4 and int8 bits per weight
+    are what bitsandbytes stores for a layer quantized as qwen3.py does; every size x quantization has a row."""
+    from bench.memory import NF4_BITS, linear_rows, published_config, weight_bytes
+    from moe import parameter_counts
+    from nf4 import bnb, empty_nf4_linear, quantize_int8
+    d = published_config("Qwen3-8B")
+    assert weight_bytes(d, "bf16") == 16_381_470_720  # the bf16 total_size in Qwen3-8B's safetensors index
+    counts = parameter_counts(d)
+    rest = counts["embeddings"] + counts["norms_and_biases"]
+    assert linear_rows(d) == 36 * (4096 + 2 * 1024 + 4096 + 2 * 12288 + 4096)
+    assert weight_bytes(d, "int8") == counts["linear_weights"] + 4 * linear_rows(d) + 2 * rest
+    weight = torch.randn(64, 4096)
+    layer = empty_nf4_linear(4096, 64, bias=False, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                     module=layer).to("cpu")
+    state = layer.weight.quant_state
+    stored = [layer.weight.data, state.absmax, state.state2.absmax]
+    assert sum(t.numel() * t.element_size() for t in stored) * 8 / weight.numel() == NF4_BITS
+    int8 = quantize_int8(weight, "cpu")
+    assert int8.numel() * 1 + int8.SCB.numel() * 4 == 64 * 4096 + 4 * 64  # 8 bits + an fp32 scale per row
+    result = bench.main(["memory"])
+    printed = capsys.readouterr().out
+    assert result["computed"] and "COMPUTED" in printed and len(result["rows"]) == 7 * 3
+    moe = {row["quant"]: row for row in result["rows"] if row["model"] == "Qwen3-30B-A3B"}
+    assert moe["nf4"]["weights_gib"] < moe["int8"]["weights_gib"] < moe["bf16"]["weights_gib"]
+    assert all(row["per_patch"]["total"] > row["perceiver"]["total"] for row in result["rows"])

@@ -15,11 +15,11 @@ from conftest import save_tiny_qwen3
 from lora import (AdapterConfig, LoRALinear, adapter_state_dict, after_optimizer_step, apply_adapters,
                   dequantized_weight, held_dora_norms, load_adapter_state_dict, merge_adapters, parameter_counts,
                   parameter_report)
-from nf4 import keep_one_layout
+from nf4 import empty_int8_linear, keep_one_layout, quantize_int8
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
 
 IN, OUT, R, ALPHA = 64, 48, 4, 8
-KINDS = [(kind, dora, bias) for kind in ("linear", "nf4") for dora in (False, True) for bias in (False, True)]
+KINDS = [(kind, dora, bias) for kind in ("linear", "nf4", "int8") for dora in (False, True) for bias in (False, True)]
 
 
 def assert_rel(actual, expected, tol, what=""):
@@ -29,7 +29,8 @@ def assert_rel(actual, expected, tol, what=""):
 
 
 def make_base(kind, bias, seed=1, compute_dtype=torch.float32):
-    """The same frozen linear every call for a seed: fp32 nn.Linear, or NF4 Linear4bit quantized by .to('cpu')."""
+    """The same frozen linear every call for a seed: fp32 nn.Linear, NF4 Linear4bit quantized by .to('cpu'), or
+    int8 Linear8bitLt (LLM.int8, threshold 6, no fp16 copy) as load_qwen3 builds it."""
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(IN, OUT, bias=bias)
     with torch.no_grad():
@@ -38,6 +39,12 @@ def make_base(kind, bias, seed=1, compute_dtype=torch.float32):
             linear.bias.copy_(torch.randn(OUT, generator=g))
     if kind == "linear":
         return linear
+    if kind == "int8":
+        int8 = empty_int8_linear(IN, OUT, bias=bias, compute_dtype=compute_dtype)
+        int8.weight = quantize_int8(linear.weight.data.clone(), "cpu")
+        if bias:
+            int8.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        return int8
     nf4 = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=compute_dtype, quant_type="nf4")
     nf4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
     if bias:
@@ -72,6 +79,7 @@ def peft_twin(ours, kind, bias, dropout=0.0, copy_adapters=True):
     """PEFT wrapping an identical base, holding our A, B (and magnitude); returns (peft model, PEFT's layer)."""
     holder = Holder(make_base(kind, bias))
     holder.is_loaded_in_4bit = kind == "nf4"  # routes PEFT to its bitsandbytes Linear4bit layer, as for QLoRA
+    holder.is_loaded_in_8bit = kind == "int8"  # ... or to its Linear8bitLt layer
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], use_dora=ours.dora, lora_dropout=dropout)
     model = get_peft_model(holder, config)
     layer = model.base_model.model.proj
@@ -186,6 +194,46 @@ def test_merged_equals_unmerged(kind, dora, bias):
     assert_rel(merged(x), layer(x), 1e-5, "merged output")
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_int8_eval_forward_runs_llm_int8_and_matches_peft(dora):
+    """In eval mode on the CPU bitsandbytes runs LLM.int8 (int8 activations, outlier columns above 6 in fp16); in
+    training mode it multiplies by the dequantized weight (nf4.py). Both sides run the same base; DoRA's norm comes
+    from the dequantized weight on both, so they agree as in training mode."""
+    torch.manual_seed(0)
+    ours = randomize(LoRALinear(make_base("int8", True), R, ALPHA, dora=dora))
+    model, _ = peft_twin(ours, "int8", True)
+    x = torch.randn(5, IN)
+    x[:, 3] = 8.0  # an outlier feature column, above the threshold
+    with torch.no_grad():
+        trained = ours(x)
+        ours.eval()
+        model.eval()
+        y_ours, y_peft = ours(x), model(x)
+    assert_rel(y_ours, y_peft, 1e-4, "eval output")
+    assert (y_ours - trained).abs().max() > 1e-4  # LLM.int8's rounding of the activations shows
+
+
+def test_int8_dora_norm_uses_the_dequantized_weight_and_holds_it():
+    """LLM.int8 would round A's rows like activations; the norm takes W A^T from the dequantized int8 weight, so the
+    base sees the tokens alone, and the held norm equals the formed one."""
+    torch.manual_seed(0)
+    layer = randomize(LoRALinear(make_base("int8", True), R, ALPHA, dora=True))
+    calls = BaseCallCounter(layer.base)
+    x = torch.randn(2, 5, IN)
+    with torch.no_grad():
+        _, formed = layer.base_and_norm(x)
+        assert_rel(formed, materialised_weight(layer).norm(dim=1), 1e-6, "norm")
+        with held_dora_norms(Holder(layer), x.dtype):
+            assert_rel(layer.held_norm, formed, 1e-6, "held norm")
+    assert calls.shapes == [(2, 5, IN)]
+
+
+def test_int8_merges_into_its_compute_dtype():
+    assert LoRALinear(make_base("int8", False), R, ALPHA).merged_linear().weight.dtype == torch.float32
+    base = make_base("int8", False, compute_dtype=None)
+    assert LoRALinear(base, R, ALPHA, dora=True).merged_linear().weight.dtype == torch.bfloat16
+
+
 def test_nf4_merges_into_bf16_by_default():
     base = make_base("nf4", True, compute_dtype=None)
     assert LoRALinear(base, R, ALPHA, dora=True).merged_linear().weight.dtype == torch.bfloat16
@@ -270,6 +318,7 @@ def test_four_bit_weights_count_by_logical_size():
     layer = make_base("nf4", True)
     assert layer.weight.numel() == IN * OUT // 2  # two 4-bit values per stored byte
     assert parameter_counts(layer) == (0, IN * OUT + OUT)  # the bias of a base layer is frozen too
+    assert parameter_counts(make_base("int8", True)) == (0, IN * OUT + OUT)  # one int8 per weight
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -304,7 +353,7 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("kind", ["linear", "nf4", "int8"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_dora_output_is_right_after_an_optimizer_step(kind, optimizer):
     """Every training forward forms the norm from the adapters as they are: after any optimizer, fused included
@@ -430,7 +479,7 @@ def test_dropout_runs_the_base_once_per_forward():
     assert calls.shapes[2:] == [(2 * 5 + R, IN), (2, 5, IN)]
 
 
-@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("kind", ["linear", "nf4", "int8"])
 def test_peft_exact_form_equals_peft_with_dropout(kind):
     """Same RNG state, same mask: forward_like_peft reproduces PEFT's training-mode DoRA with dropout > 0."""
     ours = randomize(LoRALinear(make_base(kind, True), R, ALPHA, dropout=0.3, dora=True)).train()
@@ -445,7 +494,7 @@ def test_peft_exact_form_equals_peft_with_dropout(kind):
     assert not torch.allclose(ours(x), y_peft)  # the adapter-only-dropout form is a different sample
 
 
-@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("kind", ["linear", "nf4", "int8"])
 def test_dropout_forms_agree_without_mask_and_in_expectation(kind):
     torch.manual_seed(0)
     layer = randomize(LoRALinear(make_base(kind, True), R, ALPHA, dropout=0.3, dora=True))

@@ -1,10 +1,12 @@
 """nf4.py: the one place for bitsandbytes' CPU quirks. A 4-bit layer kovlm builds keeps one weight layout through
 an eval forward (no in-place repacking), so dequantize_4bit still reads it and gradients stay right afterwards;
-importing the stack prints no warning about a kernel hub."""
+importing the stack prints no warning about a kernel hub. int8 layers: where their scales live, no log line per
+LLM.int8 forward, one line when bitsandbytes lacks an int8 path."""
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from nf4 import bnb, empty_nf4_linear
@@ -39,3 +41,33 @@ def test_importing_the_stack_prints_no_kernel_hub_warning():
     result = subprocess.run([sys.executable, "-c", "import train"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "kernels-community" not in result.stderr, result.stderr
+
+
+def test_int8_layers_quantize_row_wise_and_a_missing_path_is_one_line(monkeypatch, caplog):
+    """int8: one int8 row and one fp32 absmax per output row, read from the weight before the first forward and
+    from the layer's state after it; a bitsandbytes build without an int8 path for the device is refused in one
+    line (a ValueError, which the commands print as `error: ...`) before any model is loaded."""
+    from nf4 import check_int8_runs, dequantize_int8, empty_int8_linear, int8_row_scales, quantize_int8
+    from qwen3 import load_qwen3
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    layer = empty_int8_linear(64, 16, bias=False, compute_dtype=torch.float32)
+    layer.weight = quantize_int8(weight, "cpu")
+    scales = int8_row_scales(layer).clone()
+    assert layer.weight.dtype == torch.int8 and torch.equal(scales, weight.abs().amax(dim=1).half().float())
+    torch.testing.assert_close(dequantize_int8(layer), weight, rtol=0, atol=scales.max().item() / 127)
+    layer(torch.randn(2, 64))  # the first forward moves the scales to layer.state
+    assert layer.weight.SCB is None and torch.equal(int8_row_scales(layer), scales)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        layer.eval()(torch.randn(2, 64))  # LLM.int8 on fp32 inputs: bitsandbytes would log a cast to fp16
+    assert not [r for r in caplog.records if "inputs will be cast" in r.getMessage()]
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("int8 matmul is not implemented for the cpu backend\nmore detail")
+    monkeypatch.setattr(bnb, "matmul", missing)
+    with pytest.raises(ValueError) as refused:
+        load_qwen3(ROOT / "no-such-folder", quant="int8", dtype=torch.float32)
+    assert str(refused.value) == ("--quant int8: bitsandbytes " + bnb.__version__ + " has no int8 path on cpu for "
+                                  "float32 (int8 matmul is not implemented for the cpu backend); use --quant nf4 or "
+                                  "none")
+    with pytest.raises(ValueError, match="no int8 path on cpu for bfloat16"):
+        check_int8_runs("cpu", torch.bfloat16)

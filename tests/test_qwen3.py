@@ -12,7 +12,7 @@ import torch
 from conftest import save_tiny_qwen3
 from safetensors.torch import load_file, save_file
 
-from nf4 import keep_one_layout
+from nf4 import int8_row_scales, keep_one_layout
 from qwen3 import Qwen3, Qwen3Config, build_attention_mask, default_position_ids, load_qwen3
 
 PARITY_ATOL = 1e-4  # ours vs transformers, fp32
@@ -136,6 +136,31 @@ def test_nf4_matches_transformers_bitsandbytes(snapshot):
           f"vs unquantized {max_abs_diff(ours_logits, full_logits):.2e}")
     torch.testing.assert_close(ours_logits, ref_logits, rtol=0, atol=PARITY_ATOL)
     assert max_abs_diff(ours_logits, full_logits) > 1e-3, "4-bit weights must change the logits"
+
+
+def test_int8_matches_transformers_bitsandbytes(snapshot):
+    """LLM.int8 (threshold 6, no fp16 copy) on every decoder-layer linear: the same int8 rows and scales as
+    transformers' load_in_8bit, and the same logits (eval mode: bitsandbytes' int8 matmul on both sides)."""
+    from transformers import BitsAndBytesConfig
+    folder = snapshot(**NF4_OPTIONS)
+    ours = load_qwen3(folder, quant="int8", dtype=torch.float32)
+    ref = reference(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    ours_8bit = {name: m for name, m in ours.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    ref_8bit = {name: m for name, m in ref.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert set(ours_8bit) == set(ref_8bit) and len(ours_8bit) == 2 * 7
+    for name, module in ours_8bit.items():
+        assert module.weight.dtype == torch.int8 and module.state.threshold == 6.0
+        assert not module.state.has_fp16_weights, name  # no fp16 copy of the weight kept
+        assert torch.equal(module.weight.data, ref_8bit[name].weight.data), name
+        assert torch.equal(int8_row_scales(module), int8_row_scales(ref_8bit[name])), name
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours_logits, ref_logits = ours(ids), ref(ids).logits
+        full_logits = load_qwen3(folder, dtype=torch.float32)(ids)
+    print(f"int8: vs transformers+bitsandbytes {max_abs_diff(ours_logits, ref_logits):.2e}, "
+          f"vs unquantized {max_abs_diff(ours_logits, full_logits):.2e}")
+    torch.testing.assert_close(ours_logits, ref_logits, rtol=0, atol=PARITY_ATOL)
+    assert max_abs_diff(ours_logits, full_logits) > 1e-4, "int8 weights must change the logits"
 
 
 def test_nf4_model_keeps_embeddings_norms_head_in_dtype_and_is_frozen(snapshot):
@@ -346,8 +371,8 @@ def test_config_reading_and_refusals(snapshot, tmp_path):
         Qwen3Config.from_hf({**hf, "use_sliding_window": True})
     with pytest.raises(ValueError, match="config.json lacks hidden_size"):
         Qwen3Config.from_hf({k: v for k, v in hf.items() if k != "hidden_size"})
-    with pytest.raises(ValueError, match="quant='int8'"):
-        load_qwen3(snapshot(), quant="int8")
+    with pytest.raises(ValueError, match="quant='int4'"):
+        load_qwen3(snapshot(), quant="int4")
 
 
 def test_fingerprint_tells_snapshots_apart(snapshot):

@@ -145,9 +145,9 @@ def test_nan_stops_with_the_step_and_samples_and_keeps_the_last_checkpoint(setup
     real_forward = vlm.VLM.forward
     calls = {"n": 0}
 
-    def poisoned(self, features, captions, num_label_tokens=None):
+    def poisoned(self, features, captions, num_label_tokens=None, **options):
         calls["n"] += 1
-        loss = real_forward(self, features, captions, num_label_tokens)
+        loss = real_forward(self, features, captions, num_label_tokens, **options)
         return loss * float("nan") if calls["n"] == 5 else loss  # step 3's first micro-batch
     monkeypatch.setattr(vlm.VLM, "forward", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 \(samples v\d+, v\d+\)"):
@@ -239,6 +239,9 @@ def test_rerunning_in_a_folder_that_holds_a_run_is_refused_and_changes_nothing(s
     ("--stage1-epochs", "0", "--stage1-epochs must be positive, got 0"),
     ("--stage2-lr", "-1e-4", r"--stage2-lr must not be negative, got -0\.0001"),
     ("--val-fraction", "1.5", r"--val-fraction must be in \[0, 1\), got 1\.5"),
+    ("--lora-targets", "q_proj,qkv_proj", r"--lora-targets: qkv_proj is not one of q_proj,k_proj,v_proj,o_proj,"
+                                          r"gate_proj,up_proj,down_proj \(or auto\)"),
+    ("--router-aux-coef", "-0.1", r"--router-aux-coef must not be negative, got -0\.1"),
 ])
 def test_a_bad_flag_is_one_line_before_anything_loads(setup, tmp_path, flag, value, message):
     root, clip, llm = setup
@@ -330,3 +333,93 @@ def test_help_without_paths_is_the_demos_and_with_paths_the_trainers():
         flag = "--" + f.name.replace("_", "-")
         if f.name not in trainer_options:  # the demo's own
             assert f"{flag} " in demo_help and f"(default: {f.default})" in demo_help and flag not in train_help
+
+
+# ---- other language models and quantizations: a tiny Qwen3-MoE and an int8 base, end to end ---------------------
+@pytest.fixture(scope="module")
+def moe_llm(tiny_bases, tmp_path_factory):
+    """A tiny Qwen3-MoE beside the tiny bases, with the same tokenizer: layer 0 dense (mlp_only_layers), layer 1 a
+    router and 4 experts, 2 active."""
+    import shutil
+    from conftest import save_tiny_qwen3_moe
+    from tokenizers import Tokenizer
+    _, llm = tiny_bases
+    vocab = Tokenizer.from_file(str(llm / "tokenizer.json")).get_vocab_size()
+    folder = save_tiny_qwen3_moe(tmp_path_factory.mktemp("moe") / "llm", vocab_size=vocab, hidden_size=48,
+                                 intermediate_size=64, head_dim=16, experts=4, active=2, expert_size=24,
+                                 mlp_only_layers=(0,))
+    shutil.copy(llm / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+def run_then_caption_and_export(cfg: TrainConfig, tmp_path):
+    """Train 1 + 1 epochs (then the test split's evaluation), caption the test videos from the best checkpoint, and
+    export it: (checkpoint dict, the rebuilt adapted model, the export folder)."""
+    from caption import Clip, caption_videos, load_captioner
+    from evaluate import rebuild_model
+    from export import export_checkpoint
+    results = main(cfg)
+    best = Path(cfg.output_dir) / "checkpoints" / "best_model.pt"
+    saved = checkpoint.load_checkpoint(best)
+    model, features_dtype, _ = load_captioner(best, device=torch.device("cpu"))
+    records, failures = caption_videos(model, [Clip(Path(p["video"])) for p in results["predictions"]],
+                                       batch_size=4, max_new_tokens=cfg.max_new_tokens, features_dtype=features_dtype)
+    assert failures == [] and len(records) == 4
+    assert [r["caption"] for r in records] == [p["prediction"] for p in results["predictions"]]
+    exported = export_checkpoint(best, tmp_path / "exported", dtype="fp32")
+    return saved, rebuild_model(saved, clip=None, llm=None, device="cpu", dtype=torch.float32), exported
+
+
+def test_a_tiny_moe_trains_evaluates_captions_and_exports(setup, moe_llm, tmp_path):
+    """Qwen3-MoE with NF4 experts, DoRA on the attention projections (the MoE default), the load-balancing loss on;
+    the export loads in transformers' Qwen3MoeForCausalLM with the adapted logits."""
+    from transformers import Qwen3MoeForCausalLM
+    from lora import ATTENTION_LINEARS
+    from qwen3 import load_qwen3
+    from moe import load_balancing_loss
+    from vlm import IGNORE_INDEX
+    cfg = config(setup, tmp_path, llm=str(moe_llm), stage1_epochs=1, stage2_epochs=1, router_aux_coef=0.01)
+    saved, model, exported = run_then_caption_and_export(cfg, tmp_path)
+    assert saved["vlm_config"]["quant"] == "nf4" and saved["train_config"]["router_aux_coef"] == 0.01
+    assert tuple(saved["vlm_config"]["adapter"]["targets"]) == ATTENTION_LINEARS
+    adapters = [k for k in saved["trainable"] if k.startswith("llm.")]
+    assert adapters and not any(".mlp." in k for k in adapters)  # experts and router frozen
+    ids = torch.randint(0, model.llm.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    model.eval()  # adapter dropout off
+    with torch.no_grad():
+        expected = model.llm(ids)
+        hf = Qwen3MoeForCausalLM.from_pretrained(exported, dtype=torch.float32, experts_implementation="eager")
+        torch.testing.assert_close(hf.eval()(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        assert (expected - load_qwen3(moe_llm, quant="nf4", dtype=torch.float32)(ids)).abs().max() > 1e-2
+        # the coefficient adds its share of the load-balancing loss over the real (unpadded) tokens
+        features = torch.randn(2, 3, 16, 32, generator=torch.Generator().manual_seed(1))  # (B, F, P, Dv)
+        captions = ["빨간 원", "파란 원이 왼쪽으로 지나간다. 노란 원이 위로 움직인다."]
+        plain, balanced = model(features, captions), model(features, captions, router_aux_coef=0.5)
+        input_ids, labels = model.tokenize_batch(captions, 4)
+        embeds = model.llm.model.embed_tokens(input_ids)
+        embeds[input_ids == model.template.video_pad_id] = model.project(features).flatten(0, 1)
+        router_logits = []
+        model.llm.hidden_states(inputs_embeds=embeds, router_logits=router_logits)
+        real = input_ids != model.template.end_of_text_id
+        assert (labels != IGNORE_INDEX).sum() > 0 and not real.all()  # one row is padded
+        torch.testing.assert_close(balanced - plain, 0.5 * load_balancing_loss(router_logits, 2, real))
+
+
+def test_an_int8_base_trains_evaluates_captions_and_exports(setup, tmp_path):
+    """LLM.int8 base (every decoder-layer linear a Linear8bitLt), DoRA on all seven targets; the checkpoint records
+    int8 and caption / export rebuild it so. On the CPU bitsandbytes' training-mode forward multiplies by the
+    dequantized weight (nf4.py), which is what the exported W + sBA reproduces."""
+    import bitsandbytes as bnb
+    from transformers import Qwen3ForCausalLM
+    from qwen3 import load_qwen3
+    cfg = config(setup, tmp_path, quant="int8", stage1_epochs=1, stage2_epochs=1, lora_dropout=0.0)
+    saved, model, exported = run_then_caption_and_export(cfg, tmp_path)
+    assert saved["vlm_config"]["quant"] == "int8" and len(saved["vlm_config"]["adapter"]["targets"]) == 7
+    assert isinstance(model.llm.get_submodule("model.layers.0.mlp.down_proj.base"), bnb.nn.Linear8bitLt)
+    ids = torch.randint(0, model.llm.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.llm.train()(ids)
+        hf = Qwen3ForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()(ids).logits
+        unadapted = load_qwen3(model.config.llm_path, dtype=torch.float32)(ids)
+    assert (expected - unadapted).abs().max() > 1e-2  # adapters and int8 rounding: a dropped merge would show
+    torch.testing.assert_close(hf, expected, atol=1e-4, rtol=1e-4)
