@@ -85,7 +85,7 @@ def test_two_writers_and_a_reader_never_fail_or_see_a_torn_file(tmp_path):
 def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path):
     lock = checkpoint.claim_run_folder(tmp_path / "run", resume=None, start_over=False)
     holder = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from infra import checkpoint; "
-                             "infra.checkpoint.claim_run_folder(sys.argv[2], resume=None, start_over=False)",
+                             "checkpoint.claim_run_folder(sys.argv[2], resume=None, start_over=False)",
                              str(ROOT), str(tmp_path / "run")], capture_output=True, text=True)
     assert holder.returncode != 0
     assert f"{tmp_path / 'run'} is in use by another run (pid {os.getpid()})" in holder.stderr
@@ -199,16 +199,24 @@ def fixed_bases(root: Path, clip_shift: float = 0.0) -> dict:
 
 
 def test_the_older_fingerprints_are_read_as_todays_for_the_same_bases_only(tmp_path):
-    from infra import snapshot
     bases = fixed_bases(tmp_path / "same")
     assert {base: checkpoint.legacy_fingerprint(base, folder) for base, folder in bases.items()} == OLDER_IDENTITY
-    today = {base: snapshot.fingerprint(folder) for base, folder in bases.items()}
-    assert checkpoint.base_identity_today(OLDER_IDENTITY, today, bases) == today
-    assert checkpoint.base_identity_today(today, today, bases) == today
+    today, folders = identity_of(bases)
+    assert checkpoint.base_identity_today(OLDER_IDENTITY, today, folders) == today
+    assert checkpoint.base_identity_today(today, today, folders) == today
     other = fixed_bases(tmp_path / "other", clip_shift=0.5)  # another tower: its older fingerprint is not the saved one
-    other_today = {base: snapshot.fingerprint(folder) for base, folder in other.items()}
-    assert checkpoint.base_identity_today(OLDER_IDENTITY, other_today, other) == {**other_today,
-                                                                                   "clip": OLDER_IDENTITY["clip"]}
+    other_today, other_folders = identity_of(other)
+    older_tower = {"model_type": "clip_vision_model", "weights": OLDER_IDENTITY["clip"]}
+    assert checkpoint.base_identity_today(OLDER_IDENTITY, other_today, other_folders) == {**other_today,
+                                                                                          "vision": older_tower}
+
+
+def identity_of(bases: dict) -> tuple[dict, dict]:
+    """vlm.base_identity of the fixed bases (a vision-only CLIP), and the folders base_identity_today reads."""
+    from infra import snapshot
+    identity = {"vision": {"model_type": "clip_vision_model", "weights": snapshot.fingerprint(bases["clip"])},
+                "llm": snapshot.fingerprint(bases["llm"])}
+    return identity, {"vision": bases["clip"], "llm": bases["llm"]}
 
 
 def test_a_checkpoint_with_the_older_base_identity_is_rebuilt(tiny_bases):
@@ -219,6 +227,9 @@ def test_a_checkpoint_with_the_older_base_identity_is_rebuilt(tiny_bases):
     model = build_vlm(VLMConfig(clip_path=str(clip), llm_path=str(llm), projector={"name": "linear"}),
                       dtype=torch.float32)
     older = {"clip": checkpoint.legacy_fingerprint("clip", clip), "llm": checkpoint.legacy_fingerprint("llm", llm)}
-    saved = {"vlm_config": asdict(model.config) | {"base_identity": older}, "trainable": model.trainable_state_dict()}
-    rebuilt = rebuild_model(saved, clip=None, llm=None, device="cpu", dtype=torch.float32)
-    assert rebuilt.config.base_identity == model.config.base_identity != older
+    before_other_towers = {"clip": model.vision.weights_fingerprint, "llm": model.llm.fingerprint}
+    for recorded in (older, before_other_towers):
+        saved = {"vlm_config": asdict(model.config) | {"base_identity": recorded},
+                 "trainable": model.trainable_state_dict()}
+        rebuilt = rebuild_model(saved, clip=None, llm=None, device="cpu", dtype=torch.float32)
+        assert rebuilt.config.base_identity == model.config.base_identity != recorded
