@@ -75,11 +75,13 @@ def perturb(model, seed=0):
     return model.eval()
 
 
-def save_siglip(folder, *, full=False, resample=3, size=28):
+def save_siglip(folder, *, full=False, resample=3, size=28, **sizes):
+    """A SigLIP tower (full=True: with its text tower) and its processor at size x size; `sizes` over the tiny
+    config (image_size must then equal size: the positions are learned for it)."""
     from transformers import SiglipConfig as HFConfig, SiglipImageProcessorPil, SiglipModel, SiglipVisionConfig, \
         SiglipVisionModel
     torch.manual_seed(0)
-    vision = SiglipVisionConfig(**TINY, intermediate_size=64, image_size=28, patch_size=7)
+    vision = SiglipVisionConfig(**TINY | dict(intermediate_size=64, image_size=28, patch_size=7) | sizes)
     if full:
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
         model = SiglipModel(HFConfig(text_config=text, vision_config=vision.to_dict()))
@@ -97,11 +99,13 @@ def save_clip(folder):
     return folder
 
 
-def save_dinov2(folder, *, registers=False):
+def save_dinov2(folder, *, registers=False, **sizes):
+    """A DINOv2 tower (with 4 registers when asked), `sizes` over the tiny config, and its processor (short side 32,
+    centre crop 28)."""
     from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, \
         Dinov2WithRegistersModel
     torch.manual_seed(0)
-    sizes = dict(**TINY, image_size=42, patch_size=7)  # a 6 x 6 position table, resized to the crop's 4 x 4 grid
+    sizes = TINY | dict(image_size=42, patch_size=7) | sizes  # a 6 x 6 position table, resized to the crop's 4 x 4 grid
     model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**sizes, num_register_tokens=4)) if registers \
         else Dinov2Model(Dinov2Config(**sizes))
     perturb(model).save_pretrained(folder)
@@ -116,12 +120,15 @@ DINOV3_PROCESSOR = {  # what DINOv3ViTImageProcessor writes (it needs torchvisio
     "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "crop_size": None, "do_center_crop": None}
 
 
-def save_dinov3(folder, *, gated=False):
+def save_dinov3(folder, *, gated=False, **sizes):
+    """A DINOv3 tower (4 registers; gated: a SwiGLU MLP and none), `sizes` over the tiny config, and its processor
+    (28 x 28)."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
     torch.manual_seed(0)
     options = dict(use_gated_mlp=True, hidden_act="silu", num_register_tokens=0) if gated else \
         dict(num_register_tokens=4)
-    model = DINOv3ViTModel(DINOv3ViTConfig(**TINY, intermediate_size=64, image_size=28, patch_size=7, **options))
+    config = TINY | dict(intermediate_size=64, image_size=28, patch_size=7) | options | sizes
+    model = DINOv3ViTModel(DINOv3ViTConfig(**config))
     perturb(model).save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(DINOV3_PROCESSOR))
     return folder

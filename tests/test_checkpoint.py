@@ -13,6 +13,7 @@ import torch
 
 from infra import checkpoint
 from infra.errors import describe
+from vlm import describe_mismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,6 +210,15 @@ def test_the_older_fingerprints_are_read_as_todays_for_the_same_bases_only(tmp_p
     older_tower = {"model_type": "clip_vision_model", "weights": OLDER_IDENTITY["clip"]}
     assert checkpoint.base_identity_today(OLDER_IDENTITY, other_today, other_folders) == {**other_today,
                                                                                           "vision": older_tower}
+
+
+def test_a_clip_checkpoint_of_before_the_other_towers_names_its_family_on_another_tower():
+    older = {"clip": "1f0b31f65db8eb71", "llm": "l" * 32}
+    siglip = {"vision": {"model_type": "siglip_vision_model", "weights": "w" * 32}, "llm": "l" * 32}
+    today = checkpoint.base_identity_today(older, siglip, {"vision": "no/such/folder", "llm": "no/such/folder"})
+    assert today == {"vision": {"model_type": "clip", "weights": "1f0b31f65db8eb71"}, "llm": "l" * 32}
+    assert describe_mismatch({"base_identity": today}, {"base_identity": siglip}) == \
+        'base_identity.vision.model_type: checkpoint has "clip", this model has "siglip_vision_model"'
 
 
 def identity_of(bases: dict) -> tuple[dict, dict]:
