@@ -18,7 +18,7 @@ from conftest import write_noise_video
 from data import Sample, VideoError, preprocess, read_frames
 from vision import ImageProcessing, default_processor
 from features import (CACHE_DTYPE, FeatureCache, VideoCaptionDataset, check_videos, collate_features,
-                      fill_feature_cache, prepare_splits)
+                      feature_cache_for, fill_feature_cache, prepare_splits)
 
 FRAMES, SIZE = 3, 16
 CLIP_PROCESSING = ImageProcessing.from_hf(default_processor("clip", SIZE))
@@ -87,6 +87,20 @@ def test_key_holds_the_span_the_content_and_the_settings(videos, tmp_path):
     write_noise_video(whole.video, seed=99, num_frames=16)  # the same path, new content
     fresh = new_cache(tmp_path / "cache")
     assert not fresh.holds(first) and not fresh.holds(whole) and fresh.holds(videos[1])
+
+
+def test_clip_processing_keeps_the_keys_of_before_and_any_other_processing_has_its_own(tmp_path):
+    """Entries written before the other towers were keyed without the preprocessing (it was CLIP's, data.preprocess):
+    a tower with CLIP's processor keys them alike; another processor (SigLIP's filter, ImageNet's mean) does not."""
+    model = TinyTower()
+    before = json.dumps({"tower": "tiny tower", "num_frames": FRAMES, "image_size": SIZE, "layer": -2})
+    assert feature_cache_for(model, tmp_path).settings_key == hashlib.sha256(before.encode()).hexdigest()[:16]
+    keys = {feature_cache_for(model, tmp_path).settings_key}
+    for other in (replace(CLIP_PROCESSING, resample="bilinear"), replace(CLIP_PROCESSING, mean=(0.485, 0.456, 0.406)),
+                  ImageProcessing.from_hf(default_processor("siglip", SIZE))):
+        model.vision.processing = other
+        keys.add(feature_cache_for(model, tmp_path).settings_key)
+    assert len(keys) == 4
 
 
 def swap_data(target, source) -> None:
