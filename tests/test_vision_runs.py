@@ -11,6 +11,7 @@ import caption
 from conftest import save_dinov2, save_dinov3, save_siglip
 from data import read_frames
 from evaluate import evaluate_checkpoint, rebuild_model
+from export import export_checkpoint, load_exported
 from features import feature_cache_for
 from formats.manifests import read_manifest
 from infra import snapshot
@@ -84,6 +85,11 @@ def test_a_tower_family_trains_evaluates_and_captions(family, towers, trained, t
                          "--device", "cpu", "--workers", "1"]) == 0
     header, record = map(json.loads, captions_file.read_text().splitlines())
     assert "decoding" in header["header"] and record["video"] == str(video.video) and "caption" in record
+
+    exported = export_checkpoint(best, tmp_path / "exported", dtype="fp32")  # the tower's folder copied beside
+    from_export, _ = load_exported(exported)
+    assert from_export.vision.config.model_type == model_type
+    assert from_export.vision.fingerprint == model.vision.fingerprint  # a byte-identical copy of the tower
 
 
 @pytest.mark.parametrize("family", FAMILIES)
