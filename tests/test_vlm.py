@@ -274,3 +274,12 @@ def test_corrupt_cache_entry_is_recomputed_with_a_warning(bases, videos, tmp_pat
         _, encoded = fill_feature_cache(model, videos, cache, show_progress=False)
     assert encoded == 1
     torch.testing.assert_close(cache.load(videos[0].video), expected)
+
+
+@pytest.mark.parametrize("layer", [4, -5])
+def test_a_layer_the_tower_lacks_is_refused_when_the_model_is_built(bases, layer):
+    config = VLMConfig(clip_path=str(bases[0]), llm_path=str(bases[1]), num_frames=3, quant=None,
+                       projector={"name": "linear"}, vision_layer=layer)  # the tiny CLIP: 3 layers, states -4..3
+    with pytest.raises(ValueError, match=rf"vision layer {layer} is out of range: .* has 3 layers, so hidden states "
+                                         r"-4\.\.3 \(--vision-layer\)"):
+        build_vlm(config, dtype=torch.float32)
