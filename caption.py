@@ -27,12 +27,12 @@ import torch
 from tqdm import tqdm
 
 from infra.checkpoint import atomic_write_text, load_checkpoint, peak_memory
-from data import VideoError, preprocess, read_frames
+from data import VideoError, read_frames
 from infra.distributed import compute_dtype, default_device
 from infra.errors import user_errors
 from evaluate import DEFAULT_DECODING, add_decoding_options, decoding_from_args, rebuild_model
 from export import load_exported
-from features import CACHE_DTYPE, FeatureCache
+from features import CACHE_DTYPE, FeatureCache, feature_cache_for
 from formats.labels import VIDEO_SUFFIXES
 from formats.manifests import ManifestError, Sample, read_manifest
 from report import render_report
@@ -110,14 +110,14 @@ class VideoReader:
     A segment has its own cache entry, apart from its whole video's."""
 
     def __init__(self, model, cache: FeatureCache | None):
-        self.num_frames, self.image_size, self.cache = model.config.num_frames, model.vision.config.image_size, cache
+        self.num_frames, self.preprocess, self.cache = model.config.num_frames, model.vision.preprocess, cache
 
     def __call__(self, clip: Clip):
         try:
             if self.cache is not None and (features := self.cache.load(clip.as_sample())) is not None:
                 return "features", features
             frames = read_frames(clip.video, self.num_frames, start=clip.start, end=clip.end)  # (F, H, W, 3)
-            return "pixels", preprocess(frames, self.image_size)
+            return "pixels", self.preprocess(frames)  # (F, 3, S, S), the tower's own processor
         except (VideoError, OSError) as error:
             return "error", str(error)
 
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recursive", action="store_true", help="look for videos in subfolders too")
     parser.add_argument("--output", help="write the captions here as JSONL (a header record first)")
     parser.add_argument("--report", action="store_true", help="also write report.html beside --output")
-    parser.add_argument("--clip", help="CLIP folder instead of the one the checkpoint names")
+    parser.add_argument("--vision", "--clip", dest="clip", metavar="DIR", help="vision tower folder instead of the "
+                        "one the checkpoint names (--clip is an alias of --vision)")
     parser.add_argument("--llm", help="Qwen3 folder instead of the one the checkpoint names (checkpoints only)")
     parser.add_argument("--cache-dir", help="read and fill a feature cache here (off by default)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
@@ -204,9 +205,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else default_device()
     model, features_dtype, source = load_captioner(args.checkpoint, clip=args.clip, llm=args.llm, device=device,
                                                    dtype=args.dtype)
-    cache = FeatureCache(args.cache_dir, tower=model.vision.fingerprint, num_frames=model.config.num_frames,
-                         image_size=model.vision.config.image_size, layer=model.config.vision_layer) \
-        if args.cache_dir else None
+    cache = feature_cache_for(model, args.cache_dir) if args.cache_dir else None
     videos, failures = collect_videos(args.paths, args.recursive)
     for path, why in failures:
         print(f"{path}: {why}", file=sys.stderr)

@@ -43,8 +43,7 @@ SETTING_NAMES = {"do_sample": "sample", "temperature": "t", "top_p": "p", "repet
 def generate_captions(model, samples, cache: FeatureCache | None, *, batch_size: int, max_new_tokens: int, run,
                       with_loss: bool, decoding: dict) -> tuple[list[dict], float, int, float]:
     """This rank's caption rows (and summed first-reference loss and its token count), and the seconds taken."""
-    dataset = video_dataset(samples, cache, num_frames=model.config.num_frames,
-                            image_size=model.vision.config.image_size)
+    dataset = video_dataset(samples, cache, num_frames=model.config.num_frames, processing=model.vision.processing)
     mine = shard(list(range(len(samples))), run.rank, run.world)
     rows, loss_sum, loss_tokens, started = [], 0.0, 0, time.perf_counter()
     device = next(model.projector.parameters()).device
@@ -101,13 +100,13 @@ def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: in
 
 
 def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device, dtype):
-    """The model a checkpoint was trained as, on its own bases (or --clip / --llm), refusing any mismatch."""
+    """The model a checkpoint was trained as, on its own bases (or --vision / --llm), refusing any mismatch."""
     saved = VLMConfig(**checkpoint["vlm_config"])
     config = VLMConfig(**{**checkpoint["vlm_config"], "clip_path": clip or saved.clip_path,
                           "llm_path": llm or saved.llm_path})
     model = build_vlm(config, device=device, dtype=dtype)
     saved = replace(saved, base_identity=base_identity_today(saved.base_identity, model.config.base_identity,
-                                                             {"clip": config.clip_path, "llm": config.llm_path}))
+                                                             {"vision": config.clip_path, "llm": config.llm_path}))
     for name in ("base_identity", "projector", "adapter", "vision_layer", "num_frames", "quant"):
         difference = describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)})
         if difference:
@@ -251,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", help="a labelled manifest to evaluate on instead of the run's own splits")
     parser.add_argument("--split", choices=["train", "val", "test"],
                         help="which split (default: test of the run's splits; all samples of --manifest)")
-    parser.add_argument("--clip", help="CLIP folder instead of the one the checkpoint names")
+    parser.add_argument("--vision", "--clip", dest="clip", metavar="DIR", help="vision tower folder instead of the "
+                        "one the checkpoint names (--clip is an alias of --vision)")
     parser.add_argument("--llm", help="Qwen3 folder instead of the one the checkpoint names")
     parser.add_argument("--output-dir", help="write samples/ and logs/ here (train.py's layout) instead of RUN/eval/")
     parser.add_argument("--no-report", action="store_true", help="skip report.html")

@@ -2,7 +2,7 @@
 E9-E10 the plan's cross-attention abstractor with each.
 
     python experiments.py                                     # the grid on the embedded demo
-    python experiments.py --clip CLIP --llm QWEN3 --train-manifest m.jsonl --batch-size 8
+    python experiments.py --vision TOWER --llm QWEN3 --train-manifest m.jsonl --batch-size 8
     python experiments.py --with-crossattn                    # also E9-E10
     python experiments.py --seeds 42,7,1                      # each pair three times: its mean and range
     python experiments.py --only E1,E2,E3 --runs runs_a       # a share of the grid (E1-E3 too; a job array's task:
@@ -75,7 +75,7 @@ LOSS_SPREAD = "last_epoch_loss_std"  # the sample standard deviation of the step
 MERGEABLE = ("mergeability: LoRA and DoRA both fold into the base's linears (python export.py ckpt.pt --output DIR), "
              "so once merged neither costs anything at generation")
 GRID_OPTIONS = {"--projector", "--peft", "--output-dir", "--resume"}  # set by the grid for each run
-# The demo's own options: train.py hands a run without --clip/--llm/--train-manifest to the demo, which takes these
+# The demo's own options: train.py hands a run without --vision/--llm/--train-manifest to the demo, which takes these
 # even where train.py's TrainConfig does not list them.
 DEMO_OPTIONS = ["--demo-seed", "--demo-scale", "--demo-dir", "--demo-heldout", "--select-by"]
 # config.json's options that differ between the grid's runs by design: the experiment, where files are (paths differ

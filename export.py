@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a model checkpoint (best_model.pt, ...)")
     parser.add_argument("--output", required=True, help="the folder to write (must not exist, or be empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="storage dtype of the LLM weights")
-    parser.add_argument("--clip", help="CLIP folder instead of the one the checkpoint names")
+    parser.add_argument("--vision", "--clip", dest="clip", metavar="DIR", help="vision tower folder instead of the "
+                        "one the checkpoint names (--clip is an alias of --vision)")
     parser.add_argument("--llm", help="Qwen3 folder instead of the one the checkpoint names")
     parser.add_argument("--max-shard-gib", type=float, default=2.0, help="largest safetensors shard")
     args = parser.parse_args(argv)

@@ -1,21 +1,24 @@
 """The frozen-feature cache: the vision tower never changes, so each video (or segment) is encoded once and its
-features are kept on disk (README, "The feature cache"). Later epochs and evaluation run zero CLIP forwards.
+features are kept on disk (README, "The feature cache"). Later epochs and evaluation run zero tower forwards.
 
 A cache entry is one safetensors file named by a key over everything that decides the features: the video file's
 content (sha256 of every byte: a video is small beside the model snapshots), the segment's span, the number of
 frames and the image size, the tower's fingerprint (snapshot.fingerprint of its folder with the dtype it computes
-in, set by the loader: bf16 features are not fp32 features) and the layer. Change any of them and the key changes,
-so stale features are never returned. The entry's metadata holds that key, the video's path and a sha256 of the
-tensor's bytes; an entry that does not parse, fails its checksum (a changed byte, another entry's data) or carries
-another key (another video's whole entry) is recomputed with one warning naming the video. Features are stored in
-CACHE_DTYPE (fp16): (F, P, Dv) = (8, 576, 1024) is 9.4 MB; a model trained from the cache saw its features rounded
-to it, so captioning without the cache rounds them alike (caption.py).
+in, set by the loader: bf16 features are not fp32 features), the layer, and the tower's preprocessing (its folder's
+image processor: resize, crop, filter, mean and std; CLIP's own processor, data.preprocess's numbers, goes unsaid,
+as in every entry written before the other towers, so those keep their keys). Change any of them and the key
+changes, so stale features are never returned. The entry's metadata holds that key, the video's path and a sha256
+of the tensor's bytes; an entry that does not parse, fails its checksum (a changed byte, another entry's data) or
+carries another key (another video's whole entry) is recomputed with one warning naming the video. Features are
+stored in CACHE_DTYPE (fp16): (F, P, Dv) = (8, 576, 1024) is 9.4 MB; a model trained from the cache saw its
+features rounded to it, so captioning without the cache rounds them alike (caption.py).
 """
 import hashlib
 import json
 import os
 import secrets
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +27,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import BadVideos, Sample, VideoError, preprocess, read_frames
+from data import BadVideos, Sample, VideoError, read_frames
+from vision import ImageProcessing, default_processor, process_frames
 
 CACHE_DTYPE = torch.float16  # what every entry holds: half the disk of fp32
 
@@ -45,10 +49,14 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 class FeatureCache:
     """Cached features (F, P, Dv) of a Sample (its span included) or of a whole video given by its path."""
 
-    def __init__(self, root: str | Path, *, tower: str, num_frames: int, image_size: int, layer: int):
+    def __init__(self, root: str | Path, *, tower: str, num_frames: int, image_size: int, layer: int,
+                 preprocessing: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        settings = json.dumps({"tower": tower, "num_frames": num_frames, "image_size": image_size, "layer": layer})
+        settings = {"tower": tower, "num_frames": num_frames, "image_size": image_size, "layer": layer}
+        if preprocessing is not None:  # None: CLIP's processor, keyed as before the other towers (preprocessing_key)
+            settings["preprocessing"] = preprocessing
+        settings = json.dumps(settings)
         self.settings_key = hashlib.sha256(settings.encode()).hexdigest()[:16]
         self._content_keys: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, so a file is hashed once a run
         self._verified: set[tuple] = set()  # entries whose checksum passed this run: (path, size, mtime)
@@ -119,13 +127,31 @@ class FeatureCache:
             temporary.unlink(missing_ok=True)
 
 
-class VideoCaptionDataset(Dataset):
-    """Samples -> {"id", "video", "frames": float (F, 3, S, S), "captions"}; tokenization happens in vlm.py. With
-    keep_errors, a bad video's item holds {"error": VideoError} instead of raising, so loader workers never die."""
+def preprocessing_key(processing: ImageProcessing) -> str | None:
+    """The tower's preprocessing as the cache keys it: its fields as JSON, or None for CLIP's processor at its image
+    size (data.preprocess's numbers), which entries written before the other towers were made with unsaid."""
+    if processing == ImageProcessing.from_hf(default_processor("clip", processing.image_size)):
+        return None
+    return json.dumps(asdict(processing))
 
-    def __init__(self, samples: list[Sample], num_frames: int = 8, image_size: int = 336, *,
+
+def feature_cache_for(model, root: str | Path) -> FeatureCache:
+    """The cache of `model`'s features: its tower (weights and compute dtype), layer, frames and preprocessing."""
+    tower = model.vision
+    return FeatureCache(root, tower=tower.fingerprint, num_frames=model.config.num_frames,
+                        image_size=tower.config.image_size, layer=model.config.vision_layer,
+                        preprocessing=preprocessing_key(tower.processing))
+
+
+class VideoCaptionDataset(Dataset):
+    """Samples -> {"id", "video", "frames": float (F, 3, S, S), "captions"}; tokenization happens in vlm.py. Frames
+    go through `processing` (the tower's, tower.processing: a small value, so loader workers get it without the
+    tower's weights). With keep_errors, a bad video's item holds {"error": VideoError} instead of raising, so
+    loader workers never die."""
+
+    def __init__(self, samples: list[Sample], num_frames: int, processing: ImageProcessing, *,
                  keep_errors: bool = False):
-        self.samples, self.num_frames, self.image_size, self.keep_errors = samples, num_frames, image_size, keep_errors
+        self.samples, self.num_frames, self.processing, self.keep_errors = samples, num_frames, processing, keep_errors
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -139,7 +165,7 @@ class VideoCaptionDataset(Dataset):
             if not self.keep_errors:
                 raise
             return item | {"error": error}
-        return item | {"frames": preprocess(frames, self.image_size)}
+        return item | {"frames": process_frames(frames, self.processing)}
 
 
 def check_videos(samples: list[Sample], num_frames: int = 8, *, skip_bad: bool = False,
@@ -156,16 +182,16 @@ def check_videos(samples: list[Sample], num_frames: int = 8, *, skip_bad: bool =
     return good
 
 
-def fill_feature_cache(model, samples: list[Sample], cache: FeatureCache, *, image_size: int, batch_size: int = 8,
+def fill_feature_cache(model, samples: list[Sample], cache: FeatureCache, *, batch_size: int = 8,
                        num_workers: int = 0, skip_bad: bool = False, max_bad_fraction: float = 0.05,
                        show_progress: bool = True) -> tuple[list[Sample], int]:
     """Encode every sample whose features are not cached yet. Returns (the samples with features, videos encoded).
     A bad video raises, or with skip_bad is reported with its path and dropped; too many bad videos abort."""
     missing = [s for s in samples if not cache.holds(s)]
-    frames = VideoCaptionDataset(missing, model.config.num_frames, image_size, keep_errors=True)
+    frames = VideoCaptionDataset(missing, model.config.num_frames, model.vision.processing, keep_errors=True)
     loader = DataLoader(frames, batch_size=1, num_workers=num_workers, collate_fn=lambda items: items[0])
     policy, bad, pending = BadVideos(len(samples), skip_bad=skip_bad, max_bad_fraction=max_bad_fraction), set(), []
-    device = model.vision.embeddings.patch_embedding.weight.device
+    device = next(model.vision.parameters()).device
     for index, item in enumerate(tqdm(loader, total=len(missing), desc="encoding videos", disable=not show_progress)):
         if "error" in item:
             policy.report(item["error"])
@@ -217,15 +243,13 @@ def prepare_splits(model, splits: dict[str, list[Sample]], *, cache_dir: str | N
     if cache_dir is None:
         return {name: check_videos(samples, model.config.num_frames, skip_bad=skip_bad,
                                    max_bad_fraction=max_bad_fraction) for name, samples in splits.items()}, None
-    cache = FeatureCache(cache_dir, tower=model.vision.fingerprint, num_frames=model.config.num_frames,
-                         image_size=model.vision.config.image_size, layer=model.config.vision_layer)
+    cache = feature_cache_for(model, cache_dir)
     if is_main:
         for name, samples in splits.items():
             held = sum(cache.holds(s) for s in samples)
             splits[name], encoded = fill_feature_cache(
-                model, samples, cache, image_size=model.vision.config.image_size, batch_size=batch_size,
-                num_workers=num_workers, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,
-                show_progress=show_progress)
+                model, samples, cache, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
+                max_bad_fraction=max_bad_fraction, show_progress=show_progress)
             if show_progress:
                 print(f"{name}: {len(samples)} videos, {held} already cached, {encoded} encoded now")
     if world > 1:
@@ -234,10 +258,12 @@ def prepare_splits(model, splits: dict[str, list[Sample]], *, cache_dir: str | N
     return splits, cache
 
 
-def video_dataset(samples: list[Sample], cache: FeatureCache | None, *, num_frames: int, image_size: int) -> Dataset:
-    """Items with cached "features", or without a cache (--no-feature-cache) decoded "frames" to encode per batch."""
+def video_dataset(samples: list[Sample], cache: FeatureCache | None, *, num_frames: int,
+                  processing: ImageProcessing) -> Dataset:
+    """Items with cached "features", or without a cache (--no-feature-cache) "frames" decoded and preprocessed by
+    the tower's `processing`, to encode per batch."""
     if cache is None:
-        return VideoCaptionDataset(samples, num_frames, image_size)
+        return VideoCaptionDataset(samples, num_frames, processing)
     return CachedFeatureDataset(samples, cache)
 
 

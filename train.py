@@ -15,7 +15,7 @@ data paths, `python train.py` hands its command line to the embedded default (de
 calls this trainer with its own defaults.
 
     python train.py --projector perceiver --peft dora                      # the demo, on the CPU
-    python train.py --clip CLIP_DIR --llm QWEN3_DIR --train-manifest m.jsonl --projector perceiver --peft dora
+    python train.py --vision TOWER_DIR --llm QWEN3_DIR --train-manifest m.jsonl --projector perceiver --peft dora
     torchrun --nproc-per-node 4 train.py ...                               # DDP, one process per GPU
 """
 import argparse
@@ -54,7 +54,13 @@ def option(default, help, **argparse_kwargs):
 class TrainConfig:
     projector: str = option("perceiver", "vision-to-LLM projector", choices=sorted(PROJECTORS))
     peft: str = option("dora", "adapters on the 4-bit LLM in stage 2", choices=["lora", "dora", "none"])
-    clip: str | None = option(None, "CLIP snapshot folder (default: the demo's tiny tower)")
+    # The vision tower's folder: kept under the name `clip` (run configs and checkpoints record it so), given as
+    # --vision or its older alias --clip. vision.load_vision picks the family from the folder's config.json.
+    clip: str | None = option(None, "vision tower snapshot folder (CLIP, SigLIP / SigLIP 2 at fixed resolution, "
+                              "DINOv2 or DINOv3: its config.json tells which); --clip is an alias of --vision; "
+                              "none: the demo's tiny CLIP", flags=("--vision", "--clip"), metavar="DIR")
+    vision_layer: int = option(-2, "tower layer whose patch tokens the projector reads, as an index into "
+                               "transformers' hidden_states (-2: the penultimate block, LLaVA's choice)")
     llm: str | None = option(None, "Qwen3 snapshot folder with tokenizer.json (default: the demo's tiny LM)")
     train_manifest: str | None = option(None, "JSONL / CSV / JSON manifest or a folder of label files (its split "
                                         "field, else a seeded split)")
@@ -130,27 +136,29 @@ def config_parser(config_class=TrainConfig, **parser_options) -> argparse.Argume
     options not given are left out of the parsed namespace."""
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS, **parser_options)
     for f in fields(config_class):
-        flag, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        extra = dict(f.metadata)
+        flags = extra.pop("flags", ("--" + f.name.replace("_", "-"),))
         extra["help"] += f" (default: {f.default})"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, **extra)
         else:
             kind = type(f.default) if f.default is not None else int if f.type == int | None else str
-            parser.add_argument(flag, type=kind, **extra)
+            parser.add_argument(*flags, dest=f.name, type=kind, **extra)
     return parser
 
 
 def parse_config(argv=None) -> TrainConfig:
-    parser = config_parser(description=__doc__.split("\n")[0], epilog="Without --clip/--llm/--train-manifest, "
+    parser = config_parser(description=__doc__.split("\n")[0], epilog="Without --vision/--llm/--train-manifest, "
                            "`python train.py` runs the embedded default (demo.py) with its own defaults.")
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
 def names_paths(argv: list[str]) -> bool:
-    """Whether a command line gives --clip, --llm or --train-manifest (abbreviated too, as argparse reads it)."""
+    """Whether a command line gives --vision (--clip), --llm or --train-manifest (abbreviated too, as argparse reads
+    it)."""
     paths = argparse.ArgumentParser(add_help=False)
-    for flag in ("--clip", "--llm", "--train-manifest"):
-        paths.add_argument(flag, nargs="?")
+    for flags in (("--vision", "--clip"), ("--llm",), ("--train-manifest",)):
+        paths.add_argument(*flags, nargs="?")
     given, _ = paths.parse_known_args(argv)
     return any(value is not None for value in vars(given).values())
 
@@ -179,7 +187,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.val_fraction + cfg.test_fraction >= 1:
         raise ValueError("--val-fraction + --test-fraction must leave samples to train on")
     if not (cfg.clip and cfg.llm and cfg.train_manifest):
-        raise ValueError("give --clip, --llm and --train-manifest together, or none of them for the embedded demo")
+        raise ValueError("give --vision, --llm and --train-manifest together, or none of them for the embedded demo")
 
 
 # ---- before any model is loaded ----------------------------------------------------------------------------------
@@ -227,7 +235,7 @@ def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
     """Bases and projector, and the splits with every video encoded into the feature cache."""
     projector = {"name": cfg.projector, "num_queries": cfg.num_queries}
     vlm_config = VLMConfig(clip_path=cfg.clip, llm_path=cfg.llm, projector=projector, num_frames=cfg.num_frames,
-                           quant=None if cfg.quant == "none" else cfg.quant)
+                           vision_layer=cfg.vision_layer, quant=None if cfg.quant == "none" else cfg.quant)
     model = build_vlm(vlm_config, device=run.device, dtype=compute_dtype(cfg.dtype, run.device))
     long_inputs = cfg.projector in ("linear", "mlp")
     model.llm.gradient_checkpointing = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto"
@@ -248,8 +256,7 @@ def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
 
 def check_positions(model, cfg: TrainConfig) -> None:
     """The longest sequence (prompt with its visual tokens + caption or generated tokens) within the LM's limit."""
-    patches = (model.vision.config.image_size // model.vision.config.patch_size) ** 2
-    visual = model.projector.config.output_tokens(cfg.num_frames, patches)
+    visual = model.projector.config.output_tokens(cfg.num_frames, model.vision.config.num_patches)
     longest = len(model.template.prompt_ids(visual)) + max(cfg.max_caption_tokens, cfg.max_new_tokens) + 1
     limit = model.llm.config.max_position_embeddings
     if longest > limit:
@@ -401,8 +408,7 @@ def train(cfg: TrainConfig, run: Distributed, select_by: ValScore | None = None)
 
 def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state: dict | None,
                  select_by: ValScore | None = None) -> bool:
-    train_set = video_dataset(splits["train"], cache, num_frames=cfg.num_frames,
-                              image_size=model.vision.config.image_size)
+    train_set = video_dataset(splits["train"], cache, num_frames=cfg.num_frames, processing=model.vision.processing)
     position = Position.of(state)
     log = checkpoint.TrainingLog(Path(cfg.output_dir) / "logs" / "training_log.csv", enabled=run.is_main,
                                  keep_until=position.global_step if state else None)

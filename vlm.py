@@ -1,12 +1,15 @@
-"""The assembled video-captioning model: frozen CLIP → trainable projector → Qwen3 (NF4 base + LoRA / DoRA).
+"""The assembled video-captioning model: frozen vision tower → trainable projector → Qwen3 (NF4 base + LoRA / DoRA).
 
-    frames (B, F, 3, S, S) ──CLIP layer -2, drop CLS──▶ (B, F, P, Dv) ──projector──▶ (B, N, C)
+    frames (B, F, 3, S, S) ──tower layer -2, patches only──▶ (B, F, P, Dv) ──projector──▶ (B, N, C)
         ──spliced at the <|video_pad|> slots of the chat prompt──▶ inputs_embeds (B, T, C) ──Qwen3──▶ hidden (B, T, C)
         ──lm_head at caption positions only──▶ cross-entropy on the caption tokens and the closing <|im_end|>
 
 The prompt (Qwen3 chat format, thinking disabled) is built by `ChatTemplate`, identical at train and eval time:
     <|im_start|>user\n<|vision_start|>{N x <|video_pad|>}<|vision_end|>{instruction}<|im_end|>\n
     <|im_start|>assistant\n<think>\n\n</think>\n\n{caption}<|im_end|>
+
+The tower is whatever vision.load_vision finds in the folder (CLIP, SigLIP / SigLIP 2, DINOv2, DINOv3); it hands
+over patch tokens only (no CLS, no registers), and its width Dv and grid (P = grid x grid) size the projector.
 
 Shapes: B batch, F frames, P patches per frame, Dv vision width, N visual tokens, T sequence, C LLM width,
 V vocab, L supervised (label) positions in the batch.
@@ -20,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from clip import load_clip_vision
 from decode import Decoder
 from lora import (AdapterConfig, adapter_state_dict, apply_adapters, held_dora_norms, load_adapter_state_dict,
                   merged_copy)
@@ -28,6 +30,7 @@ from moe import load_balancing_loss
 from projectors import ProjectorConfig, projector_from_config
 from qwen3 import load_qwen3
 from sampling import next_token
+from vision import load_vision
 
 DEFAULT_INSTRUCTION = "이 영상을 한국어로 한 문장으로 설명하세요."  # "Describe this video in one Korean sentence."
 IGNORE_INDEX = -100
@@ -37,15 +40,15 @@ STOP_CHECK_EVERY = 8  # generate: tokens between the host's checks that every ro
 @dataclass
 class VLMConfig:
     """What it takes to rebuild the model; saved in every checkpoint."""
-    clip_path: str
+    clip_path: str                           # the vision tower's folder (CLIP, SigLIP, DINO: the name predates them)
     llm_path: str
     projector: dict                          # ProjectorConfig fields except the widths, which the bases decide
     adapter: dict | None = None              # AdapterConfig fields, None in stage 1 / without PEFT
     quant: str | None = "nf4"
-    vision_layer: int = -2                   # LLaVA's choice: the penultimate layer
+    vision_layer: int = -2                   # hidden_states index; LLaVA's choice: the penultimate layer
     num_frames: int = 8
     instruction: str = DEFAULT_INSTRUCTION
-    base_identity: dict = field(default_factory=dict)  # fingerprints of the bases, filled by build_vlm
+    base_identity: dict = field(default_factory=dict)  # the bases' identity (base_identity), filled by build_vlm
 
 
 class ChatTemplate:
@@ -101,11 +104,11 @@ class VLM(nn.Module):
     # ---- vision side ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen CLIP features of the chosen layer without the CLS token: (B, F, 3, S, S) -> (B, F, P, Dv)."""
+        """Frozen tower features of the chosen layer, patch tokens only: (B, F, 3, S, S) -> (B, F, P, Dv)."""
         B, F_ = pixel_values.shape[:2]
-        pixels = pixel_values.flatten(0, 1).to(self.vision.embeddings.patch_embedding.weight.dtype)  # (B*F, 3, S, S)
-        hidden = self.vision(pixels, layer=self.config.vision_layer)  # (B*F, 1+P, Dv)
-        return hidden[:, 1:].unflatten(0, (B, F_))  # (B, F, P, Dv)
+        pixels = pixel_values.flatten(0, 1).to(next(self.vision.parameters()).dtype)  # (B*F, 3, S, S)
+        patches = self.vision(pixels, layer=self.config.vision_layer)  # (B*F, P, Dv): CLS / registers dropped
+        return patches.unflatten(0, (B, F_))  # (B, F, P, Dv)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)  # (B, F, P, Dv) -> (B, N, C)
@@ -300,7 +303,8 @@ def load_tokenizer(llm_path) -> Tokenizer:
 def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
     """Load the frozen bases from their snapshot folders, build the projector (and adapters when configured).
     The model holds a completed copy of `config` (projector defaults, base fingerprints); `config` is unchanged."""
-    vision = load_clip_vision(config.clip_path, dtype=dtype, device=device)
+    vision = load_vision(config.clip_path, dtype=dtype, device=device)
+    check_vision_layer(config.vision_layer, vision, config.clip_path)
     llm = load_qwen3(config.llm_path, quant=config.quant, dtype=dtype, device=device)
     tokenizer = load_tokenizer(config.llm_path)
     requests = {"num_frames": config.num_frames} | {k: v for k, v in config.projector.items() if v is not None}
@@ -308,14 +312,29 @@ def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
                                                  llm_dim=llm.config.hidden_size, **requests)
     projector = projector_from_config(projector_config).to(device)
     adapter = config.adapter
-    config = replace(config, adapter=None, base_identity={"clip": vision.weights_fingerprint or vision.fingerprint,
-                                                            "llm": llm.fingerprint},
+    config = replace(config, adapter=None, base_identity=base_identity(vision, llm),
                      projector={k: v for k, v in asdict(projector.config).items() if k not in ("vision_dim", "llm_dim")})
     model = VLM(vision, projector, llm, tokenizer, config)
     if adapter is not None:
         model.add_adapters(AdapterConfig(**adapter))
         model.to(device)
     return model
+
+
+def check_vision_layer(layer: int, vision, path) -> None:
+    """Refuse a layer the tower does not have before any video is encoded (hidden_states: embeddings + L blocks)."""
+    num_states = vision.config.num_hidden_layers + 1
+    if not -num_states <= layer < num_states:
+        raise ValueError(f"vision layer {layer} is out of range: the tower in {path} has {num_states - 1} layers, "
+                         f"so hidden states {-num_states}..{num_states - 1} (--vision-layer)")
+
+
+def base_identity(vision, llm) -> dict:
+    """What a checkpoint records of its bases: the tower's family (config.json's model_type) and its weights as
+    stored (snapshot.fingerprint), and the LLM's. A checkpoint loaded onto other bases is refused, naming the field
+    (base_identity.vision.model_type first: a SigLIP checkpoint on a DINO tower says so)."""
+    return {"vision": {"model_type": vision.config.model_type, "weights": vision.weights_fingerprint},
+            "llm": llm.fingerprint}
 
 
 def describe_mismatch(saved: dict, current: dict, prefix: str = "") -> str | None:

@@ -17,11 +17,11 @@ from bench.snapshots import Preset, preset_for, write_snapshots
 from bench.stacks import (batch_ids, build_stack, caption_loss, captions_of, check_gradients, check_label_losses,
                           features_of, full_logits_loss, label_losses, ours_llm, reference_embeds, stack_modules,
                           stage2_vlm)
-from clip import load_clip_vision
-from data import preprocess, read_frames, read_manifest
-from features import CachedFeatureDataset, FeatureCache, fill_feature_cache
+from data import read_frames, read_manifest
+from features import CachedFeatureDataset, feature_cache_for, fill_feature_cache
 from lora import after_optimizer_step
 from demo.synth import synth_dataset
+from vision import load_vision
 from vlm import IGNORE_INDEX, VLM, VLMConfig, caption_loss as label_only_loss, merged_for_eval
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -215,7 +215,7 @@ def loss_worker(args, preset: Preset, folders, device) -> dict:
 def vision_worker(args, preset: Preset, folders, device) -> dict:
     """Two epochs over preset.videos videos: with the feature cache (the tower runs in epoch 1 only) and
     re-encoding every epoch (decode, preprocess, tower), as a pipeline without a cache does."""
-    vision = load_clip_vision(folders["clip"], dtype=torch.bfloat16, device=device)
+    vision = load_vision(folders["clip"], dtype=torch.bfloat16, device=device)
     vlm = VLM(vision, None, None, Tokenizer.from_file(str(folders["llm"] / "tokenizer.json")),
               VLMConfig(clip_path=str(folders["clip"]), llm_path=str(folders["llm"]), projector={},
                         num_frames=preset.frames))
@@ -224,17 +224,16 @@ def vision_worker(args, preset: Preset, folders, device) -> dict:
     with tempfile.TemporaryDirectory(prefix="vision-", dir=args.root) as folder:  # an empty cache every run
         samples = read_manifest(synth_dataset(Path(folder) / "videos", preset.videos, num_val=0, num_test=0,
                                               size=64, frames=2 * preset.frames))
-        cache = FeatureCache(Path(folder) / "features", tower=vision.fingerprint, num_frames=preset.frames,
-                             image_size=preset.image_size, layer=vlm.config.vision_layer)
+        cache = feature_cache_for(vlm, Path(folder) / "features")
 
         def re_encode():
             for start in range(0, len(samples), 8):
                 batch = samples[start:start + 8]
-                frames = [preprocess(read_frames(s.video, preset.frames), preset.image_size) for s in batch]
+                frames = [vision.preprocess(read_frames(s.video, preset.frames)) for s in batch]
                 vlm.encode_video(torch.stack(frames).to(device))  # (B, F, 3, S, S) -> (B, F, P, Dv)
 
         def from_cache():
-            fill_feature_cache(vlm, samples, cache, image_size=preset.image_size, show_progress=False)
+            fill_feature_cache(vlm, samples, cache, show_progress=False)
             for item in CachedFeatureDataset(samples, cache):
                 item["features"].to(device)
         result = {}

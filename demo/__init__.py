@@ -1,6 +1,6 @@
 """The embedded default: tiny, generated, self-contained assets, and a run of the trainer on them.
 
-It is one caller of train.py: `python train.py` without --clip, --llm or --train-manifest hands its command line
+It is one caller of train.py: `python train.py` without --vision, --llm or --train-manifest hands its command line
 to `python -m demo` (demo/__main__.py), whose main here reads train.py's options and the demo's own (DemoConfig), fills in the demo's defaults
 (demo_defaults) for the options not given, builds the assets, trains with train.main and prints the test table
 (report(), also kept as logs/demo_table.json).

@@ -6,8 +6,9 @@ POSIX), so a crash or a full disk mid-save leaves the previous file loadable and
 A run folder belongs to one run: a second writer is refused while the first holds the lock, and a folder that
 already holds a run is continued (--resume auto) or moved aside (--start-over), never overwritten. Everything is loaded with `torch.load(..., weights_only=True)`: tensors, numbers, strings,
 lists and dicts only, never pickled code. A checkpoint holds only trainable weights (projector + adapters), the
-configs that rebuild the model, and the bases' fingerprints (snapshot.fingerprint; the older forms of checkpoints
-written before it are still accepted, see base_identity_today), never the frozen bases.
+configs that rebuild the model, and the bases' identity (vlm.base_identity: the tower's model_type and
+snapshot.fingerprint of each base; the older forms of checkpoints written before are still accepted, see
+base_identity_today), never the frozen bases.
 """
 import csv
 import errno
@@ -166,17 +167,35 @@ def restore_training_state(state: dict, model, optimizer) -> None:
 
 
 # ---- the bases' identity ----------------------------------------------------------------------------------------
+CLIP_TYPES = ("clip", "clip_vision_model")  # config.json's model_type of a full CLIP and of its vision tower
+
+
 def base_identity_today(saved: dict, current: dict, folders: dict) -> dict:
-    """A checkpoint's `base_identity` as it is compared with the bases loaded now (`current`, from
-    snapshot.fingerprint): a fingerprint of the older form (another length) that `legacy_fingerprint` finds again
-    in its folder is read as that folder's fingerprint today, so checkpoints written before still load. Anything
-    else is returned as saved, and a difference is refused by the caller."""
+    """A checkpoint's `base_identity` as it is compared with the bases loaded now (`current`, vlm.base_identity;
+    `folders`: {"vision": ..., "llm": ...}). Two older forms are read as today's, so checkpoints written before
+    still load: (a) before the other towers, the tower was CLIP and recorded as "clip": its weights' fingerprint;
+    that is read as {"vision": {"model_type": CLIP's, "weights": it}} (the CLIP type loaded now, full or vision-only,
+    as the record did not tell them apart); (b) a fingerprint of the older form (another length) that
+    `legacy_fingerprint` finds again in its folder is read as that folder's fingerprint today. Anything else is
+    returned as saved, and a difference is refused by the caller."""
     today = dict(saved)
-    for base, recorded in saved.items():
-        if base in current and len(recorded) != len(current[base]) and \
-                recorded == legacy_fingerprint(base, Path(folders[base])):
-            today[base] = current[base]
+    now_vision = current.get("vision") or {}
+    if "clip" in today and "vision" not in today:
+        clip_type = now_vision.get("model_type") if now_vision.get("model_type") in CLIP_TYPES else "clip"
+        today["vision"] = {"model_type": clip_type, "weights": today.pop("clip")}
+    vision = today.get("vision")
+    if isinstance(vision, dict) and now_vision.get("model_type") in CLIP_TYPES and \
+            is_older_form(vision.get("weights"), now_vision["weights"], "clip", folders["vision"]):
+        today["vision"] = vision | {"weights": now_vision["weights"]}
+    if "llm" in today and "llm" in current and is_older_form(today["llm"], current["llm"], "llm", folders["llm"]):
+        today["llm"] = current["llm"]
     return today
+
+
+def is_older_form(recorded, fingerprint: str, base: str, folder) -> bool:
+    """Whether `recorded` is the fingerprint of the older form (another length) of the base in `folder`."""
+    return isinstance(recorded, str) and len(recorded) != len(fingerprint) and \
+        recorded == legacy_fingerprint(base, Path(folder))
 
 
 def legacy_fingerprint(base: str, folder: Path) -> str:

@@ -2,6 +2,7 @@
 
 The reference models come from transformers (test-only); kovlm's own loaders read the folders they write.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -88,6 +89,79 @@ def save_tiny_clip(path, *, full=True, hidden_size=32, intermediate_size=64, lay
         return path
     model.eval().save_pretrained(path, **kwargs)
     return Path(path)
+
+
+# ---- tiny towers of every family, each with its image processor (vision.load_vision reads them) ----
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # transformers' IMAGENET_DEFAULT_*
+
+
+def perturb(model, seed=0):
+    """Random init plus N(0, 0.1) on every parameter, so LayerNorm gains, LayerScale, biases and registers matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def save_siglip(folder, *, full=False, resample=3, size=28, **sizes):
+    """A SigLIP tower (full=True: with its text tower) and its processor at size x size; `sizes` over the tiny
+    config (image_size must then equal size: the positions are learned for it)."""
+    from transformers import SiglipConfig as HFConfig, SiglipImageProcessorPil, SiglipModel, SiglipVisionConfig, \
+        SiglipVisionModel
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(**TINY | dict(intermediate_size=64, image_size=28, patch_size=7) | sizes)
+    if full:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
+        model = SiglipModel(HFConfig(text_config=text, vision_config=vision.to_dict()))
+    else:
+        model = SiglipVisionModel(vision)
+    perturb(model).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": size, "width": size}, resample=resample).save_pretrained(folder)
+    return folder
+
+
+def save_clip(folder):
+    from transformers import CLIPImageProcessorPil
+    save_tiny_clip(folder, full=False, image_size=28, patch_size=7)
+    CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder
+
+
+def save_dinov2(folder, *, registers=False, **sizes):
+    """A DINOv2 tower (with 4 registers when asked), `sizes` over the tiny config, and its processor (short side 32,
+    centre crop 28)."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, \
+        Dinov2WithRegistersModel
+    torch.manual_seed(0)
+    sizes = TINY | dict(image_size=42, patch_size=7) | sizes  # a 6 x 6 position table, resized to the crop's 4 x 4 grid
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**sizes, num_register_tokens=4)) if registers \
+        else Dinov2Model(Dinov2Config(**sizes))
+    perturb(model).save_pretrained(folder)
+    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, resample=3,
+                         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(folder)
+    return folder
+
+
+DINOV3_PROCESSOR = {  # what DINOv3ViTImageProcessor writes (it needs torchvision, so it is written by hand here)
+    "image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": True, "size": {"height": 28, "width": 28},
+    "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "crop_size": None, "do_center_crop": None}
+
+
+def save_dinov3(folder, *, gated=False, **sizes):
+    """A DINOv3 tower (4 registers; gated: a SwiGLU MLP and none), `sizes` over the tiny config, and its processor
+    (28 x 28)."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    torch.manual_seed(0)
+    options = dict(use_gated_mlp=True, hidden_act="silu", num_register_tokens=0) if gated else \
+        dict(num_register_tokens=4)
+    config = TINY | dict(intermediate_size=64, image_size=28, patch_size=7) | options | sizes
+    model = DINOv3ViTModel(DINOv3ViTConfig(**config))
+    perturb(model).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(DINOV3_PROCESSOR))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import torch
 
 from infra import checkpoint
 from infra.errors import describe
+from vlm import describe_mismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,16 +210,33 @@ def fixed_bases(root: Path, clip_shift: float = 0.0) -> dict:
 
 
 def test_the_older_fingerprints_are_read_as_todays_for_the_same_bases_only(tmp_path):
-    from infra import snapshot
     bases = fixed_bases(tmp_path / "same")
     assert {base: checkpoint.legacy_fingerprint(base, folder) for base, folder in bases.items()} == OLDER_IDENTITY
-    today = {base: snapshot.fingerprint(folder) for base, folder in bases.items()}
-    assert checkpoint.base_identity_today(OLDER_IDENTITY, today, bases) == today
-    assert checkpoint.base_identity_today(today, today, bases) == today
+    today, folders = identity_of(bases)
+    assert checkpoint.base_identity_today(OLDER_IDENTITY, today, folders) == today
+    assert checkpoint.base_identity_today(today, today, folders) == today
     other = fixed_bases(tmp_path / "other", clip_shift=0.5)  # another tower: its older fingerprint is not the saved one
-    other_today = {base: snapshot.fingerprint(folder) for base, folder in other.items()}
-    assert checkpoint.base_identity_today(OLDER_IDENTITY, other_today, other) == {**other_today,
-                                                                                   "clip": OLDER_IDENTITY["clip"]}
+    other_today, other_folders = identity_of(other)
+    older_tower = {"model_type": "clip_vision_model", "weights": OLDER_IDENTITY["clip"]}
+    assert checkpoint.base_identity_today(OLDER_IDENTITY, other_today, other_folders) == {**other_today,
+                                                                                          "vision": older_tower}
+
+
+def test_a_clip_checkpoint_of_before_the_other_towers_names_its_family_on_another_tower():
+    older = {"clip": "1f0b31f65db8eb71", "llm": "l" * 32}
+    siglip = {"vision": {"model_type": "siglip_vision_model", "weights": "w" * 32}, "llm": "l" * 32}
+    today = checkpoint.base_identity_today(older, siglip, {"vision": "no/such/folder", "llm": "no/such/folder"})
+    assert today == {"vision": {"model_type": "clip", "weights": "1f0b31f65db8eb71"}, "llm": "l" * 32}
+    assert describe_mismatch({"base_identity": today}, {"base_identity": siglip}) == \
+        'base_identity.vision.model_type: checkpoint has "clip", this model has "siglip_vision_model"'
+
+
+def identity_of(bases: dict) -> tuple[dict, dict]:
+    """vlm.base_identity of the fixed bases (a vision-only CLIP), and the folders base_identity_today reads."""
+    from infra import snapshot
+    identity = {"vision": {"model_type": "clip_vision_model", "weights": snapshot.fingerprint(bases["clip"])},
+                "llm": snapshot.fingerprint(bases["llm"])}
+    return identity, {"vision": bases["clip"], "llm": bases["llm"]}
 
 
 def test_a_checkpoint_with_the_older_base_identity_is_rebuilt(tiny_bases):
@@ -229,6 +247,9 @@ def test_a_checkpoint_with_the_older_base_identity_is_rebuilt(tiny_bases):
     model = build_vlm(VLMConfig(clip_path=str(clip), llm_path=str(llm), projector={"name": "linear"}),
                       dtype=torch.float32)
     older = {"clip": checkpoint.legacy_fingerprint("clip", clip), "llm": checkpoint.legacy_fingerprint("llm", llm)}
-    saved = {"vlm_config": asdict(model.config) | {"base_identity": older}, "trainable": model.trainable_state_dict()}
-    rebuilt = rebuild_model(saved, clip=None, llm=None, device="cpu", dtype=torch.float32)
-    assert rebuilt.config.base_identity == model.config.base_identity != older
+    before_other_towers = {"clip": model.vision.weights_fingerprint, "llm": model.llm.fingerprint}
+    for recorded in (older, before_other_towers):
+        saved = {"vlm_config": asdict(model.config) | {"base_identity": recorded},
+                 "trainable": model.trainable_state_dict()}
+        rebuilt = rebuild_model(saved, clip=None, llm=None, device="cpu", dtype=torch.float32)
+        assert rebuilt.config.base_identity == model.config.base_identity != recorded

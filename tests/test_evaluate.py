@@ -111,7 +111,7 @@ def test_a_checkpoint_on_another_tower_is_refused_in_one_line(trained, tmp_path)
     result = run_evaluate("evaluate.py", str(trained), "--clip", str(other), "--output-dir", str(tmp_path))
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: checkpoint does not match the model: base_identity.clip: checkpoint has ")
+    assert last.startswith("error: checkpoint does not match the model: base_identity.vision.weights: checkpoint has ")
     assert "Traceback" not in result.stderr
 
 

@@ -16,14 +16,17 @@ from torch import nn
 import features
 from conftest import write_noise_video
 from data import Sample, VideoError, preprocess, read_frames
+from vision import ImageProcessing, default_processor
 from features import (CACHE_DTYPE, FeatureCache, VideoCaptionDataset, check_videos, collate_features,
-                      fill_feature_cache, prepare_splits)
+                      feature_cache_for, fill_feature_cache, prepare_splits)
 
 FRAMES, SIZE = 3, 16
+CLIP_PROCESSING = ImageProcessing.from_hf(default_processor("clip", SIZE))
 
 
 class TinyTower(nn.Module):
-    """The part of vlm.VLM the cache uses: a patch embedding as the tower, encode_video, config.num_frames."""
+    """The part of vlm.VLM the cache uses: a patch embedding as the tower, its processing (CLIP's at SIZE:
+    data.preprocess's numbers), encode_video, config.num_frames."""
 
     def __init__(self):
         super().__init__()
@@ -32,6 +35,7 @@ class TinyTower(nn.Module):
         self.vision.embeddings = nn.Module()
         self.vision.embeddings.patch_embedding = nn.Conv2d(3, 8, kernel_size=8, stride=8)
         self.vision.fingerprint, self.vision.config = "tiny tower", SimpleNamespace(image_size=SIZE)
+        self.vision.processing = CLIP_PROCESSING
         self.config = SimpleNamespace(num_frames=FRAMES, vision_layer=-2)
         self.calls = 0
 
@@ -62,18 +66,18 @@ def new_cache(root, num_frames=FRAMES):
 
 def test_cache_equals_encoding_afresh_and_runs_the_tower_once(videos, tmp_path):
     model, cache = TinyTower(), new_cache(tmp_path / "cache")
-    good, encoded = fill_feature_cache(model, videos, cache, image_size=SIZE, batch_size=2, show_progress=False)
+    good, encoded = fill_feature_cache(model, videos, cache, batch_size=2, show_progress=False)
     assert (good, encoded, model.calls) == (videos, 5, 3)  # batches of 2, 2, 1
     for sample in videos:
         torch.testing.assert_close(cache.load(sample).float(), encode_directly(model, sample), atol=2e-3,
                                    rtol=1e-3)  # fp16 storage
     model.calls = 0
-    assert fill_feature_cache(model, videos, cache, image_size=SIZE, show_progress=False)[1] == 0 and not model.calls
+    assert fill_feature_cache(model, videos, cache, show_progress=False)[1] == 0 and not model.calls
 
 
 def test_key_holds_the_span_the_content_and_the_settings(videos, tmp_path):
     model, cache = TinyTower(), new_cache(tmp_path / "cache")
-    fill_feature_cache(model, videos, cache, image_size=SIZE, show_progress=False)
+    fill_feature_cache(model, videos, cache, show_progress=False)
     whole, first, second = videos[0], videos[3], videos[4]
     assert len({cache.path_for(s) for s in (whole, first, second)}) == 3 and len(list(cache.root.iterdir())) == 5
     assert cache.path_for(whole) == cache.path_for(whole.video)  # a path means the whole video
@@ -83,6 +87,20 @@ def test_key_holds_the_span_the_content_and_the_settings(videos, tmp_path):
     write_noise_video(whole.video, seed=99, num_frames=16)  # the same path, new content
     fresh = new_cache(tmp_path / "cache")
     assert not fresh.holds(first) and not fresh.holds(whole) and fresh.holds(videos[1])
+
+
+def test_clip_processing_keeps_the_keys_of_before_and_any_other_processing_has_its_own(tmp_path):
+    """Entries written before the other towers were keyed without the preprocessing (it was CLIP's, data.preprocess):
+    a tower with CLIP's processor keys them alike; another processor (SigLIP's filter, ImageNet's mean) does not."""
+    model = TinyTower()
+    before = json.dumps({"tower": "tiny tower", "num_frames": FRAMES, "image_size": SIZE, "layer": -2})
+    assert feature_cache_for(model, tmp_path).settings_key == hashlib.sha256(before.encode()).hexdigest()[:16]
+    keys = {feature_cache_for(model, tmp_path).settings_key}
+    for other in (replace(CLIP_PROCESSING, resample="bilinear"), replace(CLIP_PROCESSING, mean=(0.485, 0.456, 0.406)),
+                  ImageProcessing.from_hf(default_processor("siglip", SIZE))):
+        model.vision.processing = other
+        keys.add(feature_cache_for(model, tmp_path).settings_key)
+    assert len(keys) == 4
 
 
 def swap_data(target, source) -> None:
@@ -107,13 +125,13 @@ def flip_last_byte(path) -> None:
     (lambda cache, a, b: cache.path_for(a).write_bytes(b"\x00torn write"), "unreadable")])
 def test_corrupt_entry_is_recomputed_with_one_warning_naming_the_video(videos, tmp_path, corruption, problem):
     model, cache = TinyTower(), new_cache(tmp_path / "cache")
-    fill_feature_cache(model, videos, cache, image_size=SIZE, show_progress=False)
+    fill_feature_cache(model, videos, cache, show_progress=False)
     target, other = videos[3], videos[1]
     expected = cache.load(target)
     corruption(cache, target, other)
     fresh = new_cache(tmp_path / "cache")  # a new run: nothing verified yet
     with pytest.warns(UserWarning) as caught:
-        _, encoded = fill_feature_cache(model, videos, fresh, image_size=SIZE, show_progress=False)
+        _, encoded = fill_feature_cache(model, videos, fresh, show_progress=False)
     assert encoded == 1 and len(caught) == 1
     assert problem in str(caught[0].message) and str(target.video) in str(caught[0].message)
     torch.testing.assert_close(fresh.load(target), expected)
@@ -156,8 +174,8 @@ def test_skip_bad_drops_a_missing_video_with_the_cache_on_and_off(videos, tmp_pa
 def test_frames_dataset_keeps_errors_and_batches(videos, tmp_path):
     samples = videos + [Sample("gone", tmp_path / "gone.mp4", ["없는 영상"])]
     with pytest.raises(VideoError, match="no such file"):
-        VideoCaptionDataset(samples, FRAMES, SIZE)[5]
-    dataset = VideoCaptionDataset(samples, FRAMES, SIZE, keep_errors=True)
+        VideoCaptionDataset(samples, FRAMES, CLIP_PROCESSING)[5]
+    dataset = VideoCaptionDataset(samples, FRAMES, CLIP_PROCESSING, keep_errors=True)
     assert isinstance(dataset[5]["error"], VideoError) and "frames" not in dataset[5]
     batch = collate_features([dataset[0], dataset[4]])
     assert batch["frames"].shape == (2, FRAMES, 3, SIZE, SIZE) and batch["ids"] == ["v0", "v0#1"]

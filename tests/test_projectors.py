@@ -38,7 +38,8 @@ def test_every_projector_is_registered_with_its_options():
 
 
 @pytest.mark.parametrize("name", list(PROJECTORS))
-@pytest.mark.parametrize("frames, patches", [(1, 16), (3, 64), (8, 16), (8, 576)])
+@pytest.mark.parametrize("frames, patches", [(1, 16), (3, 64), (8, 16), (8, 576),
+                                             (8, 729), (8, 256), (8, 196)])  # SigLIP So400M, DINOv2-L, DINOv3-L
 def test_output_shape(name, frames, patches):
     projector = small(name)
     out = projector(features(frames, patches))

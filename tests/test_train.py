@@ -308,7 +308,8 @@ def test_a_scorer_names_a_column_of_the_training_log():
 
 @pytest.mark.parametrize("argv, gives_paths", [([], False), (["--projector", "linear", "--demo-scale", "ci"], False),
                                                (["--clip", "c"], True), (["--train-manifest=m.jsonl"], True),
-                                               (["--seed", "1", "--ll", "q"], True)])
+                                               (["--seed", "1", "--ll", "q"], True), (["--vision", "v"], True),
+                                               (["--vision-layer", "-1", "--projector", "mlp"], False)])
 def test_names_paths_reads_the_path_options_as_argparse_does(argv, gives_paths):
     from train import names_paths
     assert names_paths(argv) == gives_paths

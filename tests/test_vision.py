@@ -16,77 +16,15 @@ from safetensors.torch import load_file, save_file
 import clip
 import data
 from infra import snapshot
-from conftest import save_tiny_clip
+from conftest import save_clip, save_dinov2, save_dinov3, save_siglip
 from dino import DINOv3Vision, Dinov2Vision, DinoConfig
 from siglip import SiglipConfig, SiglipVision
-from vision import IMAGENET_MEAN, IMAGENET_STD, ImageProcessing, default_processor, load_vision, process_frames
+from vision import ImageProcessing, default_processor, load_vision, process_frames
 
 ATOL = 1e-5
 PIXEL_ATOL = 2 / 255
 LAYERS = (0, 1, -2, -1)
-TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
 FRAME_SHAPES = [(2, 45, 61, 3), (2, 64, 40, 3)]  # non-square, landscape and portrait
-
-
-def perturb(model, seed=0):
-    """Random init plus N(0, 0.1) on every parameter, so LayerNorm gains, LayerScale, biases and registers matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
-def save_siglip(folder, *, full=False, resample=3, size=28):
-    from transformers import SiglipConfig as HFConfig, SiglipImageProcessorPil, SiglipModel, SiglipVisionConfig, \
-        SiglipVisionModel
-    torch.manual_seed(0)
-    vision = SiglipVisionConfig(**TINY, intermediate_size=64, image_size=28, patch_size=7)
-    if full:
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
-        model = SiglipModel(HFConfig(text_config=text, vision_config=vision.to_dict()))
-    else:
-        model = SiglipVisionModel(vision)
-    perturb(model).save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": size, "width": size}, resample=resample).save_pretrained(folder)
-    return folder
-
-
-def save_clip(folder):
-    from transformers import CLIPImageProcessorPil
-    save_tiny_clip(folder, full=False, image_size=28, patch_size=7)
-    CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder
-
-
-def save_dinov2(folder, *, registers=False):
-    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, \
-        Dinov2WithRegistersModel
-    torch.manual_seed(0)
-    sizes = dict(**TINY, image_size=42, patch_size=7)  # a 6 x 6 position table, resized to the crop's 4 x 4 grid
-    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**sizes, num_register_tokens=4)) if registers \
-        else Dinov2Model(Dinov2Config(**sizes))
-    perturb(model).save_pretrained(folder)
-    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, resample=3,
-                         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(folder)
-    return folder
-
-
-DINOV3_PROCESSOR = {  # what DINOv3ViTImageProcessor writes (it needs torchvision, so it is written by hand here)
-    "image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": True, "size": {"height": 28, "width": 28},
-    "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "crop_size": None, "do_center_crop": None}
-
-
-def save_dinov3(folder, *, gated=False):
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-    torch.manual_seed(0)
-    options = dict(use_gated_mlp=True, hidden_act="silu", num_register_tokens=0) if gated else \
-        dict(num_register_tokens=4)
-    model = DINOv3ViTModel(DINOv3ViTConfig(**TINY, intermediate_size=64, image_size=28, patch_size=7, **options))
-    perturb(model).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(DINOV3_PROCESSOR))
-    return folder
 
 
 BUILDERS = {

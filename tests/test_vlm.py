@@ -164,7 +164,8 @@ def test_build_vlm_and_add_adapters_leave_the_given_configs_alone(bases):
                        projector={"name": "perceiver", "num_queries": 4})
     model = build_vlm(config, dtype=torch.float32)
     assert config.projector == {"name": "perceiver", "num_queries": 4} and config.base_identity == {}
-    assert model.config.base_identity == {"clip": model.vision.weights_fingerprint or model.vision.fingerprint,
+    assert model.config.base_identity == {"vision": {"model_type": "clip_vision_model",
+                                                     "weights": model.vision.weights_fingerprint},
                                           "llm": model.llm.fingerprint}
     assert model.config.projector == {"name": "perceiver", "num_queries": 4, "depth": 2, "width": 32, "heads": 1,
                                       "ffn_mult": 4, "num_frames": 3, "temporal_init_std": 0.5,
@@ -241,20 +242,20 @@ def test_feature_cache_equals_uncached_and_runs_the_tower_once(bases, videos, tm
     cache = cache_for(model, tmp_path / "cache")
     calls = []
     model.vision.register_forward_hook(lambda *args: calls.append(1))
-    good, encoded = fill_feature_cache(model, videos, cache, image_size=28, batch_size=2, show_progress=False)
+    good, encoded = fill_feature_cache(model, videos, cache, batch_size=2, show_progress=False)
     assert (len(good), encoded, len(calls)) == (3, 3, 2)  # batches of 2: two tower forwards for three videos
     for sample in videos:
         direct = model.encode_video(preprocess(read_frames(sample.video, 3), 28)[None])[0]
         torch.testing.assert_close(cache.load(sample.video).float(), direct, atol=2e-3, rtol=1e-3)  # fp16 storage
     calls.clear()
-    _, encoded = fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+    _, encoded = fill_feature_cache(model, videos, cache, show_progress=False)
     assert encoded == 0 and not calls  # the second pass runs zero tower forwards
 
 
 def test_feature_cache_is_invalidated_by_video_frames_or_tower(bases, videos, tmp_path):
     model = make_model(bases)
     cache = cache_for(model, tmp_path / "cache")
-    fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+    fill_feature_cache(model, videos, cache, show_progress=False)
     assert all(cache.holds(s.video) for s in videos)
     assert not any(cache_for(model, tmp_path / "cache", num_frames=4).holds(s.video) for s in videos)
     assert not any(cache_for(model, tmp_path / "cache", tower="another tower").holds(s.video) for s in videos)
@@ -266,10 +267,19 @@ def test_feature_cache_is_invalidated_by_video_frames_or_tower(bases, videos, tm
 def test_corrupt_cache_entry_is_recomputed_with_a_warning(bases, videos, tmp_path):
     model = make_model(bases)
     cache = cache_for(model, tmp_path / "cache")
-    fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+    fill_feature_cache(model, videos, cache, show_progress=False)
     expected = cache.load(videos[0].video)
     cache.path_for(videos[0].video).write_bytes(b"\x00torn write")
     with pytest.warns(UserWarning, match="unreadable"):
-        _, encoded = fill_feature_cache(model, videos, cache, image_size=28, show_progress=False)
+        _, encoded = fill_feature_cache(model, videos, cache, show_progress=False)
     assert encoded == 1
     torch.testing.assert_close(cache.load(videos[0].video), expected)
+
+
+@pytest.mark.parametrize("layer", [4, -5])
+def test_a_layer_the_tower_lacks_is_refused_when_the_model_is_built(bases, layer):
+    config = VLMConfig(clip_path=str(bases[0]), llm_path=str(bases[1]), num_frames=3, quant=None,
+                       projector={"name": "linear"}, vision_layer=layer)  # the tiny CLIP: 3 layers, states -4..3
+    with pytest.raises(ValueError, match=rf"vision layer {layer} is out of range: .* has 3 layers, so hidden states "
+                                         r"-4\.\.3 \(--vision-layer\)"):
+        build_vlm(config, dtype=torch.float32)
