@@ -11,7 +11,7 @@ E9-E10 the plan's cross-attention abstractor with each.
     python experiments.py --summarize runs_a runs_b runs_c    # trains nothing: one summary of runs made elsewhere
 
 Options other than the grid's own are passed through to every train.py run; they are checked against train.py's
-own parser before any run starts (on the demo the demo's options, DEMO_OPTIONS, are valid too). Each run's output
+own parser before any run starts (on the embedded default the demo's, which adds its own options). Each run's output
 is shown and kept in RUN/logs/console.log. A run whose logs/final_metrics.json exists is skipped, an interrupted run
 with a saved training state is resumed (--resume auto) and one interrupted before its first saved state is moved
 aside and started anew, so a grid continues where it stopped. logs/final_metrics.json must be the run's own test
@@ -49,7 +49,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -75,9 +75,6 @@ LOSS_SPREAD = "last_epoch_loss_std"  # the sample standard deviation of the step
 MERGEABLE = ("mergeability: LoRA and DoRA both fold into the base's linears (python export.py ckpt.pt --output DIR), "
              "so once merged neither costs anything at generation")
 GRID_OPTIONS = {"--projector", "--peft", "--output-dir", "--resume"}  # set by the grid for each run
-# The demo's own options: train.py hands a run without --vision/--llm/--train-manifest to the demo, which takes these
-# even where train.py's TrainConfig does not list them.
-DEMO_OPTIONS = ["--demo-seed", "--demo-scale", "--demo-dir", "--demo-heldout", "--select-by"]
 # config.json's options that differ between the grid's runs by design: the experiment, where files are (paths differ
 # between machines: the bases and the test split are compared by content instead), what may change on resumption,
 # and how a step is cut into micro-batches (compared as videos per step: accumulation changes only the speed).
@@ -125,40 +122,27 @@ def select(only: str | None, with_crossattn: bool, seeds: list | None = None) ->
 
 
 # ---- train.py's options, checked before any run ------------------------------------------------------------------
-def without_options(argv: list[str], names: list[str]) -> list[str]:
-    """argv less the options `names` and their values (--name VALUE or --name=VALUE)."""
-    kept, skip = [], False
-    for token in argv:
-        if not skip and token.split("=")[0] in names:
-            skip = "=" not in token
-        elif skip:
-            skip = False
-        else:
-            kept.append(token)
-    return kept
-
-
 def check_train_options(passthrough: list[str]) -> bool:
-    """Refuse what train.py would refuse (its own parser decides: an unknown option, a value of the wrong kind), the
-    grid's own options, and the demo's options beside other bases; True when the runs train the embedded demo."""
+    """Refuse what the runs would refuse (their own parser decides: train.py's, or on the embedded default the
+    demo's, which adds its own options) and the grid's own options; True when the runs train the embedded demo."""
     import train  # the whole model stack: imported to check options, not for --help or --summarize
     given = {token.split("=")[0] for token in passthrough if token.startswith("--")}
     if taken := sorted(given & GRID_OPTIONS):
         raise ValueError(f"{', '.join(taken)}: the grid sets these for each run itself (interrupted runs are "
                          f"resumed); drop them")
-    known = {f.name for f in fields(train.TrainConfig)}
-    demo_only = [flag for flag in DEMO_OPTIONS if flag[2:].replace("-", "_") not in known]
+    uses_demo = not train.names_paths(passthrough)
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
-            config, _ = train.parse_config(without_options(passthrough, demo_only))
+            if uses_demo:
+                import demo  # the embedded default: train.py hands it a command line without paths
+                demo.command_line_config(passthrough)
+            else:
+                train.parse_config(passthrough)
     except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
         raise ValueError("train.py would refuse these options: "
                          + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
-    if not config.uses_demo and (demo_given := sorted(given & set(demo_only))):
-        raise ValueError(f"{', '.join(demo_given)}: options of the embedded demo, which --clip/--llm/--train-manifest "
-                         f"replace; drop them")
-    return config.uses_demo
+    return uses_demo
 
 
 def train_arguments(experiment: Experiment, run_dir: Path, passthrough: list[str], demo_seed: int | None) -> list[str]:
