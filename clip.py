@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from infra import snapshot
+from infra.errors import UserError
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -48,10 +49,10 @@ class CLIPConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act '{self.hidden_act}' is not supported by CLIPVision "
+            raise UserError(f"hidden_act '{self.hidden_act}' is not supported by CLIPVision "
                              f"(supported: {', '.join(sorted(ACTIVATIONS))})")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+            raise UserError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         self.num_patches = (self.image_size // self.patch_size) ** 2  # the stride-p convolution drops a remainder
         self.num_positions = self.num_patches + 1  # + CLS
@@ -65,11 +66,11 @@ class CLIPConfig:
         vision = config.get("vision_config", config)
         model_type = vision.get("model_type", "clip_vision_model")
         if model_type != "clip_vision_model":
-            raise ValueError(f"model_type '{model_type}' is not a CLIP vision tower (expected 'clip_vision_model')")
+            raise UserError(f"model_type '{model_type}' is not a CLIP vision tower (expected 'clip_vision_model')")
         required = [f.name for f in fields(cls) if f.init and f.default is MISSING]
         missing = [name for name in required if name not in vision]
         if missing:
-            raise ValueError(f"the vision config has no {', '.join(missing)}; a CLIP config.json names them all")
+            raise UserError(f"the vision config has no {', '.join(missing)}; a CLIP config.json names them all")
         return cls(**{f.name: vision[f.name] for f in fields(cls) if f.init and f.name in vision})
 
 

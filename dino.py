@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip import CLIPVision
+from infra.errors import UserError
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
@@ -66,15 +67,15 @@ class DinoConfig:
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type '{self.model_type}' is not a DINO tower ({', '.join(MODEL_TYPES)})")
+            raise UserError(f"model_type '{self.model_type}' is not a DINO tower ({', '.join(MODEL_TYPES)})")
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act '{self.hidden_act}' is not supported by the DINO towers "
+            raise UserError(f"hidden_act '{self.hidden_act}' is not supported by the DINO towers "
                              f"(supported: {', '.join(sorted(ACTIVATIONS))})")
         if not isinstance(self.image_size, int) or not isinstance(self.patch_size, int):
-            raise ValueError(f"image_size {self.image_size} and patch_size {self.patch_size} must be single numbers "
+            raise UserError(f"image_size {self.image_size} and patch_size {self.patch_size} must be single numbers "
                              f"(square images and patches)")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+            raise UserError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.position_grid = self.image_size // self.patch_size
@@ -86,14 +87,14 @@ class DinoConfig:
         model_type = config.get("model_type")
         missing = [name for name in REQUIRED if name not in config]
         if missing:
-            raise ValueError(f"the config has no {', '.join(missing)}; a {model_type} config.json names them all")
+            raise UserError(f"the config has no {', '.join(missing)}; a {model_type} config.json names them all")
         values = {f.name: config[f.name] for f in fields(cls) if f.init and f.name in config}
         if model_type == "dinov3_vit":
             if "intermediate_size" not in config:
-                raise ValueError("the config has no intermediate_size; a dinov3_vit config.json names it")
+                raise UserError("the config has no intermediate_size; a dinov3_vit config.json names it")
             return cls(**{"layer_norm_eps": 1e-5, "key_bias": False, **values})
         if config.get("use_swiglu_ffn"):
-            raise ValueError("use_swiglu_ffn (DINOv2 ViT-g/14's SwiGLU MLP) is not supported; use ViT-S/B/L")
+            raise UserError("use_swiglu_ffn (DINOv2 ViT-g/14's SwiGLU MLP) is not supported; use ViT-S/B/L")
         qkv_bias = config.get("qkv_bias", True)  # DINOv2 has one switch for q, k and v; o_proj always has a bias
         return cls(**{**values, "intermediate_size": int(config["hidden_size"] * config.get("mlp_ratio", 4)),
                       "query_bias": qkv_bias, "key_bias": qkv_bias, "value_bias": qkv_bias,

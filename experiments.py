@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from infra.checkpoint import LOCK_FILE, RESUMABLE_CHANGES, STATE_FILE, atomic_write_text, holds_a_run, move_aside
-from infra.errors import user_errors
+from infra.errors import UserError, user_errors
 from report import SummarySection, render_summary
 
 PEFTS = ("lora", "dora")
@@ -114,7 +114,7 @@ def select(only: str | None, with_crossattn: bool, seeds: list | None = None) ->
         for part in only.upper().split(","):
             match = re.fullmatch(r"E(\d+)(?:-E?(\d+))?", part.strip())
             if not match or not 1 <= int(match[1]) <= int(match[2] or match[1]) <= len(grid):
-                raise ValueError(f"--only {part.strip()!r}: the grid's experiments are E1-E{len(grid)} "
+                raise UserError(f"--only {part.strip()!r}: the grid's experiments are E1-E{len(grid)} "
                                  f"(E1,E2,E3 or E1-E3)")
             numbers |= set(range(int(match[1]), int(match[2] or match[1]) + 1))
         chosen = [e for e in grid if int(e.name[1:]) in numbers]
@@ -128,7 +128,7 @@ def check_train_options(passthrough: list[str]) -> bool:
     import train  # the whole model stack: imported to check options, not for --help or --summarize
     given = {token.split("=")[0] for token in passthrough if token.startswith("--")}
     if taken := sorted(given & GRID_OPTIONS):
-        raise ValueError(f"{', '.join(taken)}: the grid sets these for each run itself (interrupted runs are "
+        raise UserError(f"{', '.join(taken)}: the grid sets these for each run itself (interrupted runs are "
                          f"resumed); drop them")
     uses_demo = not train.names_paths(passthrough)
     messages = io.StringIO()
@@ -140,7 +140,7 @@ def check_train_options(passthrough: list[str]) -> bool:
             else:
                 train.parse_config(passthrough)
     except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
-        raise ValueError("train.py would refuse these options: "
+        raise UserError("train.py would refuse these options: "
                          + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
     return uses_demo
 
@@ -271,7 +271,7 @@ def result_row(experiment: Experiment, run_dir: Path, bertscore: dict | None = N
     final = run_dir / "logs" / "final_metrics.json"
     result = read_json(final)
     if result.get("split") != "test" or result.get("manifest"):
-        raise ValueError(f"{final}: holds an evaluation of {result.get('manifest') or result.get('split')!r}, not "
+        raise UserError(f"{final}: holds an evaluation of {result.get('manifest') or result.get('split')!r}, not "
                          f"the run's test split; rerun the experiment or evaluate the test split into that folder")
     metrics = result["metrics"]
     if bertscore and "bertscore_f1" not in metrics:
@@ -367,7 +367,7 @@ def check_comparable(rows: list[dict], accepted: list[str] = ()) -> list[str]:
                 if key not in accepted:
                     break
     if refused:
-        raise ValueError("runs that the grid compares must differ only in projector and PEFT: " + "; ".join(refused)
+        raise UserError("runs that the grid compares must differ only in projector and PEFT: " + "; ".join(refused)
                          + ". Rerun those with the others' bases, data and options, summarize them apart, or name "
                            "the option in --accept-difference to compare them with the difference stated")
     unchecked = [f"{run_label(row)}'s {key}" for row, identity in zip(rows, identities)
@@ -391,7 +391,7 @@ def find_runs(folders: list[str]) -> dict[Experiment, list[Path]]:
                 continue
             name, projector, peft, seed = match.groups()
             if name not in grid or (grid[name].projector, grid[name].peft) != (projector, peft):
-                raise ValueError(f"{run_dir}: not a run of the grid, whose {name} is "
+                raise UserError(f"{run_dir}: not a run of the grid, whose {name} is "
                                  + (f"{grid[name].projector} + {grid[name].peft}" if name in grid else "unknown"))
             found.setdefault(replace(grid[name], seed=None if seed is None else int(seed)), []).append(run_dir)
     return found
@@ -404,7 +404,7 @@ def summarize_folders(folders: list[str], only: str | None, with_crossattn: bool
     found = find_runs(folders)
     found_seeds = list(dict.fromkeys(e.seed for e in found))
     if not seeds and None in found_seeds and len(found_seeds) > 1:
-        raise ValueError("runs with and without --seeds (E{n}_P_M and E{n}_P_M_seed{S}): summarize them apart")
+        raise UserError("runs with and without --seeds (E{n}_P_M and E{n}_P_M_seed{S}): summarize them apart")
     crossattn = with_crossattn or any((e.projector, e.peft) in EXTRA for e in found)
     rows, missing, unfinished, twice = [], [], [], []
     for experiment in select(only, crossattn, seeds or [s for s in found_seeds if s is not None]):
@@ -418,7 +418,7 @@ def summarize_folders(folders: list[str], only: str | None, with_crossattn: bool
         elif not run_dirs:
             missing.append(experiment.label)
     if twice:
-        raise ValueError(f"the same experiment finished twice: {'; '.join(twice)}; keep one of each in the folders "
+        raise UserError(f"the same experiment finished twice: {'; '.join(twice)}; keep one of each in the folders "
                          f"given")
     return rows, ([f"missing: {', '.join(missing)}"] if missing else []) + (
         [f"unfinished, not in the summary: {'; '.join(unfinished)}"] if unfinished else [])

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infra.errors import UserError
+
 
 @dataclass
 class MoeConfig:
@@ -51,7 +53,7 @@ class MoeConfig:
     def __post_init__(self):
         self.mlp_only_layers = tuple(self.mlp_only_layers)
         if not 1 <= self.num_experts_per_tok <= self.num_experts or self.decoder_sparse_step < 1:
-            raise ValueError(f"MoeConfig: need 1 <= num_experts_per_tok <= num_experts and decoder_sparse_step >= 1; "
+            raise UserError(f"MoeConfig: need 1 <= num_experts_per_tok <= num_experts and decoder_sparse_step >= 1; "
                              f"got num_experts_per_tok={self.num_experts_per_tok}, num_experts={self.num_experts}, "
                              f"decoder_sparse_step={self.decoder_sparse_step}")
 
@@ -60,15 +62,15 @@ class MoeConfig:
         """Read a qwen3_moe config.json dict. The hub's files say `num_experts`; transformers 5 writes the same
         field as `num_local_experts`. Absent optional keys take transformers' defaults (norm_topk_prob: false)."""
         if d.get("model_type") != "qwen3_moe":
-            raise ValueError(f"config.json: model_type={d.get('model_type')!r}; MoeConfig reads qwen3_moe configs")
+            raise UserError(f"config.json: model_type={d.get('model_type')!r}; MoeConfig reads qwen3_moe configs")
         if d.get("shared_expert_intermediate_size"):
-            raise ValueError("config.json: shared_expert_intermediate_size is set; Qwen3-MoE has no shared expert "
+            raise UserError("config.json: shared_expert_intermediate_size is set; Qwen3-MoE has no shared expert "
                              "(that is Qwen2-MoE), and this block has none")
         experts = d.get("num_experts", d.get("num_local_experts"))
         missing = (["num_experts"] if experts is None else []) + \
                   [key for key in ("num_experts_per_tok", "moe_intermediate_size") if key not in d]
         if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}; is this a Qwen3-MoE config?")
+            raise UserError(f"config.json lacks {', '.join(missing)}; is this a Qwen3-MoE config?")
         return cls(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
                    moe_intermediate_size=d["moe_intermediate_size"],
                    norm_topk_prob=bool(d.get("norm_topk_prob", False)),
@@ -192,7 +194,7 @@ def split_fused_experts(name: str, tensor: torch.Tensor) -> list[tuple[str, torc
         return [(name, tensor)]
     prefix, kind = match["prefix"], match["kind"]
     if tensor.dim() != 3 or (kind == "gate_up_proj" and tensor.shape[1] % 2):
-        raise ValueError(f"{name}: shape {tuple(tensor.shape)} is not a fused expert tensor "
+        raise UserError(f"{name}: shape {tuple(tensor.shape)} is not a fused expert tensor "
                          f"({'(E, 2I, C)' if kind == 'gate_up_proj' else '(E, C, I)'})")
     if kind == "down_proj":
         return [(f"{prefix}.{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]  # (C, I) each

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from infra.errors import UserError
+
 # The options each projector reads. The others are stored as None in its config, so a saved config states exactly
 # what shaped the module (checkpoints have recorded it so from the start), and a run may ask every projector for
 # its --num-queries and frames alike: linear reads neither.
@@ -56,7 +58,7 @@ class ProjectorConfig:
 
     def __post_init__(self):
         if self.name not in PROJECTOR_OPTIONS:
-            raise ValueError(f"unknown projector {self.name!r}; choose one of {list(PROJECTOR_OPTIONS)}")
+            raise UserError(f"unknown projector {self.name!r}; choose one of {list(PROJECTOR_OPTIONS)}")
         self.depth = DEPTH.get(self.name) if self.depth is None else self.depth
         self.width = self.vision_dim if self.width is None else self.width  # the resamplers work at Dv by default
         self.heads = max(1, self.width // 64) if self.heads is None else self.heads
@@ -75,15 +77,15 @@ class ProjectorConfig:
             value, is_std = getattr(self, key), key == "temporal_init_std"
             valid = (isinstance(value, (int, float)) and value >= 0) if is_std else (type(value) is int and value >= 1)
             if not valid:
-                raise ValueError(f"projector config: {key}={value!r} must be "
+                raise UserError(f"projector config: {key}={value!r} must be "
                                  f"{'a number >= 0' if is_std else 'an integer >= 1'}")
         if self.heads is not None and self.width % self.heads:
-            raise ValueError(f"projector config: width {self.width} is not divisible by heads {self.heads}; "
+            raise UserError(f"projector config: width {self.width} is not divisible by heads {self.heads}; "
                              "pass heads=... that divides it")
         if self.pooled_frames is not None:
             per_time_step, remainder = divmod(self.num_queries, self.pooled_frames)
             if remainder or math.isqrt(per_time_step) ** 2 != per_time_step:
-                raise ValueError(f"cabstractor: num_queries {self.num_queries} must be pooled_frames "
+                raise UserError(f"cabstractor: num_queries {self.num_queries} must be pooled_frames "
                                  f"({self.pooled_frames}) x a square number (e.g. 64 = 4 x 4 x 4)")
 
     def output_tokens(self, frames: int, patches: int) -> int:
@@ -228,7 +230,7 @@ class CAbstractor(nn.Module):
         batch, frames, patches, _ = features.shape
         side = math.isqrt(patches)  # h = w
         if side * side != patches:
-            raise ValueError(f"cabstractor needs a square patch grid per frame, got P={patches}")
+            raise UserError(f"cabstractor needs a square patch grid per frame, got P={patches}")
         pooled, s, width = self.config.pooled_frames, self.pooled_side, self.config.width
         x = self.temporal(features).transpose(2, 3)  # (B, F, Dv, P)
         x = self.stage1(x.reshape(batch * frames, -1, side, side))  # (B·F, Dv, h, w) -> (B·F, Dm, h, w), row-major

@@ -44,6 +44,8 @@ distance matrix: 85 MB per video at N = 4,608.
 import torch
 import torch.nn.functional as F
 
+from infra.errors import UserError
+
 REDUCTIONS = ("none", "divprune", "merge", "merge+divprune")
 MERGE_THRESHOLD = 0.6  # FrameFusion's default similarity_lower_bound
 
@@ -147,7 +149,7 @@ def reduce_tokens(tokens: torch.Tensor, method: str, keep: int | None = None, *,
     tokens (B, F, P, D), or (B, N, D) with frames=F when they are laid out per frame (N = F * P, frame-major).
     Returns (reduced (B, K, D) in tokens' dtype, indices (B, K) into the N input tokens, ascending)."""
     if method not in REDUCTIONS:
-        raise ValueError(f"unknown token reduction '{method}' (choose from {', '.join(REDUCTIONS)})")
+        raise UserError(f"unknown token reduction '{method}' (choose from {', '.join(REDUCTIONS)})")
     if tokens.dim() == 4:
         if frames is not None and frames != tokens.shape[1]:
             raise ValueError(f"frames={frames} but the tokens hold {tokens.shape[1]} frames")
@@ -157,23 +159,23 @@ def reduce_tokens(tokens: torch.Tensor, method: str, keep: int | None = None, *,
     everything = torch.arange(N, device=tokens.device).expand(B, N)
     if method == "none":
         if keep not in (None, N):
-            raise ValueError(f"token reduction 'none' keeps all {N} tokens; keep={keep} needs a reduction method")
+            raise UserError(f"token reduction 'none' keeps all {N} tokens; keep={keep} needs a reduction method")
         return tokens, everything
     if keep is None or keep < 1:
-        raise ValueError(f"token reduction '{method}' needs keep >= 1 tokens per video, got {keep}")
+        raise UserError(f"token reduction '{method}' needs keep >= 1 tokens per video, got {keep}")
     if keep >= N:
         return tokens, everything
     if method == "divprune":
         indices = divprune_batch(tokens, keep)
         return gather_tokens(tokens, indices), indices
     if frames is None:
-        raise ValueError(f"'{method}' needs tokens laid out per frame (frames=F); tokens without frames, such as a "
+        raise UserError(f"'{method}' needs tokens laid out per frame (frames=F); tokens without frames, such as a "
                          "resampler's queries, only support 'divprune'")
     if N % frames:
         raise ValueError(f"{N} tokens do not split into {frames} frames")
     P = N // frames
     if method == "merge" and keep < P:
-        raise ValueError(f"'merge' keeps at least one token per position ({P}); use 'merge+divprune' for {keep}")
+        raise UserError(f"'merge' keeps at least one token per position ({P}); use 'merge+divprune' for {keep}")
     grid = tokens.reshape(B, frames, P, D)  # (B, F, P, D)
     similarity = adjacent_similarity(grid.detach())  # (B, F - 1, P)
     merged = choose_merges(similarity, N - keep, threshold if method == "merge+divprune" else None)

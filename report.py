@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from data import VideoError, read_frames
-from infra.errors import user_errors
+from infra.errors import UserError, user_errors
 
 FONTS = ('"Noto Sans KR", "Noto Sans CJK KR", "Nanum Gothic", "NanumGothic", "Malgun Gothic", '
          '"Apple SD Gothic Neo", system-ui, sans-serif')
@@ -189,7 +189,7 @@ def screenshot(page_path, out_png, *, width: int = 1280, height: int = 1600) -> 
     out_png = Path(out_png).resolve()
     result = run_browser(Path(page_path), f"--screenshot={out_png}", f"--window-size={width},{height}")
     if not out_png.is_file():
-        raise ValueError(f"{page_path}: Chromium wrote no screenshot (exit {result.returncode}): "
+        raise UserError(f"{page_path}: Chromium wrote no screenshot (exit {result.returncode}): "
                          f"{result.stderr.strip().splitlines()[-1:] or ''}")
     return console_messages(result)
 

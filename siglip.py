@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip import CLIPAttention, CLIPVision
+from infra.errors import UserError
 
 ACTIVATIONS = {"gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
 NAFLEX_TYPES = ("siglip2", "siglip2_vision_model")
@@ -45,13 +46,13 @@ class SiglipConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act '{self.hidden_act}' is not supported by SiglipVision "
+            raise UserError(f"hidden_act '{self.hidden_act}' is not supported by SiglipVision "
                              f"(supported: {', '.join(sorted(ACTIVATIONS))})")
         if not isinstance(self.image_size, int) or not isinstance(self.patch_size, int):
-            raise ValueError(f"image_size {self.image_size} and patch_size {self.patch_size} must be single numbers "
+            raise UserError(f"image_size {self.image_size} and patch_size {self.patch_size} must be single numbers "
                              f"(square images and patches)")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+            raise UserError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         self.grid = self.image_size // self.patch_size  # the "valid" stride-p convolution drops a remainder
         self.num_patches = self.grid ** 2
@@ -63,11 +64,11 @@ class SiglipConfig:
         vision = config.get("vision_config", config)
         model_type = vision.get("model_type", "siglip_vision_model")
         if model_type in NAFLEX_TYPES or config.get("model_type") in NAFLEX_TYPES:
-            raise ValueError(f"model_type '{model_type}' is SigLIP 2's NaFlex tower (variable patches per image), "
+            raise UserError(f"model_type '{model_type}' is SigLIP 2's NaFlex tower (variable patches per image), "
                              f"which kovlm does not read; use a fixed-resolution SigLIP 2 checkpoint such as "
                              f"google/siglip2-so400m-patch14-384")
         if model_type != "siglip_vision_model":
-            raise ValueError(f"model_type '{model_type}' is not a SigLIP vision tower (expected 'siglip_vision_model')")
+            raise UserError(f"model_type '{model_type}' is not a SigLIP vision tower (expected 'siglip_vision_model')")
         return cls(**{f.name: vision[f.name] for f in fields(cls) if f.init and f.name in vision})
 
 

@@ -31,8 +31,9 @@ from torch import nn
 import clip
 import dino
 import siglip
-from infra import snapshot
 from data import CLIP_MEAN, CLIP_STD, resize_like_pil
+from infra import snapshot
+from infra.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # transformers' IMAGENET_DEFAULT_*
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor_config.json writes them
@@ -194,7 +195,7 @@ def read_json(file: Path, what: str) -> dict | None:
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: not valid JSON ({error}); the {what} is damaged") from None
+        raise UserError(f"{file}: not valid JSON ({error}); the {what} is damaged") from None
 
 
 def load_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> VisionTower:
@@ -209,7 +210,7 @@ def load_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Vi
         try:
             model, rename = build_on_meta(hf_config)
         except ValueError as error:
-            raise ValueError(f"{folder / 'config.json'}: {error}") from None
+            raise UserError(f"{folder / 'config.json'}: {error}") from None
         model = load_weights(folder, model, rename, dtype=dtype, device=device)
     processing = folder_processing(folder, model_type, model.config)
     size, patch = processing.image_size, model.config.patch_size
@@ -228,7 +229,7 @@ def build_on_meta(hf_config: dict) -> tuple[nn.Module, Callable[[str], str | Non
             return siglip.SiglipVision(siglip.SiglipConfig.from_hf(hf_config)), siglip.vision_key
         if model_type in dino.MODEL_TYPES:
             return dino.build_dino(dino.DinoConfig.from_hf(hf_config)), dino.vision_key
-    raise ValueError(f"model_type '{model_type}' is not a vision tower kovlm reads (clip, siglip, dinov2, "
+    raise UserError(f"model_type '{model_type}' is not a vision tower kovlm reads (clip, siglip, dinov2, "
                      f"dinov2_with_registers, dinov3_vit)")
 
 
@@ -241,9 +242,9 @@ def folder_processing(folder: Path, model_type: str, config) -> ImageProcessing:
     try:
         processing = ImageProcessing.from_hf(processor, rescale_first=model_type == "dinov3_vit")
     except (KeyError, ValueError) as error:
-        raise ValueError(f"{processor_file}: {error}") from None
+        raise UserError(f"{processor_file}: {error}") from None
     fixed_size = not model_type.startswith("dino")
     if fixed_size and processing.image_size != config.image_size:
-        raise ValueError(f"{processor_file}: gives {processing.image_size} px images, but the tower's positions are "
+        raise UserError(f"{processor_file}: gives {processing.image_size} px images, but the tower's positions are "
                          f"learned for image_size {config.image_size}")
     return processing

@@ -43,16 +43,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from infra.checkpoint import atomic_write_text, load_checkpoint
 from data import read_manifest, write_manifest
-from demo.tower import pretrain_tower, save_clip
-from infra.distributed import compute_dtype, default_device
-from evaluate import evaluate_split, rebuild_model, run_splits
-from features import prepare_splits
-from qwen3 import Qwen3, Qwen3Config
-from infra.schedule import get_lr
 from demo.synth import ATTRIBUTES, CAPTION_TEMPLATES, attribute_scores, caption_choices, make_caption, \
     parse_caption_attributes, synth_dataset
+from demo.tower import pretrain_tower, save_clip
+from evaluate import evaluate_split, rebuild_model, run_splits
+from features import prepare_splits
+from infra.checkpoint import atomic_write_text, load_checkpoint
+from infra.distributed import compute_dtype, default_device
+from infra.errors import UserError
+from infra.schedule import get_lr
+from qwen3 import Qwen3, Qwen3Config
 from train import TrainConfig, ValScore, config_parser, option
 from train import main as train_main
 from vlm import DEFAULT_INSTRUCTION, IGNORE_INDEX, ChatTemplate
@@ -367,7 +368,7 @@ def all_four_right(predictions: list[dict], samples: list) -> float:
 def check_attributes(samples: list) -> None:
     unlabelled = [s.id for s in samples if not s.attributes]
     if unlabelled:
-        raise ValueError(f"--select-by attributes needs `attributes` on every val sample, and {len(unlabelled)} have "
+        raise UserError(f"--select-by attributes needs `attributes` on every val sample, and {len(unlabelled)} have "
                          f"none (first: {unlabelled[0]}); use --select-by meteor")
 
 

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from data import SPLITS, Sample, VideoError, write_manifest
-from infra.errors import user_errors
+from infra.errors import UserError, user_errors
 
 ATTRIBUTES = {
     "colour": {"red": "빨간색", "orange": "주황색", "yellow": "노란색", "green": "초록색", "blue": "파란색",
@@ -236,9 +236,9 @@ def synth_dataset(out_dir, num: int = 500, seed: int = 42, *, num_val: int | Non
     num_val = round(0.1 * num) if num_val is None else num_val
     num_test = round(0.1 * num) if num_test is None else num_test
     if num_val + num_test > num:
-        raise ValueError(f"num_val + num_test ({num_val} + {num_test}) exceeds num ({num})")
+        raise UserError(f"num_val + num_test ({num_val} + {num_test}) exceeds num ({num})")
     if heldout not in HELDOUT:
-        raise ValueError(f"heldout must be one of {list(HELDOUT)}, got {heldout!r}")
+        raise UserError(f"heldout must be one of {list(HELDOUT)}, got {heldout!r}")
     pools = HELDOUT[heldout](seed)
     counts = {"train": num - num_val - num_test, "val": num_val, "test": num_test}
     out_dir = Path(out_dir)

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infra import snapshot
 from clip import CLIPConfig, vision_key
+from infra import snapshot
+from infra.errors import UserError
 
 MODEL_FORMAT = "kovlm-model-1"
 STATE_FORMAT = "kovlm-training-state-1"
@@ -93,10 +94,10 @@ def load_checkpoint(path: str | Path, expected_format: str = MODEL_FORMAT) -> di
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch's own message may advise weights_only=False, the unsafe path: never repeat it
         reason = "empty file" if path.stat().st_size == 0 else type(error).__name__
-        raise ValueError(f"{path}: not a readable kovlm checkpoint ({reason}; truncated, or another kind of file)") \
+        raise UserError(f"{path}: not a readable kovlm checkpoint ({reason}; truncated, or another kind of file)") \
             from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (MODEL_FORMAT, STATE_FORMAT):
-        raise ValueError(f"{path}: not a kovlm checkpoint (no '{expected_format}' format field)")
+        raise UserError(f"{path}: not a kovlm checkpoint (no '{expected_format}' format field)")
     return checkpoint
 
 
@@ -136,7 +137,7 @@ def load_training_state(resume: str, out: Path) -> dict:
         raise FileNotFoundError(f"--resume auto: no {STATE_FILE} in {path.parent}; start without --resume")
     state = load_checkpoint(path, STATE_FORMAT)
     if state["format"] != STATE_FORMAT:
-        raise ValueError(f"{path} is a model checkpoint, not a training state; resume from {STATE_FILE}")
+        raise UserError(f"{path} is a model checkpoint, not a training state; resume from {STATE_FILE}")
     return state
 
 
@@ -153,10 +154,10 @@ def check_same_run(state: dict, train_config) -> None:
         if key not in current and key in MOVED_TO_THE_DEMO and MOVED_TO_THE_DEMO[key] in (None, saved):
             continue
         if key not in current:
-            raise ValueError(f"cannot resume: the saved run has an option this version does not know ({key!r}); "
+            raise UserError(f"cannot resume: the saved run has an option this version does not know ({key!r}); "
                              "resume it with the version that started it")
         if key not in RESUMABLE_CHANGES and current.get(key) != saved:
-            raise ValueError(f"cannot resume: --{key.replace('_', '-')} was {saved!r} in the saved run, "
+            raise UserError(f"cannot resume: --{key.replace('_', '-')} was {saved!r} in the saved run, "
                              f"now {current.get(key)!r}")
 
 
@@ -250,7 +251,7 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "?"
             self.file.close()
-            raise ValueError(f"{out} is in use by another run (pid {holder}); wait for it to finish or choose "
+            raise UserError(f"{out} is in use by another run (pid {holder}); wait for it to finish or choose "
                              "another --output-dir") from None
         self.file.seek(0)
         previous = self.file.read().strip()
@@ -283,7 +284,7 @@ def claim_run_folder(out: Path, *, resume: str | None, start_over: bool) -> RunL
     if holds_a_run(out) and not resume:
         if not start_over:
             lock.release()
-            raise ValueError(f"{out} already holds a run ({STATE_FILE} / training_log.csv): continue it with "
+            raise UserError(f"{out} already holds a run ({STATE_FILE} / training_log.csv): continue it with "
                              "--resume auto, or start over with --start-over (the old folder is moved aside)")
         lock.release()
         print(f"--start-over: the previous run in {out} is now in {move_aside(out)}")

@@ -1,16 +1,20 @@
 """One line for every error a user can fix, a traceback only for our own bugs.
 
 Each command (train.py, evaluate.py, caption.py, export.py, metrics.py, data.py) runs its main inside
-`user_errors()`: bad input raises ValueError / FileNotFoundError with a message that names the file or flag, and
-the operating system's refusals (a full disk, a read-only folder, a folder where a file was expected) become one
-line naming the file and what to do. Anything else is a programming error and keeps its traceback.
+`user_errors()`. What the user can fix raises `UserError` with a message that names the file or flag and what to
+do; the operating system's refusals (a full disk, a read-only folder, a folder where a file was expected, a file
+that is not there) are the user's to fix too. Both become one `error:` line. Anything else, a ValueError or a
+KeyError included, is a programming error and keeps its traceback.
 """
 import errno
-import json
 import sys
 from contextlib import contextmanager
 
-from safetensors import SafetensorError
+
+
+class UserError(ValueError):
+    """Input the user can fix (a flag, a file, a folder, a checkpoint): its message names it and says what to do.
+    A ValueError, so code that checks a value keeps catching it."""
 
 OS_ADVICE = {
     errno.ENOSPC: "the disk is full: free space (or choose another folder) and run again",
@@ -35,8 +39,8 @@ def describe(error: BaseException) -> str | None:
     """The one-line message for an error a user can act on; None for anything else."""
     if isinstance(error, OSError) and error.errno is not None:
         return describe_os_error(error)
-    if isinstance(error, (ValueError, FileNotFoundError, FloatingPointError, KeyError, SafetensorError)):
-        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    if isinstance(error, (UserError, OSError)):  # an OSError without errno: our own "no such file" with its advice
+        text = str(error)
         return text.splitlines()[0] if text else type(error).__name__
     return None
 
@@ -46,8 +50,6 @@ def user_errors():
     """Turn user-fixable errors into `error: ...` on stderr and exit status 1."""
     try:
         yield
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        sys.exit(f"error: {error}")
     except Exception as error:
         message = describe(error)
         if message is None:

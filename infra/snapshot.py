@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from infra.errors import UserError
+
 LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
            ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 BLOCKS, BLOCK_BYTES = 8, 4096  # the fingerprint reads 8 evenly spaced 4 KiB blocks of each tensor (all of a small one)
@@ -49,7 +51,7 @@ def read_config(folder: Path, from_hf=None):
         config = json.loads(file.read_text())
         return config if from_hf is None else from_hf(config)
     except ValueError as error:  # json.JSONDecodeError is one too
-        raise ValueError(f"{file}: {error}") from error
+        raise UserError(f"{file}: {error}") from error
 
 
 def weight_files(folder: Path, our_name: Rename = keep_every_key) -> list[Path]:
@@ -81,11 +83,11 @@ def read_header(file: Path) -> tuple[int, dict]:
         except ValueError:  # not UTF-8, not JSON
             header = None
     if not isinstance(header, dict):
-        raise ValueError(f"{file}: not a readable safetensors file (its header does not parse); download it again")
+        raise UserError(f"{file}: not a readable safetensors file (its header does not parse); download it again")
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
     needed = 8 + length + max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
     if needed > size:
-        raise ValueError(f"{file}: truncated: its header describes {needed} bytes, the file has {size}; "
+        raise UserError(f"{file}: truncated: its header describes {needed} bytes, the file has {size}; "
                          f"download it again")
     return 8 + length, tensors
 
@@ -95,7 +97,7 @@ def read_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as error:  # torch's message may advise weights_only=False, the unsafe path: never repeat it
-        raise ValueError(f"{file}: torch.load(weights_only=True) cannot read it ({type(error).__name__}): damaged, "
+        raise UserError(f"{file}: torch.load(weights_only=True) cannot read it ({type(error).__name__}): damaged, "
                          f"truncated, or holding more than tensors") from None
 
 
@@ -121,7 +123,7 @@ def stored_shapes(folder: Path, our_name: Rename = keep_every_key, split: Split 
                 continue
             for piece, piece_shape in split_shapes(name, shape, split):
                 if piece in stored:
-                    raise ValueError(f"{folder}: '{stored[piece][0]}' and '{key}' are both '{piece}'; keep one of "
+                    raise UserError(f"{folder}: '{stored[piece][0]}' and '{key}' are both '{piece}'; keep one of "
                                      f"them")
                 stored[piece] = (key, piece_shape)
     return stored
@@ -138,16 +140,16 @@ def check_keys(folder: Path, model: nn.Module, our_name: Rename = keep_every_key
     stored = stored_shapes(folder, our_name, split)
     unexpected = [f"'{key}'" for name, (key, _) in stored.items() if name not in expected]
     if unexpected:
-        raise ValueError(f"{folder}: unexpected weights {first_few(unexpected)}; {type(model).__name__} has no "
+        raise UserError(f"{folder}: unexpected weights {first_few(unexpected)}; {type(model).__name__} has no "
                          f"place for them")
     missing = [f"'{name}'" for name in expected if name not in stored]
     if missing:
-        raise ValueError(f"{folder}: missing weights {first_few(missing)}; the weights do not match config.json")
+        raise UserError(f"{folder}: missing weights {first_few(missing)}; the weights do not match config.json")
     misshapen = [(key, shape, expected[name]) for name, (key, shape) in stored.items() if shape != expected[name]]
     if misshapen:
         keys = first_few([f"'{key}'" for key, _, _ in misshapen])
         key, shape, implied = misshapen[0]
-        raise ValueError(f"{folder}: weights of another shape than config.json implies: {keys} ('{key}' has shape "
+        raise UserError(f"{folder}: weights of another shape than config.json implies: {keys} ('{key}' has shape "
                          f"{shape}, but config.json implies {implied})")
 
 

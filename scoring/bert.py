@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from infra import snapshot
+from infra.errors import UserError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -44,16 +45,16 @@ class BertConfig:
     def from_hf(cls, config: dict) -> "BertConfig":
         """From a BertModel `config.json`; refuses, by name, what this encoder does not compute."""
         if config.get("model_type", "bert") != "bert":
-            raise ValueError(f"model_type '{config['model_type']}' is not BERT (expected 'bert')")
+            raise UserError(f"model_type '{config['model_type']}' is not BERT (expected 'bert')")
         if config.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type '{config['position_embedding_type']}' is not supported "
+            raise UserError(f"position_embedding_type '{config['position_embedding_type']}' is not supported "
                              f"(only 'absolute', BERT's learned positions)")
         if config.get("hidden_act", "gelu") not in ACTIVATIONS:
-            raise ValueError(f"hidden_act '{config['hidden_act']}' is not supported ({', '.join(ACTIVATIONS)})")
+            raise UserError(f"hidden_act '{config['hidden_act']}' is not supported ({', '.join(ACTIVATIONS)})")
         required = [f.name for f in fields(cls) if f.default is MISSING]
         missing = [name for name in required if name not in config]
         if missing:
-            raise ValueError(f"no {', '.join(missing)}; a BERT config.json names them all")
+            raise UserError(f"no {', '.join(missing)}; a BERT config.json names them all")
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
 
@@ -159,7 +160,7 @@ def load_bert(path, num_layers: int, *, dtype: torch.dtype = torch.float32, devi
     folder = Path(path).expanduser()
     config = snapshot.read_config(folder, BertConfig.from_hf)
     if not 0 <= num_layers <= config.num_hidden_layers:
-        raise ValueError(f"{folder}: layer {num_layers} does not exist; this BERT has layers 0 (the embeddings) "
+        raise UserError(f"{folder}: layer {num_layers} does not exist; this BERT has layers 0 (the embeddings) "
                          f"to {config.num_hidden_layers}")
     with torch.device("meta"):
         model = Bert(config, num_layers)
@@ -228,7 +229,7 @@ def load_bert_tokenizer(path) -> BertTokenizer:
     needed = [special[name] for name in ("cls_token", "sep_token", "pad_token")]
     ids = [tokenizer.token_to_id(token) for token in needed]
     if None in ids:
-        raise ValueError(f"{folder}: the tokenizer has no {needed[ids.index(None)]} token; BERTScore needs "
+        raise UserError(f"{folder}: the tokenizer has no {needed[ids.index(None)]} token; BERTScore needs "
                          f"{', '.join(needed)}")
     return BertTokenizer(tokenizer, min(options.get("model_max_length", positions), positions), *ids)
 

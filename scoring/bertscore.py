@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from infra.errors import UserError
 from scoring.bert import embed_token_ids, load_bert, load_bert_tokenizer
 
 BERTSCORE_REFERENCE = ("bert-score 0.3 (score with model_type=FOLDER, num_layers={layer}, idf={idf}{baseline}): "
@@ -96,15 +97,15 @@ def read_baseline(path, num_layers: int) -> torch.Tensor:
     LAYER,P,R,F and one row per layer from 0 (the package takes row `num_layers` by position, as here)."""
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines or lines[0] != "LAYER,P,R,F":
-        raise ValueError(f"{path}:1: expected the header LAYER,P,R,F (bert-score's rescale_baseline format)")
+        raise UserError(f"{path}:1: expected the header LAYER,P,R,F (bert-score's rescale_baseline format)")
     if num_layers + 1 >= len(lines):
-        raise ValueError(f"{path}: no row for layer {num_layers} (the file has {len(lines) - 1} layers)")
+        raise UserError(f"{path}: no row for layer {num_layers} (the file has {len(lines) - 1} layers)")
     try:
         values = [float(value) for value in lines[num_layers + 1].split(",")[1:]]
     except ValueError as error:
-        raise ValueError(f"{path}:{num_layers + 2}: {error}") from error
+        raise UserError(f"{path}:{num_layers + 2}: {error}") from error
     if len(values) != 3:
-        raise ValueError(f"{path}:{num_layers + 2}: expected LAYER,P,R,F, got {lines[num_layers + 1]!r}")
+        raise UserError(f"{path}:{num_layers + 2}: expected LAYER,P,R,F, got {lines[num_layers + 1]!r}")
     return torch.tensor(values, dtype=torch.float32)
 
 

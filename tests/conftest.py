@@ -108,8 +108,8 @@ def perturb(model, seed=0):
 def save_siglip(folder, *, full=False, resample=3, size=28, **sizes):
     """A SigLIP tower (full=True: with its text tower) and its processor at size x size; `sizes` over the tiny
     config (image_size must then equal size: the positions are learned for it)."""
-    from transformers import SiglipConfig as HFConfig, SiglipImageProcessorPil, SiglipModel, SiglipVisionConfig, \
-        SiglipVisionModel
+    from transformers import SiglipConfig as HFConfig
+    from transformers import SiglipImageProcessorPil, SiglipModel, SiglipVisionConfig, SiglipVisionModel
     torch.manual_seed(0)
     vision = SiglipVisionConfig(**TINY | dict(intermediate_size=64, image_size=28, patch_size=7) | sizes)
     if full:
@@ -178,6 +178,7 @@ def tiny_bases(tmp_path_factory, tokenizer_dir):
     """(clip_dir, llm_dir): a vision-only CLIP (28 px, patch 7: 16 patches, width 32) and a Qwen3 (width 48) whose
     folder holds the tokenizer, as a real Qwen3 snapshot does."""
     import shutil
+
     from tokenizers import Tokenizer
     root = tmp_path_factory.mktemp("bases")
     vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()

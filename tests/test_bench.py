@@ -107,6 +107,7 @@ def test_label_only_loss_is_vlm_forward_and_equals_full_logits(tiny_bases):
 def test_both_stacks_load_the_written_snapshot_alike(tmp_path):
     """Sharded random weights + index + tokenizer.json: kovlm's loader and transformers' read the same model."""
     from transformers import Qwen3ForCausalLM
+
     from qwen3 import load_qwen3
     preset = bench.preset_for("cpu-small", quick=True)
     folders = bench.write_snapshots(preset, tmp_path, torch.device("cpu"), shard_bytes=1 << 16)
@@ -189,8 +190,8 @@ def test_grid_estimate_projects_the_plan_from_measured_times(tmp_path):
 def probe_splits(num_train: int = 96, num_test: int = 48, frames: int = 4, patches: int = 16, width: int = 16):
     """Features where each video's colour is one fixed direction added to the object's patches (a quarter of the
     grid) over noise: a linear readout of the right tensor recovers it, a random projector mostly hides it."""
-    from formats.manifests import Sample
     from demo.synth import ATTRIBUTES
+    from formats.manifests import Sample
     colours = list(ATTRIBUTES["colour"])
     directions = torch.randn(len(colours), width, generator=torch.Generator().manual_seed(1)) * 2
     splits, generator = {}, torch.Generator().manual_seed(0)

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_data import encode_colour_seconds
+from test_export import save_random_checkpoint
 
 from caption import Clip, caption_videos, collect_videos, load_captioner
 from data import preprocess, read_frames
 from evaluate import evaluate_checkpoint
 from export import export_checkpoint
-from test_data import encode_colour_seconds
-from test_export import save_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

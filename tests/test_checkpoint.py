@@ -241,6 +241,7 @@ def identity_of(bases: dict) -> tuple[dict, dict]:
 
 def test_a_checkpoint_with_the_older_base_identity_is_rebuilt(tiny_bases):
     from dataclasses import asdict
+
     from evaluate import rebuild_model
     from vlm import VLMConfig, build_vlm
     clip, llm = tiny_bases

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import save_tiny_clip
 from safetensors.torch import load_file, save_file
 
-from infra import snapshot
 from clip import CLIPConfig, CLIPVision, load_clip_vision, vision_key
-from conftest import save_tiny_clip
+from infra import snapshot
 
 ATOL = 1e-4
 SNAPSHOTS = {

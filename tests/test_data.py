@@ -11,8 +11,8 @@ import PIL
 import pytest
 import torch
 
-from data import (CLIP_MEAN, CLIP_STD, BadVideos, Sample, VideoError, check_splits, load_splits, main, preprocess,
-                  read_frames, read_manifest, sample_indices, split_samples, write_manifest)
+from data import CLIP_MEAN, CLIP_STD, BadVideos, Sample, VideoError, check_splits, load_splits, main, preprocess, \
+    read_frames, read_manifest, sample_indices, split_samples, write_manifest
 from demo.synth import write_video
 
 BITS = 8  # a frame's index is written as 8 black / white bars (8 px wide each) in its lower half
@@ -315,7 +315,8 @@ def test_check_reports_every_problem_at_once(colour_videos, tmp_path, caplog):
 
 
 def test_short_training_run_on_a_converted_manifest_of_spans(colour_videos, tiny_bases, tmp_path):
-    from train import TrainConfig, main as train_main
+    from train import TrainConfig
+    from train import main as train_main
     clip, llm = tiny_bases
     labels, captions = tmp_path / "labels", ["빨간 화면", "초록 화면", "파란 화면", "흰 화면"]
     for v in range(4):

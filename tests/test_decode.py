@@ -7,8 +7,8 @@ Tolerance: ours vs ours, two routes to the same numbers in fp32: 1e-5 absolute o
 """
 import pytest
 import torch
-
 from conftest import save_tiny_qwen3
+
 from decode import Decoder, decode_one_token, prefill
 from lora import LoRALinear, apply_adapters, held_dora_norms
 from qwen3 import load_qwen3

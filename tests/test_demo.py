@@ -14,10 +14,10 @@ import torch
 from tokenizers import Tokenizer
 
 import demo
-from demo import tower as demo_tower
 from clip import CLIPVision, load_clip_vision
-from qwen3 import Qwen3, Qwen3Config, load_qwen3
+from demo import tower as demo_tower
 from demo.synth import ATTRIBUTES
+from qwen3 import Qwen3, Qwen3Config, load_qwen3
 from train import TrainConfig
 from vlm import DEFAULT_INSTRUCTION, ChatTemplate
 
@@ -164,8 +164,8 @@ def test_best_model_is_the_epoch_that_scores_best_by_select_by(tmp_path, monkeyp
     """Epoch 1 names the attributes right, epoch 2 writes a higher-METEOR caption with the wrong colour, epoch 3
     names them right with a higher METEOR than epoch 1: METEOR keeps epoch 2, the attributes epoch 3 (a tie on the
     attributes goes to METEOR)."""
-    from infra import checkpoint
     from data import Sample
+    from infra import checkpoint
     from infra.distributed import setup_distributed
     from train import Position, end_of_epoch
     val = [Sample(id="v0", video=Path("v0.mp4"), captions=["빨간 원이 흰 배경 위에서 오른쪽으로 움직인다."],

@@ -20,11 +20,14 @@ def test_operating_system_refusals_name_the_file_and_what_to_do(code, words):
 
 
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from infra.errors import user_errors\n"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from infra.errors import UserError, user_errors\n"
               "with user_errors():\n    raise {}\n")
-    for raised, one_line in [("ValueError('data/train.jsonl:4: caption 1 is empty')", True),
+    for raised, one_line in [("UserError('data/train.jsonl:4: caption 1 is empty')", True),
                              ("OSError(28, 'No space left on device', 'runs/x/state.pt')", True),
-                             ("ZeroDivisionError('a bug')", False)]:
+                             ("FileNotFoundError('runs/x/best_model.pt: no such checkpoint')", True),
+                             ("ZeroDivisionError('a bug')", False),
+                             ("ValueError('a bug of ours checking a value')", False),
+                             ("KeyError('a bug of ours looking a key up')", False)]:
         result = subprocess.run([sys.executable, "-c", script.format(raised), str(ROOT)], capture_output=True,
                                 text=True)
         assert result.returncode == 1

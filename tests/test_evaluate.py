@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import save_tiny_clip
+
 import evaluate
 from evaluate import evaluate_checkpoint
-from metrics import cider_scores, meteor_sentence
 from infra.distributed import setup_distributed
+from metrics import cider_scores, meteor_sentence
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from infra.checkpoint import save_model
 from evaluate import rebuild_model
 from export import export_checkpoint, load_exported
+from infra.checkpoint import save_model
 from lora import AdapterConfig
 from qwen3 import load_qwen3
 from train import TrainConfig

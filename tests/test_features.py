@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import write_noise_video
 from torch import nn
 
 import features
-from conftest import write_noise_video
 from data import Sample, VideoError, preprocess, read_frames
+from features import CACHE_DTYPE, FeatureCache, VideoCaptionDataset, check_videos, collate_features, \
+    feature_cache_for, fill_feature_cache, prepare_splits
 from vision import ImageProcessing, default_processor
-from features import (CACHE_DTYPE, FeatureCache, VideoCaptionDataset, check_videos, collate_features,
-                      feature_cache_for, fill_feature_cache, prepare_splits)
 
 FRAMES, SIZE = 3, 16
 CLIP_PROCESSING = ImageProcessing.from_hf(default_processor("clip", SIZE))

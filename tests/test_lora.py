@@ -9,12 +9,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn as nn
+from conftest import save_tiny_qwen3
 from peft import LoraConfig, get_peft_model
 
-from conftest import save_tiny_qwen3
-from lora import (AdapterConfig, LoRALinear, adapter_state_dict, after_optimizer_step, apply_adapters,
-                  dequantized_weight, held_dora_norms, load_adapter_state_dict, merge_adapters, parameter_counts,
-                  parameter_report)
+from lora import AdapterConfig, LoRALinear, adapter_state_dict, after_optimizer_step, apply_adapters, \
+    dequantized_weight, held_dora_norms, load_adapter_state_dict, merge_adapters, parameter_counts, parameter_report
 from nf4 import empty_int8_linear, keep_one_layout, quantize_int8
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
 

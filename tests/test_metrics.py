@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_bertscore import BERT_CANDIDATES, BERT_REFERENCES, MALFORMED_CAPTIONS
 
 import metrics
-from test_bertscore import BERT_CANDIDATES, BERT_REFERENCES, MALFORMED_CAPTIONS
 
 
 def korean_like_corpus(seed, videos, syllables="고양이가다는에서", max_words=10):
@@ -133,6 +133,7 @@ def test_meteor_coco_equals_the_meteor_jars_stored_scores():
 def test_meteor_coco_equals_the_meteor_jar_of_pycocoevalcap():
     """The same against the jar itself, when Java is installed; and the stored scores are the jar's."""
     import json
+
     import pycocoevalcap.meteor.meteor as coco_meteor
     jar = Path(coco_meteor.__file__).parent / coco_meteor.METEOR_JAR
     if shutil.which("java") is None or not jar.exists():

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora import apply_adapters, dequantized_weight
-from moe import (MoeConfig, Qwen3MoeBlock, count_parameters, is_moe_layer, load_balancing_loss, parameter_counts,
-                 router_aux_loss, split_fused_experts)
+from moe import MoeConfig, Qwen3MoeBlock, count_parameters, is_moe_layer, load_balancing_loss, parameter_counts, \
+    router_aux_loss, split_fused_experts
 from nf4 import bnb, empty_nf4_linear
 
 ATOL = 1e-5

@@ -6,8 +6,8 @@ from dataclasses import asdict, fields
 import pytest
 import torch
 
-from projectors import (DEPTH, PROJECTOR_OPTIONS, PROJECTORS, Attention, ProjectorConfig, build_projector,
-                        parameter_table, projector_from_config)
+from projectors import DEPTH, PROJECTOR_OPTIONS, PROJECTORS, Attention, ProjectorConfig, build_projector, \
+    parameter_table, projector_from_config
 
 DV, DLLM = 32, 48  # small widths keep every test in seconds on the CPU
 RESAMPLERS = ["cabstractor", "crossattn", "perceiver"]

@@ -391,7 +391,8 @@ QWEN3_8B_CONFIG = {  # Qwen/Qwen3-8B config.json (transformers 4.51 layout)
 
 
 def test_qwen3_8b_parameter_count():
-    from transformers import Qwen3Config as HFQwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config as HFQwen3Config
+    from transformers import Qwen3ForCausalLM
     with torch.device("meta"):
         ours = Qwen3(Qwen3Config.from_hf(QWEN3_8B_CONFIG))
         ref = Qwen3ForCausalLM(HFQwen3Config(**QWEN3_8B_CONFIG))

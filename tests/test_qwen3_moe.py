@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import save_tiny_qwen3_moe
 from safetensors.torch import save_file
+from test_lora import assert_rel, randomize
 
 from decode import Decoder
 from export import dense_state_dict
@@ -18,7 +19,6 @@ from lora import ATTENTION_LINEARS, LoRALinear, apply_adapters, merge_adapters
 from moe import Qwen3MoeBlock, load_balancing_loss
 from nf4 import bnb
 from qwen3 import Qwen3MLP, load_qwen3
-from test_lora import assert_rel, randomize
 
 ATOL = 1e-5
 CASES = {  # the default: 2 layers, both MoE, 8 experts of width 32, 2 active, renormalised top-k

@@ -135,6 +135,7 @@ def test_peak_rss_and_open_files_are_each_commands_own(tmp_path):
     """processes.run_measured: ru_maxrss from os.wait4 belongs to that child alone (a big child then a small one:
     the second is not charged with the first's peak), and a watched file's open interval is seen."""
     import sys
+
     from bench.processes import run_measured
     watched = tmp_path / "weights.bin"
     watched.write_bytes(b"0" * 1024)

@@ -3,7 +3,6 @@ video, a screenshot that is not blank); the grid's summary page."""
 import html
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +42,11 @@ def test_rows_are_worst_first_escaped_and_carry_the_frames(rows, tmp_path):
 
 
 def test_thumbnails_are_the_frames_the_model_reads(rows):
-    from data import read_frames
     import base64
+
     import cv2
+
+    from data import read_frames
     uris = report.thumbnail_uris(rows[0]["video"], 3, height=28)  # the noise videos are 28 px: no resize
     frames = read_frames(rows[0]["video"], 3)  # (F, H, W, 3)
     for uri, frame in zip(uris, frames):

@@ -5,8 +5,8 @@ import argparse
 
 import pytest
 import torch
-from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-                          TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, \
+    TemperatureLogitsWarper, TopPLogitsWarper
 
 from sampling import ban_repeated_ngrams, next_token, penalize_repetition, top_p_filter
 
@@ -91,6 +91,7 @@ MAX_NEW_TOKENS = 16
 def model_and_reference(tiny_bases):
     """Our VLM on the tiny bases (fp32, no quantization) and transformers' Qwen3 read from the same folder."""
     from transformers import Qwen3ForCausalLM
+
     from vlm import VLMConfig, build_vlm
     torch.manual_seed(0)
     config = VLMConfig(clip_path=str(tiny_bases[0]), llm_path=str(tiny_bases[1]), num_frames=3, quant=None,

@@ -8,12 +8,12 @@ import weakref
 
 import pytest
 import torch
+from conftest import save_tiny_clip, save_tiny_qwen3
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from infra import snapshot
 from clip import CLIPConfig, CLIPVision, vision_key
-from conftest import save_tiny_clip, save_tiny_qwen3
+from infra import snapshot
 
 
 @pytest.fixture(scope="module")

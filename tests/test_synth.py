@@ -3,8 +3,8 @@ holds out attribute combinations (or colour-shape pairs), and `python -m demo.sy
 import numpy as np
 
 from data import read_frames, read_manifest
-from demo.synth import (ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices,
-                   heldout_combinations, heldout_pairs, main, make_caption, parse_caption_attributes, synth_dataset)
+from demo.synth import ATTRIBUTES, CAPTION_TEMPLATES, CAPTION_WORDS, attribute_combinations, caption_choices, \
+    heldout_combinations, heldout_pairs, main, make_caption, parse_caption_attributes, synth_dataset
 
 
 def test_parse_inverts_every_template_value_and_synonym():

@@ -342,6 +342,7 @@ def moe_llm(tiny_bases, tmp_path_factory):
     """A tiny Qwen3-MoE beside the tiny bases, with the same tokenizer: layer 0 dense (mlp_only_layers), layer 1 a
     router and 4 experts, 2 active."""
     import shutil
+
     from conftest import save_tiny_qwen3_moe
     from tokenizers import Tokenizer
     _, llm = tiny_bases
@@ -375,9 +376,10 @@ def test_a_tiny_moe_trains_evaluates_captions_and_exports(setup, moe_llm, tmp_pa
     """Qwen3-MoE with NF4 experts, DoRA on the attention projections (the MoE default), the load-balancing loss on;
     the export loads in transformers' Qwen3MoeForCausalLM with the adapted logits."""
     from transformers import Qwen3MoeForCausalLM
+
     from lora import ATTENTION_LINEARS
-    from qwen3 import load_qwen3
     from moe import load_balancing_loss
+    from qwen3 import load_qwen3
     from vlm import IGNORE_INDEX
     cfg = config(setup, tmp_path, llm=str(moe_llm), stage1_epochs=1, stage2_epochs=1, router_aux_coef=0.01)
     saved, model, exported = run_then_caption_and_export(cfg, tmp_path)
@@ -412,6 +414,7 @@ def test_an_int8_base_trains_evaluates_captions_and_exports(setup, tmp_path):
     dequantized weight (nf4.py), which is what the exported W + sBA reproduces."""
     import bitsandbytes as bnb
     from transformers import Qwen3ForCausalLM
+
     from qwen3 import load_qwen3
     cfg = config(setup, tmp_path, quant="int8", stage1_epochs=1, stage2_epochs=1, lora_dropout=0.0)
     saved, model, exported = run_then_caption_and_export(cfg, tmp_path)

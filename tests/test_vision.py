@@ -10,14 +10,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import save_clip, save_dinov2, save_dinov3, save_siglip
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import clip
 import data
+from dino import DinoConfig, Dinov2Vision, DINOv3Vision
 from infra import snapshot
-from conftest import save_clip, save_dinov2, save_dinov3, save_siglip
-from dino import DINOv3Vision, Dinov2Vision, DinoConfig
 from siglip import SiglipConfig, SiglipVision
 from vision import ImageProcessing, default_processor, load_vision, process_frames
 
@@ -351,7 +351,7 @@ def count(model, skip=()):
 def test_real_size_towers_on_meta():
     """Published configs: our parameter counts equal transformers' minus what is not built (SigLIP's pooling
     head, DINO's mask token), and the patch features have the expected shapes."""
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, \
+    from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel, SiglipVisionConfig, \
         SiglipVisionModel
     so400m = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                   image_size=384, patch_size=14)

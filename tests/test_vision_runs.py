@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import save_dinov2, save_dinov3, save_siglip
 
 import caption
-from conftest import save_dinov2, save_dinov3, save_siglip
 from data import read_frames
 from evaluate import evaluate_checkpoint, rebuild_model
 from export import export_checkpoint, load_exported

@@ -3,12 +3,12 @@ batched / KV-cache generation, trainable state, and the frozen-feature cache."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import write_noise_video
+
 from features import FeatureCache, fill_feature_cache
 from lora import AdapterConfig
-from vlm import (IGNORE_INDEX, VLMConfig, build_vlm, caption_loss, describe_mismatch, merged_for_eval,
-                 splice_visual_tokens)
+from vlm import IGNORE_INDEX, VLMConfig, build_vlm, caption_loss, describe_mismatch, merged_for_eval, \
+    splice_visual_tokens
 
 CAPTIONS = ["빨간 원이 왼쪽으로 움직인다.", "파란 배경에서 노란 삼각형이 위로 올라간다.", "초록색 사각형이 지나간다.",
             "노란 삼각형이 검은 배경에서 위로 올라간다."]
