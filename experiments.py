@@ -49,7 +49,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,7 +83,8 @@ DEMO_OPTIONS = ["--demo-seed", "--demo-scale", "--demo-dir", "--demo-heldout", "
 # and how a step is cut into micro-batches (compared as videos per step: accumulation changes only the speed).
 NOT_COMPARED = {"projector", "peft", "output_dir", "cache_dir", "demo_dir", "clip", "llm", "train_manifest",
                 "val_manifest", "test_manifest", "batch_size", "grad_accum", *RESUMABLE_CHANGES}
-DEMO_PER_PROJECTOR = {"stage1_epochs", "stage2_epochs"}  # the full demo's per-projector defaults (demo.py)
+# the full demo's per-projector defaults (demo.PROJECTOR_DEFAULTS)
+DEMO_PER_PROJECTOR = {"stage1_epochs", "stage2_epochs", "token_reduction", "visual_tokens"}
 
 
 @dataclass(frozen=True)
@@ -125,40 +126,35 @@ def select(only: str | None, with_crossattn: bool, seeds: list | None = None) ->
 
 
 # ---- train.py's options, checked before any run ------------------------------------------------------------------
-def without_options(argv: list[str], names: list[str]) -> list[str]:
-    """argv less the options `names` and their values (--name VALUE or --name=VALUE)."""
-    kept, skip = [], False
-    for token in argv:
-        if not skip and token.split("=")[0] in names:
-            skip = "=" not in token
-        elif skip:
-            skip = False
-        else:
-            kept.append(token)
-    return kept
-
-
-def check_train_options(passthrough: list[str]) -> bool:
-    """Refuse what train.py would refuse (its own parser decides: an unknown option, a value of the wrong kind), the
-    grid's own options, and the demo's options beside other bases; True when the runs train the embedded demo."""
+def check_train_options(passthrough: list[str], projectors: list[str] = ()) -> bool:
+    """Refuse what train.py would refuse (its own parser decides: an unknown option, a value of the wrong kind; the
+    demo's parser when no --clip/--llm/--train-manifest is given, as train.py hands such a command line to the demo),
+    a token reduction one of `projectors` cannot use, the grid's own options, and the demo's options beside other
+    bases; True when the runs train the embedded demo."""
     import train  # the whole model stack: imported to check options, not for --help or --summarize
+    from vlm import check_token_reduction
     given = {token.split("=")[0] for token in passthrough if token.startswith("--")}
     if taken := sorted(given & GRID_OPTIONS):
         raise ValueError(f"{', '.join(taken)}: the grid sets these for each run itself (interrupted runs are "
                          f"resumed); drop them")
-    known = {f.name for f in fields(train.TrainConfig)}
-    demo_only = [flag for flag in DEMO_OPTIONS if flag[2:].replace("-", "_") not in known]
-    messages = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(messages):
-            config, _ = train.parse_config(without_options(passthrough, demo_only))
-    except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
-        raise ValueError("train.py would refuse these options: "
-                         + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
-    if not config.uses_demo and (demo_given := sorted(given & set(demo_only))):
+    uses_demo = not train.names_paths(passthrough)
+    if not uses_demo and (demo_given := sorted(given & set(DEMO_OPTIONS))):
         raise ValueError(f"{', '.join(demo_given)}: options of the embedded demo, which --clip/--llm/--train-manifest "
                          f"replace; drop them")
-    return config.uses_demo
+    if uses_demo:
+        from demo import command_line_config as parse  # the parser `python train.py` hands these options to
+    else:
+        parse = train.parse_config
+    for projector in [*dict.fromkeys(projectors)] or [None]:  # each projector's runs: the demo's defaults differ
+        messages = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(messages):
+                config = parse(passthrough + (["--projector", projector] if projector else []))
+        except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
+            raise ValueError("train.py would refuse these options: "
+                             + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
+        check_token_reduction(config.projector, config.token_reduction, config.visual_tokens, config.merge_threshold)
+    return uses_demo
 
 
 def train_arguments(experiment: Experiment, run_dir: Path, passthrough: list[str], demo_seed: int | None) -> list[str]:
@@ -697,7 +693,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.summarize:
             rows, notes = summarize_folders(args.summarize, args.only, args.with_crossattn, args.seeds, bertscore)
         else:
-            uses_demo = check_train_options(passthrough)  # before any run starts
+            projectors = [e.projector for e in select(args.only, args.with_crossattn)]
+            uses_demo = check_train_options(passthrough, projectors)  # before any run starts
             demo_seed = args.seeds[0] if args.seeds and uses_demo else None  # all seeds on the first seed's assets
             if args.list:
                 list_grid(select(args.only, True, args.seeds), select(None, args.with_crossattn, args.seeds),

@@ -363,24 +363,31 @@ def test_options_train_py_would_refuse_are_refused_before_any_run(tmp_path, trai
     assert trains == [] and not (tmp_path / "runs").exists()
 
 
-def test_the_demos_options_pass_on_the_demo_only(tmp_path, trains, monkeypatch):
-    """Where train.py's TrainConfig no longer lists the demo's options, they still pass on the demo (which takes
-    them), and are refused beside --clip/--llm/--train-manifest."""
-    class WithoutDemoOptions:
-        __dataclass_fields__ = {}
-
-    def parse_config(argv):  # train.py's parser without the demo's options
-        if any(token.startswith(("--demo", "--select-by")) for token in argv):
-            raise AssertionError(f"a demo option reached train.py's parser: {argv}")
-        return type("Config", (), {"uses_demo": "--clip" not in argv})(), set()
-    import train
-    monkeypatch.setattr(train, "TrainConfig", WithoutDemoOptions)
-    monkeypatch.setattr(train, "parse_config", parse_config)
+def test_the_demos_options_pass_on_the_demo_only(tmp_path, trains):
+    """Without --clip/--llm/--train-manifest train.py hands its options to the demo, whose parser takes the demo's
+    own; beside --clip/--llm/--train-manifest they are refused."""
     demo = ["--demo-scale", "ci", "--select-by=meteor"]
     experiments.main(["--runs", str(tmp_path / "runs"), "--summary", str(tmp_path / "s"), "--only", "E1", *demo])
     assert trains[0][-3:] == demo
     message = refusal(["--runs", str(tmp_path / "runs"), "--only", "E2", "--clip", "c", *demo])
     assert "--demo-scale, --select-by: options of the embedded demo" in message and len(trains) == 1
+
+
+@pytest.mark.parametrize("options, refused", [
+    (["--only", "E5", "--token-reduction", "merge", "--visual-tokens", "8"], "cabstractor projector's query tokens "
+                                                                            "have no frames to merge across"),
+    (["--only", "E1", "--visual-tokens", "8", "--token-reduction", "none"], "--visual-tokens 8 needs a"),
+])
+def test_a_token_reduction_a_projector_cannot_use_is_refused_before_any_run(tmp_path, trains, options, refused):
+    message = refusal(["--runs", str(tmp_path / "runs"), *options])
+    assert refused in message and len(message.splitlines()) == 1 and trains == []
+
+
+def test_token_reduction_options_pass_through_to_each_run(tmp_path, trains):
+    reduction = ["--token-reduction", "divprune", "--visual-tokens", "8"]
+    experiments.main(["--runs", str(tmp_path / "runs"), "--summary", str(tmp_path / "s"), "--only", "E1,E7",
+                      *reduction])
+    assert [command[-4:] for command in trains] == [reduction] * 2
 
 
 def test_a_failed_run_is_one_line_and_the_others_still_run(tmp_path, monkeypatch, capsys):
