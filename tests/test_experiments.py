@@ -336,6 +336,11 @@ def test_accumulation_and_the_demos_per_projector_epochs_are_comparable(tmp_path
     assert "E8 perceiver + dora" in refusal(["--summarize", str(tmp_path / "a"), str(tmp_path / "b")])
 
 
+def test_every_per_projector_default_of_the_demo_is_compared_within_its_projector():
+    import demo
+    assert set().union(*demo.PROJECTOR_DEFAULTS.values()) <= experiments.DEMO_PER_PROJECTOR
+
+
 def test_summarize_names_the_same_experiment_found_twice(tmp_path):
     fake_run(tmp_path / "a" / "E1_linear_lora", 0.3)
     fake_run(tmp_path / "b" / "E1_linear_lora", 0.35)
