@@ -64,6 +64,14 @@ def test_the_checkpoint_records_the_reduction_and_evaluate_and_caption_use_it(tr
     assert visual_slots == [([KEEP, KEEP], KEEP)]
 
 
+def test_an_exported_folder_reduces_as_its_checkpoint(trained, tmp_path):
+    from export import export_checkpoint, load_exported
+    model, _ = load_exported(export_checkpoint(trained, tmp_path / "exported"))
+    assert (model.config.token_reduction, model.config.visual_tokens) == ("merge+divprune", KEEP)
+    features = torch.randn(2, FRAMES, PATCHES, model.projector.config.vision_dim)
+    assert model.project(features).shape[1] == KEEP
+
+
 @pytest.mark.parametrize("command", [evaluate.main, caption.main])
 @pytest.mark.parametrize("flags", [["--visual-tokens", "8"], ["--token-reduction", "divprune"]])
 def test_a_reduction_other_than_the_checkpoints_is_refused_in_one_line(trained, tiny_manifest, command, flags):
