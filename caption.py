@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,8 @@ from infra.checkpoint import atomic_write_text, load_checkpoint, peak_memory
 from data import VideoError, read_frames
 from infra.distributed import compute_dtype, default_device
 from infra.errors import user_errors
-from evaluate import DEFAULT_DECODING, add_decoding_options, decoding_from_args, rebuild_model
+from evaluate import DEFAULT_DECODING, add_decoding_options, add_reduction_checks, check_asked_reduction, \
+    decoding_from_args, rebuild_model
 from export import load_exported
 from features import CACHE_DTYPE, FeatureCache, feature_cache_for
 from formats.labels import VIDEO_SUFFIXES
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--workers", type=int, default=4, help="background threads decoding videos")
     add_decoding_options(parser)
+    add_reduction_checks(parser)
     args = parser.parse_args(argv)
     with user_errors():
         if args.report and not args.output:
@@ -205,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else default_device()
     model, features_dtype, source = load_captioner(args.checkpoint, clip=args.clip, llm=args.llm, device=device,
                                                    dtype=args.dtype)
+    check_asked_reduction(asdict(model.config), args.token_reduction, args.visual_tokens)
     cache = feature_cache_for(model, args.cache_dir) if args.cache_dir else None
     videos, failures = collect_videos(args.paths, args.recursive)
     for path, why in failures:

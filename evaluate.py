@@ -30,6 +30,7 @@ from infra.errors import user_errors
 from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
 from formats.manifests import read_manifest
 from metrics import format_metrics_table, score_captions
+from pruning import REDUCTIONS
 from report import render_report
 from vlm import VLMConfig, build_vlm, describe_mismatch, merged_for_eval
 
@@ -153,13 +154,16 @@ def evaluation_folder(checkpoint_path, name: str, decoding: dict, max_new_tokens
 def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batch_size: int = 16,
                         max_new_tokens: int = 64, run=None, clip=None, llm=None, output_dir=None, decoding=None,
                         show: bool = True, report: bool = True, bertscore_model=None, bertscore_layer: int = 9,
-                        merge_for_eval: str = "no") -> dict:
+                        merge_for_eval: str = "no", asked_reduction: dict | None = None) -> dict:
     """Evaluate a checkpoint on its run's split or on a manifest. With output_dir (train.py's final test), the
     results go to output_dir/samples/ and output_dir/logs/final_metrics.json; else to evaluation_folder().
     merge_for_eval "auto" / "yes" generates with the adapters folded into a bf16 copy of the base (vlm.merged_for_eval;
-    "auto" on a CUDA device with room for it only: on a CPU bf16 GEMMs may be emulated); "no" keeps the 4-bit path."""
+    "auto" on a CUDA device with room for it only: on a CPU bf16 GEMMs may be emulated); "no" keeps the 4-bit path.
+    The visual tokens are reduced as in training (the checkpoint's token_reduction); asked_reduction
+    ({"token_reduction", "visual_tokens"}, from the command line) is only checked against it."""
     run = run or Distributed(device=default_device())
     checkpoint = load_checkpoint(path)
+    check_asked_reduction(checkpoint["vlm_config"], **(asked_reduction or {}))
     train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
     samples, name = select_samples(train_config, split, manifest)
     model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
@@ -227,6 +231,25 @@ def print_report(results: dict, examples: int = 5) -> None:
             print(f"  {p['meteor']:.3f}  {p['prediction']}\n         refs: {' | '.join(p['references'])}")
 
 
+def add_reduction_checks(parser: argparse.ArgumentParser) -> None:
+    """--token-reduction / --visual-tokens of evaluate.py and caption.py: a checkpoint is always read with the
+    reduction it was trained with (train.py records it), so these only state what the caller expects."""
+    parser.add_argument("--token-reduction", choices=REDUCTIONS, help="refuse a checkpoint not trained with this "
+                        "token reduction (default: use the checkpoint's, which is always what is applied)")
+    parser.add_argument("--visual-tokens", type=int, help="refuse a checkpoint not trained to keep this many visual "
+                        "tokens per video")
+
+
+def check_asked_reduction(saved: dict, token_reduction: str | None = None, visual_tokens: int | None = None) -> None:
+    """Refuse, in one line, a reduction other than the one a model config (a checkpoint's vlm_config) was trained
+    with; a config written before reductions existed trained with none."""
+    trained = saved.get("token_reduction", "none"), saved.get("visual_tokens")
+    if (token_reduction or trained[0], trained[1] if visual_tokens is None else visual_tokens) != trained:
+        as_trained = f"--token-reduction {trained[0]}" + (f" --visual-tokens {trained[1]}" if trained[1] else "")
+        raise ValueError(f"this model was trained with {as_trained} and always reads videos so; drop "
+                         "--token-reduction / --visual-tokens or give those")
+
+
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     """The decoding flags evaluate.py and caption.py share."""
     parser.add_argument("--batch-size", type=int, default=16, help="videos per generation batch")
@@ -261,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="generate with the adapters folded into a bf16 copy of the base (auto: on a CUDA GPU "
                              "with room for it; no: the 4-bit path, as training validates)")
     add_decoding_options(parser)
+    add_reduction_checks(parser)
     args = parser.parse_args(argv)
     with user_errors():
         run = setup_distributed()
@@ -268,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                             run=run, max_new_tokens=args.max_new_tokens, clip=args.clip, llm=args.llm,
                             output_dir=args.output_dir, decoding=decoding_from_args(args), report=not args.no_report,
                             bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
-                            merge_for_eval=args.merge_for_eval)
+                            merge_for_eval=args.merge_for_eval, asked_reduction={
+                                "token_reduction": args.token_reduction, "visual_tokens": args.visual_tokens})
         teardown_distributed(run)
 
 

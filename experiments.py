@@ -80,7 +80,8 @@ GRID_OPTIONS = {"--projector", "--peft", "--output-dir", "--resume"}  # set by t
 # and how a step is cut into micro-batches (compared as videos per step: accumulation changes only the speed).
 NOT_COMPARED = {"projector", "peft", "output_dir", "cache_dir", "demo_dir", "clip", "llm", "train_manifest",
                 "val_manifest", "test_manifest", "batch_size", "grad_accum", *RESUMABLE_CHANGES}
-DEMO_PER_PROJECTOR = {"stage1_epochs", "stage2_epochs"}  # the full demo's per-projector defaults (demo.py)
+# the full demo's per-projector defaults (demo.PROJECTOR_DEFAULTS)
+DEMO_PER_PROJECTOR = {"stage1_epochs", "stage2_epochs", "token_reduction", "visual_tokens"}
 
 
 @dataclass(frozen=True)
@@ -122,26 +123,30 @@ def select(only: str | None, with_crossattn: bool, seeds: list | None = None) ->
 
 
 # ---- train.py's options, checked before any run ------------------------------------------------------------------
-def check_train_options(passthrough: list[str]) -> bool:
+def check_train_options(passthrough: list[str], projectors: list[str] = ()) -> bool:
     """Refuse what the runs would refuse (their own parser decides: train.py's, or on the embedded default the
-    demo's, which adds its own options) and the grid's own options; True when the runs train the embedded demo."""
+    demo's, which adds its own options), a token reduction one of `projectors` cannot use, and the grid's own
+    options; True when the runs train the embedded demo."""
     import train  # the whole model stack: imported to check options, not for --help or --summarize
+    from vlm import check_token_reduction
     given = {token.split("=")[0] for token in passthrough if token.startswith("--")}
     if taken := sorted(given & GRID_OPTIONS):
         raise UserError(f"{', '.join(taken)}: the grid sets these for each run itself (interrupted runs are "
                          f"resumed); drop them")
     uses_demo = not train.names_paths(passthrough)
-    messages = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(messages):
-            if uses_demo:
-                import demo  # the embedded default: train.py hands it a command line without paths
-                demo.command_line_config(passthrough)
-            else:
-                train.parse_config(passthrough)
-    except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
-        raise UserError("train.py would refuse these options: "
-                         + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
+    if uses_demo:
+        from demo import command_line_config as parse  # the parser `python train.py` hands these options to
+    else:
+        parse = train.parse_config
+    for projector in [*dict.fromkeys(projectors)] or [None]:  # each projector's runs: the demo's defaults differ
+        messages = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(messages):
+                config = parse(passthrough + (["--projector", projector] if projector else []))
+        except SystemExit:  # argparse has written "usage: ..." and "...: error: what is wrong"
+            raise UserError("train.py would refuse these options: "
+                            + messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
+        check_token_reduction(config.projector, config.token_reduction, config.visual_tokens, config.merge_threshold)
     return uses_demo
 
 
@@ -681,7 +686,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.summarize:
             rows, notes = summarize_folders(args.summarize, args.only, args.with_crossattn, args.seeds, bertscore)
         else:
-            uses_demo = check_train_options(passthrough)  # before any run starts
+            projectors = [e.projector for e in select(args.only, args.with_crossattn)]
+            uses_demo = check_train_options(passthrough, projectors)  # before any run starts
             demo_seed = args.seeds[0] if args.seeds and uses_demo else None  # all seeds on the first seed's assets
             if args.list:
                 list_grid(select(args.only, True, args.seeds), select(None, args.with_crossattn, args.seeds),

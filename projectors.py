@@ -93,6 +93,12 @@ class ProjectorConfig:
         return frames * patches if self.num_queries is None else self.num_queries
 
 
+def tokens_per_frame(name: str) -> bool:
+    """Whether the projector `name` hands the LM one token per patch, frame after frame (F·P: linear, mlp), the
+    layout adjacent-frame merging needs (pruning.py); a resampler's num_queries tokens have no frames."""
+    return "num_queries" not in PROJECTOR_OPTIONS[name]
+
+
 def check_features(features: torch.Tensor, config: ProjectorConfig) -> None:
     if features.ndim != 4 or features.shape[-1] != config.vision_dim:
         raise ValueError(f"{config.name} projector expects features (B, F, P, {config.vision_dim}), "

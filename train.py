@@ -42,8 +42,9 @@ from features import batch_features, collate_features, prepare_splits, video_dat
 from lora import ATTENTION_LINEARS, QWEN3_LINEARS, AdapterConfig, after_optimizer_step, parameter_counts, \
     parameter_report
 from projectors import PROJECTORS
+from pruning import MERGE_THRESHOLD, REDUCTIONS
 from infra.schedule import epoch_caption_choice, epoch_windows, get_lr
-from vlm import VLMConfig, build_vlm, load_tokenizer
+from vlm import VLMConfig, build_vlm, check_token_reduction, load_tokenizer
 
 
 def option(default, help, **argparse_kwargs):
@@ -87,6 +88,13 @@ class TrainConfig:
                                     "caption loss (Switch Transformer's; the config's router_aux_loss_coef is 0.001)")
     num_frames: int = option(8, "frames sampled per video")
     num_queries: int = option(64, "visual tokens of the resampling projectors (cabstractor, crossattn, perceiver)")
+    token_reduction: str = option("none", "fewer visual tokens before the LM, chosen on the projector's output "
+                                  "(pruning.py): DivPrune, adjacent-frame merging, or merging then DivPrune (merge: "
+                                  "per-patch projectors only); kept in the checkpoint, so evaluation reduces alike",
+                                  choices=list(REDUCTIONS))
+    visual_tokens: int | None = option(None, "visual tokens kept per video with --token-reduction")
+    merge_threshold: float = option(MERGE_THRESHOLD, "merge+divprune: adjacent-frame tokens at least this "
+                                    "cosine-similar merge before DivPrune (FrameFusion's 0.6)")
     seed: int = option(42, "seed of the initialisation, data order, caption draws and splits")
     warmup_ratio: float = option(0.03, "share of each stage's steps spent warming up")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -186,6 +194,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--lora-targets: {', '.join(unknown)} is not one of {','.join(QWEN3_LINEARS)} (or auto)")
     if cfg.val_fraction + cfg.test_fraction >= 1:
         raise ValueError("--val-fraction + --test-fraction must leave samples to train on")
+    check_token_reduction(cfg.projector, cfg.token_reduction, cfg.visual_tokens, cfg.merge_threshold)
     if not (cfg.clip and cfg.llm and cfg.train_manifest):
         raise ValueError("give --vision, --llm and --train-manifest together, or none of them for the embedded demo")
 
@@ -235,7 +244,9 @@ def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
     """Bases and projector, and the splits with every video encoded into the feature cache."""
     projector = {"name": cfg.projector, "num_queries": cfg.num_queries}
     vlm_config = VLMConfig(clip_path=cfg.clip, llm_path=cfg.llm, projector=projector, num_frames=cfg.num_frames,
-                           vision_layer=cfg.vision_layer, quant=None if cfg.quant == "none" else cfg.quant)
+                           vision_layer=cfg.vision_layer, quant=None if cfg.quant == "none" else cfg.quant,
+                           token_reduction=cfg.token_reduction, visual_tokens=cfg.visual_tokens,
+                           merge_threshold=cfg.merge_threshold)
     model = build_vlm(vlm_config, device=run.device, dtype=compute_dtype(cfg.dtype, run.device))
     long_inputs = cfg.projector in ("linear", "mlp")
     model.llm.gradient_checkpointing = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto"
@@ -256,13 +267,13 @@ def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
 
 def check_positions(model, cfg: TrainConfig) -> None:
     """The longest sequence (prompt with its visual tokens + caption or generated tokens) within the LM's limit."""
-    visual = model.projector.config.output_tokens(cfg.num_frames, model.vision.config.num_patches)
+    visual = model.num_visual_tokens(cfg.num_frames, model.vision.config.num_patches)  # after --token-reduction
     longest = len(model.template.prompt_ids(visual)) + max(cfg.max_caption_tokens, cfg.max_new_tokens) + 1
     limit = model.llm.config.max_position_embeddings
     if longest > limit:
         raise ValueError(f"prompt ({visual} visual tokens) + {max(cfg.max_caption_tokens, cfg.max_new_tokens)} "
                          f"caption tokens = {longest} positions, over the LM's {limit}: lower --max-caption-tokens "
-                         "/ --max-new-tokens or use a resampling projector")
+                         "/ --max-new-tokens, use a resampling projector or a --token-reduction")
 
 
 def checkpoint_bytes(model, cfg: TrainConfig) -> int:

@@ -1,6 +1,7 @@
 """The assembled video-captioning model: frozen vision tower → trainable projector → Qwen3 (NF4 base + LoRA / DoRA).
 
     frames (B, F, 3, S, S) ──tower layer -2, patches only──▶ (B, F, P, Dv) ──projector──▶ (B, N, C)
+        ──token reduction (none by default; pruning.py: DivPrune, adjacent-frame merging)──▶ (B, K, C)
         ──spliced at the <|video_pad|> slots of the chat prompt──▶ inputs_embeds (B, T, C) ──Qwen3──▶ hidden (B, T, C)
         ──lm_head at caption positions only──▶ cross-entropy on the caption tokens and the closing <|im_end|>
 
@@ -11,8 +12,8 @@ The prompt (Qwen3 chat format, thinking disabled) is built by `ChatTemplate`, id
 The tower is whatever vision.load_vision finds in the folder (CLIP, SigLIP / SigLIP 2, DINOv2, DINOv3); it hands
 over patch tokens only (no CLS, no registers), and its width Dv and grid (P = grid x grid) size the projector.
 
-Shapes: B batch, F frames, P patches per frame, Dv vision width, N visual tokens, T sequence, C LLM width,
-V vocab, L supervised (label) positions in the batch.
+Shapes: B batch, F frames, P patches per frame, Dv vision width, N visual tokens, K of them kept (N without a
+reduction), T sequence, C LLM width, V vocab, L supervised (label) positions in the batch.
 """
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +28,8 @@ from decode import Decoder
 from lora import (AdapterConfig, adapter_state_dict, apply_adapters, held_dora_norms, load_adapter_state_dict,
                   merged_copy)
 from moe import load_balancing_loss
-from projectors import ProjectorConfig, projector_from_config
+from projectors import ProjectorConfig, projector_from_config, tokens_per_frame
+from pruning import MERGE_THRESHOLD, REDUCTIONS, reduce_tokens
 from qwen3 import load_qwen3
 from sampling import next_token
 from vision import load_vision
@@ -48,6 +50,9 @@ class VLMConfig:
     vision_layer: int = -2                   # hidden_states index; LLaVA's choice: the penultimate layer
     num_frames: int = 8
     instruction: str = DEFAULT_INSTRUCTION
+    token_reduction: str = "none"            # pruning.REDUCTIONS; checkpoints written before it load as "none"
+    visual_tokens: int | None = None         # K, the visual tokens kept per video with a reduction
+    merge_threshold: float = MERGE_THRESHOLD  # merge+divprune: adjacent-frame tokens this similar merge first
     base_identity: dict = field(default_factory=dict)  # the bases' identity (base_identity), filled by build_vlm
 
 
@@ -111,7 +116,29 @@ class VLM(nn.Module):
         return patches.unflatten(0, (B, F_))  # (B, F, P, Dv)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projector(features)  # (B, F, P, Dv) -> (B, N, C)
+        """The visual tokens the LM reads: the projector's N, reduced to K per video when the config names a
+        reduction (pruning.reduce_tokens; merging per frame for the per-patch projectors, whose tokens come frame
+        after frame). The tokens are chosen on the projector's output, the very tokens the LM reads, so every
+        projector can use it; DivPrune's distance matrix there costs 2·N²·C FLOPs, at N = 4,608 and C = 4,096 about
+        a tenth of one Qwen3-8B decoder layer's forward over the same tokens. Training, validation, evaluate.py
+        and caption.py all come here, so a checkpoint is always read with the reduction it was trained with."""
+        visual = self.projector(features)  # (B, F, P, Dv) -> (B, N, C)
+        if self.config.token_reduction == "none":
+            return visual
+        frames = features.shape[1] if tokens_per_frame(self.projector.config.name) else None
+        reduced, _ = reduce_tokens(visual, self.config.token_reduction, self.config.visual_tokens, frames=frames,
+                                   threshold=self.config.merge_threshold)
+        return reduced  # (B, K, C), in their original order
+
+    def num_visual_tokens(self, frames: int, patches: int) -> int:
+        """K: the visual tokens of one video that reach the LM (its prompt has this many <|video_pad|> slots)."""
+        produced = self.projector.config.output_tokens(frames, patches)
+        if self.config.token_reduction == "none":
+            return produced
+        if self.config.token_reduction == "merge" and self.config.visual_tokens < patches:
+            raise ValueError(f"--token-reduction merge keeps at least one token per patch position ({patches}); "
+                             f"--visual-tokens {self.config.visual_tokens} needs merge+divprune")
+        return min(produced, self.config.visual_tokens)
 
     # ---- training ------------------------------------------------------------------------------------------------
     def tokenize_batch(self, captions: list[str], num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,9 +327,29 @@ def load_tokenizer(llm_path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
+def check_token_reduction(projector: str, method: str, visual_tokens: int | None, threshold: float) -> None:
+    """A token reduction that cannot work on this projector, refused in one line before anything loads."""
+    if method not in REDUCTIONS:
+        raise ValueError(f"--token-reduction {method!r}: choose one of {', '.join(REDUCTIONS)}")
+    if method == "none":
+        if visual_tokens is not None:
+            raise ValueError(f"--visual-tokens {visual_tokens} needs a --token-reduction (divprune, merge or "
+                             "merge+divprune); without one every visual token is kept")
+        return
+    if visual_tokens is None or visual_tokens < 1:
+        raise ValueError(f"--token-reduction {method} needs --visual-tokens K >= 1, the tokens kept per video")
+    if "merge" in method and not tokens_per_frame(projector):
+        raise ValueError(f"--token-reduction {method}: the {projector} projector's query tokens have no frames to "
+                         "merge across; use divprune")
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"--merge-threshold {threshold}: a cosine similarity, in [-1, 1]")
+
+
 def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
     """Load the frozen bases from their snapshot folders, build the projector (and adapters when configured).
     The model holds a completed copy of `config` (projector defaults, base fingerprints); `config` is unchanged."""
+    check_token_reduction(config.projector["name"], config.token_reduction, config.visual_tokens,
+                          config.merge_threshold)
     vision = load_vision(config.clip_path, dtype=dtype, device=device)
     check_vision_layer(config.vision_layer, vision, config.clip_path)
     llm = load_qwen3(config.llm_path, quant=config.quant, dtype=dtype, device=device)

@@ -93,11 +93,15 @@ NUM_SLOTS = 16  # visual tokens of the resampling projectors in the demo (num_qu
 # - cabstractor: 8 stage-1 epochs, not 2. Honeybee's module learns colour more slowly than the perceiver; after 2
 #   stage-1 epochs colour is in its tokens too weakly for the frozen LM, and stage 2's adapters then guess colour
 #   from the other three attributes, which is wrong for every unseen combination.
-# - linear, mlp: 1 + 1 epochs, not 2 + 4. They feed the LM 8 x 64 = 512 tokens instead of 16, so each step costs
-#   several times a resampler's, and 1 + 1 epochs already fill the minutes a demo run may take. They learn motion
-#   only with more stage-2 epochs (more passes over the videos, not more steps): `--stage2-epochs 4`.
-PROJECTOR_DEFAULTS = {"cabstractor": dict(stage1_epochs=8), "linear": dict(stage1_epochs=1, stage2_epochs=1),
-                      "mlp": dict(stage1_epochs=1, stage2_epochs=1)}
+# - linear, mlp: they hand the LM 8 x 64 = 512 tokens instead of 16, most of them the same plain background in
+#   every frame. They keep a quarter, 128 (--token-reduction merge+divprune --visual-tokens 128, pruning.py):
+#   merging folds each background token into the previous frame's while what moves stays, and 128 leaves room for
+#   every token that merging at the 0.6 threshold keeps of a video whose only motion is one shape, so DivPrune has
+#   little to drop. The cheaper steps buy the 4 stage-2 epochs (more passes over the videos, not more steps) they
+#   need to learn motion; 1 stage-1 epoch. `--token-reduction none` trains them on all 512.
+PER_PATCH_REDUCTION = dict(token_reduction="merge+divprune", visual_tokens=128)
+PROJECTOR_DEFAULTS = {"cabstractor": dict(stage1_epochs=8), "linear": dict(stage1_epochs=1, **PER_PATCH_REDUCTION),
+                      "mlp": dict(stage1_epochs=1, **PER_PATCH_REDUCTION)}
 
 
 def demo_defaults(scale: str = "full", projector: str = "perceiver") -> dict:
@@ -106,7 +110,7 @@ def demo_defaults(scale: str = "full", projector: str = "perceiver") -> dict:
     and the adapters for 320 at 2e-3: a tiny LM moves less per step than Qwen3-8B, whose default is 5e-5, and at
     1e-3 the model confused left with up (results/README.md#why-the-demos-defaults-are-what-they-are).
     NUM_SLOTS visual tokens: the slots the LM learned to read. Captions are ~10 tokens: 32 new tokens at most.
-    No activation checkpointing: the tiny LM's activations fit even with the per-patch projectors' 512 tokens.
+    No activation checkpointing: the tiny LM's activations fit even with all 512 of the per-patch projectors' tokens.
     On the full scale a projector's own PROJECTOR_DEFAULTS replace these."""
     full = scale == "full"
     defaults = dict(demo_scale=scale, num_frames=SCALES[scale].frames, num_queries=NUM_SLOTS,
@@ -386,7 +390,10 @@ def command_line_config(argv=None) -> DemoConfig:
         parser.error("the embedded default builds its own bases and data: give --clip, --llm and "
                      "--train-manifest to train.py instead")
     chosen = DemoConfig(**given)
-    return DemoConfig(**demo_defaults(chosen.demo_scale, chosen.projector) | given)
+    defaults = demo_defaults(chosen.demo_scale, chosen.projector)
+    if given.get("token_reduction") == "none":  # all the tokens: the K of the projector's default reduction goes too
+        defaults.pop("visual_tokens", None)
+    return DemoConfig(**defaults | given)
 
 
 def run_demo(cfg: DemoConfig) -> dict | None:

@@ -1,6 +1,7 @@
 """The bench package keeps working: every measurement of the model benchmark once at toy sizes,
 the adapters benchmark's quick path, and the pieces the figures rest on (the parity check, the snapshot both stacks
 read, the label-only loss being vlm.py's)."""
+import argparse
 import json
 
 import pytest
@@ -166,6 +167,23 @@ def grid_results(layers: int, step_s: dict, captions_per_s: float) -> dict:
              for shape, batch in (("resampler", 4), ("per-patch", 1))}
     generate = {method: {"ours": {"captions_per_s": captions_per_s}} for method in ("lora", "dora")}
     return {"preset": {"name": "qwen3-8b", "layers": layers}, "results": {"train": train, "generate": generate}}
+
+
+def test_reduction_bench_measures_all_tokens_against_the_kept_ones(snapshot_dir, capsys):
+    """bench/reduction.py at toy sizes: each setting's LM sees its K visual tokens; the table and ratios come out."""
+    from bench.reduction import add_arguments, bench_reduction
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    result = bench_reduction(parser.parse_args(["--preset", "cpu-small", "--quick", "--threads", "1", "--keep", "8",
+                                                "--snapshot-dir", str(snapshot_dir)]))
+    preset = bench.preset_for("cpu-small", quick=True)
+    tokens = {name: s["visual_tokens"] for name, s in result["settings"].items()}
+    assert tokens == {"merge+divprune 8": 8, "none": preset.frames * preset.patches}
+    for s in result["settings"].values():
+        assert s["prefill_length"] > s["visual_tokens"] and s["train_length"] > s["prefill_length"]
+        assert all(s[part]["median_s"] > 0 and s[part]["peak_mib"] > 0 for part in ("train_step", "prefill"))
+    assert set(result["all_over_reduced"]) == {"train_step", "prefill"}
+    assert "all tokens / reduced" in capsys.readouterr().out
 
 
 def test_grid_estimate_projects_the_plan_from_measured_times(tmp_path):

@@ -5,7 +5,7 @@ import csv
 import json
 import random
 import shutil
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from clip import CLIPVision, load_clip_vision
 from demo import tower as demo_tower
 from demo.synth import ATTRIBUTES
 from qwen3 import Qwen3, Qwen3Config, load_qwen3
-from train import TrainConfig
+from train import TrainConfig, check_config
 from vlm import DEFAULT_INSTRUCTION, ChatTemplate
 
 
@@ -146,6 +146,19 @@ def test_the_demo_takes_its_defaults_and_refuses_paths_of_its_own(capsys):
     with pytest.raises(SystemExit):
         demo.command_line_config(["--clip", "models/clip"])
     assert "give --clip, --llm and --train-manifest to train.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, reduction", [
+    (["--projector", "linear"], ("merge+divprune", 128, 4)),  # the per-patch projectors' full-demo default
+    (["--projector", "mlp", "--visual-tokens", "64"], ("merge+divprune", 64, 4)),
+    (["--projector", "linear", "--token-reduction", "none"], ("none", None, 4)),  # all 512, no K left over
+    (["--projector", "linear", "--demo-scale", "ci"], ("none", None, 1)),
+    (["--projector", "perceiver"], ("none", None, 4)),
+])
+def test_the_per_patch_projectors_reduce_their_tokens_on_the_full_demo(flags, reduction):
+    cfg = demo.command_line_config(flags)
+    assert (cfg.token_reduction, cfg.visual_tokens, cfg.stage2_epochs) == reduction
+    check_config(replace(cfg, clip="c", llm="l", train_manifest="m"))  # a setting train.py accepts
 
 
 def test_without_attributes_on_val_select_by_attributes_is_refused_before_the_bases_load(tiny_bases, tiny_manifest,

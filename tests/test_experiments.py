@@ -336,6 +336,11 @@ def test_accumulation_and_the_demos_per_projector_epochs_are_comparable(tmp_path
     assert "E8 perceiver + dora" in refusal(["--summarize", str(tmp_path / "a"), str(tmp_path / "b")])
 
 
+def test_every_per_projector_default_of_the_demo_is_compared_within_its_projector():
+    import demo
+    assert set().union(*demo.PROJECTOR_DEFAULTS.values()) <= experiments.DEMO_PER_PROJECTOR
+
+
 def test_summarize_names_the_same_experiment_found_twice(tmp_path):
     fake_run(tmp_path / "a" / "E1_linear_lora", 0.3)
     fake_run(tmp_path / "b" / "E1_linear_lora", 0.35)
@@ -372,6 +377,23 @@ def test_the_demos_options_pass_on_the_demo_only(tmp_path, trains):
     message = refusal(["--runs", str(tmp_path / "runs"), "--only", "E2", "--clip", "c", "--llm", "l",
                        "--train-manifest", "m.jsonl", *demo])
     assert "unrecognized arguments: --demo-scale ci --select-by=meteor" in message and len(trains) == 1
+
+
+@pytest.mark.parametrize("options, refused", [
+    (["--only", "E5", "--token-reduction", "merge", "--visual-tokens", "8"], "cabstractor projector's query tokens "
+                                                                            "have no frames to merge across"),
+    (["--only", "E1", "--visual-tokens", "8", "--token-reduction", "none"], "--visual-tokens 8 needs a"),
+])
+def test_a_token_reduction_a_projector_cannot_use_is_refused_before_any_run(tmp_path, trains, options, refused):
+    message = refusal(["--runs", str(tmp_path / "runs"), *options])
+    assert refused in message and len(message.splitlines()) == 1 and trains == []
+
+
+def test_token_reduction_options_pass_through_to_each_run(tmp_path, trains):
+    reduction = ["--token-reduction", "divprune", "--visual-tokens", "8"]
+    experiments.main(["--runs", str(tmp_path / "runs"), "--summary", str(tmp_path / "s"), "--only", "E1,E7",
+                      *reduction])
+    assert [command[-4:] for command in trains] == [reduction] * 2
 
 
 def test_a_failed_run_is_one_line_and_the_others_still_run(tmp_path, monkeypatch, capsys):
