@@ -96,7 +96,8 @@ def bench_reduction(args) -> dict:
     ratios = {part: {"time": round(full[part]["median_s"] / reduced[part]["median_s"], 2),
                      "peak_memory": round(full[part]["peak_mib"] / reduced[part]["peak_mib"], 2)}
               for part in ("train_step", "prefill")}
-    result = {"command": getattr(args, "command_line", None) or "python -m bench reduction",
+    command = getattr(args, "command_line", None) or "python -m bench " + " ".join(getattr(args, "argv", ["reduction"]))
+    result = {"command": command,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()["model"],
               "threads": torch.get_num_threads() if device.type == "cpu" else None, "preset": asdict(preset),
               "dtype": args.dtype, "long_batch": preset.long_batch, "prefill_batch": prefill_batch,
