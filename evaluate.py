@@ -26,7 +26,7 @@ from infra.checkpoint import atomic_write_text, base_identity_today, load_checkp
 from data import load_splits
 from infra.distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
     teardown_distributed
-from infra.errors import user_errors
+from infra.errors import UserError, user_errors
 from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
 from formats.manifests import read_manifest
 from metrics import format_metrics_table, score_captions
@@ -111,7 +111,7 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
     for name in ("base_identity", "projector", "adapter", "vision_layer", "num_frames", "quant"):
         difference = describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)})
         if difference:
-            raise ValueError(f"checkpoint does not match the model: {difference}")
+            raise UserError(f"checkpoint does not match the model: {difference}")
     model.load_trainable_state_dict(checkpoint["trainable"])
     return model
 

@@ -36,7 +36,7 @@ from infra import checkpoint
 from data import check_splits, load_splits
 from infra.distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
     teardown_distributed, wrap_ddp
-from infra.errors import user_errors
+from infra.errors import UserError, user_errors
 from evaluate import evaluate_checkpoint, evaluate_split
 from features import batch_features, collate_features, prepare_splits, video_dataset
 from lora import ATTENTION_LINEARS, QWEN3_LINEARS, AdapterConfig, after_optimizer_step, parameter_counts, \
@@ -180,23 +180,23 @@ def check_config(cfg: TrainConfig) -> None:
     fractions = ["val_fraction", "test_fraction", "warmup_ratio", "max_bad_fraction", "lora_dropout"]
     for name in positive:
         if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in non_negative:
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     for name in fractions:
         if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.quant not in ("nf4", "int8", "none"):
-        raise ValueError(f"--quant {cfg.quant}: use nf4, int8 or none")
+        raise UserError(f"--quant {cfg.quant}: use nf4, int8 or none")
     unknown = [name for name in cfg.lora_targets.split(",") if name not in QWEN3_LINEARS]
     if cfg.lora_targets != "auto" and unknown:
-        raise ValueError(f"--lora-targets: {', '.join(unknown)} is not one of {','.join(QWEN3_LINEARS)} (or auto)")
+        raise UserError(f"--lora-targets: {', '.join(unknown)} is not one of {','.join(QWEN3_LINEARS)} (or auto)")
     if cfg.val_fraction + cfg.test_fraction >= 1:
-        raise ValueError("--val-fraction + --test-fraction must leave samples to train on")
+        raise UserError("--val-fraction + --test-fraction must leave samples to train on")
     check_token_reduction(cfg.projector, cfg.token_reduction, cfg.visual_tokens, cfg.merge_threshold)
     if not (cfg.clip and cfg.llm and cfg.train_manifest):
-        raise ValueError("give --vision, --llm and --train-manifest together, or none of them for the embedded demo")
+        raise UserError("give --vision, --llm and --train-manifest together, or none of them for the embedded demo")
 
 
 # ---- before any model is loaded ----------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
                                                                            and long_inputs)
     check_positions(model, cfg)
     if cfg.router_aux_coef and model.llm.config.moe is None:
-        raise ValueError(f"--router-aux-coef {cfg.router_aux_coef}: {cfg.llm} is a dense Qwen3, which has no router")
+        raise UserError(f"--router-aux-coef {cfg.router_aux_coef}: {cfg.llm} is a dense Qwen3, which has no router")
     if run.is_main:
         checkpoint.check_writable(Path(cfg.output_dir), needed_bytes=checkpoint_bytes(model, cfg))
         if not cfg.feature_cache:
@@ -271,7 +271,7 @@ def check_positions(model, cfg: TrainConfig) -> None:
     longest = len(model.template.prompt_ids(visual)) + max(cfg.max_caption_tokens, cfg.max_new_tokens) + 1
     limit = model.llm.config.max_position_embeddings
     if longest > limit:
-        raise ValueError(f"prompt ({visual} visual tokens) + {max(cfg.max_caption_tokens, cfg.max_new_tokens)} "
+        raise UserError(f"prompt ({visual} visual tokens) + {max(cfg.max_caption_tokens, cfg.max_new_tokens)} "
                          f"caption tokens = {longest} positions, over the LM's {limit}: lower --max-caption-tokens "
                          "/ --max-new-tokens, use a resampling projector or a --token-reduction")
 
@@ -306,7 +306,7 @@ class Position:
 def ensure_finite(value: float, what: str, step: int, sample_ids: list) -> None:
     """Stop on a NaN / inf before it reaches the weights; the last good checkpoint stays as it is."""
     if not math.isfinite(value):
-        raise FloatingPointError(f"non-finite {what} at step {step + 1} (samples {', '.join(map(str, sample_ids))}); "
+        raise UserError(f"non-finite {what} at step {step + 1} (samples {', '.join(map(str, sample_ids))}); "
                                  "stopping without saving. Lower the learning rate or check these samples")
 
 

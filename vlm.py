@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from decode import Decoder
+from infra.errors import UserError
 from lora import (AdapterConfig, adapter_state_dict, apply_adapters, held_dora_norms, load_adapter_state_dict,
                   merged_copy)
 from moe import load_balancing_loss
@@ -73,7 +74,7 @@ class ChatTemplate:
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"the tokenizer has no {token} token; kovlm needs Qwen3's tokenizer.json (chat tokens)")
+            raise UserError(f"the tokenizer has no {token} token; kovlm needs Qwen3's tokenizer.json (chat tokens)")
         return token_id
 
     def encode(self, text: str) -> list[int]:
@@ -84,7 +85,7 @@ class ChatTemplate:
 
     def caption_ids(self, caption: str) -> list[int]:
         if not caption.strip():
-            raise ValueError("empty caption: every training caption needs text")
+            raise UserError("empty caption: every training caption needs text")
         return self.encode(caption.strip()) + [self.im_end_id]
 
     def decode(self, ids: list[int]) -> str:
@@ -136,7 +137,7 @@ class VLM(nn.Module):
         if self.config.token_reduction == "none":
             return produced
         if self.config.token_reduction == "merge" and self.config.visual_tokens < patches:
-            raise ValueError(f"--token-reduction merge keeps at least one token per patch position ({patches}); "
+            raise UserError(f"--token-reduction merge keeps at least one token per patch position ({patches}); "
                              f"--visual-tokens {self.config.visual_tokens} needs merge+divprune")
         return min(produced, self.config.visual_tokens)
 
@@ -234,12 +235,12 @@ class VLM(nn.Module):
         adapters = {k.removeprefix("llm."): v for k, v in state.items() if k.startswith("llm.")}
         unknown = set(state) - {f"projector.{k}" for k in projector} - {f"llm.{k}" for k in adapters}
         if unknown:
-            raise KeyError(f"unexpected keys in the trainable state: {sorted(unknown)[:5]}")
+            raise UserError(f"unexpected keys in the trainable state: {sorted(unknown)[:5]}")
         self.projector.load_state_dict(projector, strict=True)
         if self.config.adapter is not None:
             load_adapter_state_dict(self.llm, adapters)
         elif adapters:
-            raise KeyError("the state holds adapter weights but this model has no adapters")
+            raise UserError("the state holds adapter weights but this model has no adapters")
 
     def add_adapters(self, adapter: AdapterConfig) -> list[str]:
         """Stage 2: wrap the LLM's target linears with LoRA / DoRA (the LLM's base weights stay frozen); the model
@@ -294,7 +295,7 @@ def merged_for_eval(model: VLM, merge: str = "auto") -> tuple[VLM, str]:
     base (lora.merged_copy: plain GEMMs, no 4-bit dequantization per token); "no" (or too little room) the model
     itself. The merged copy holds the decoder layers' weights in bf16: 13.2 GiB at Qwen3-8B."""
     if merge not in ("auto", "yes", "no"):
-        raise ValueError(f"merge={merge!r}: use auto, yes or no")
+        raise UserError(f"merge={merge!r}: use auto, yes or no")
     if merge == "no":
         return model, "not merged (--merge-for-eval no)"
     needed = dense_layer_bytes(model.llm)
@@ -330,19 +331,19 @@ def load_tokenizer(llm_path) -> Tokenizer:
 def check_token_reduction(projector: str, method: str, visual_tokens: int | None, threshold: float) -> None:
     """A token reduction that cannot work on this projector, refused in one line before anything loads."""
     if method not in REDUCTIONS:
-        raise ValueError(f"--token-reduction {method!r}: choose one of {', '.join(REDUCTIONS)}")
+        raise UserError(f"--token-reduction {method!r}: choose one of {', '.join(REDUCTIONS)}")
     if method == "none":
         if visual_tokens is not None:
-            raise ValueError(f"--visual-tokens {visual_tokens} needs a --token-reduction (divprune, merge or "
+            raise UserError(f"--visual-tokens {visual_tokens} needs a --token-reduction (divprune, merge or "
                              "merge+divprune); without one every visual token is kept")
         return
     if visual_tokens is None or visual_tokens < 1:
-        raise ValueError(f"--token-reduction {method} needs --visual-tokens K >= 1, the tokens kept per video")
+        raise UserError(f"--token-reduction {method} needs --visual-tokens K >= 1, the tokens kept per video")
     if "merge" in method and not tokens_per_frame(projector):
-        raise ValueError(f"--token-reduction {method}: the {projector} projector's query tokens have no frames to "
+        raise UserError(f"--token-reduction {method}: the {projector} projector's query tokens have no frames to "
                          "merge across; use divprune")
     if not -1 <= threshold <= 1:
-        raise ValueError(f"--merge-threshold {threshold}: a cosine similarity, in [-1, 1]")
+        raise UserError(f"--merge-threshold {threshold}: a cosine similarity, in [-1, 1]")
 
 
 def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
@@ -372,7 +373,7 @@ def check_vision_layer(layer: int, vision, path) -> None:
     """Refuse a layer the tower does not have before any video is encoded (hidden_states: embeddings + L blocks)."""
     num_states = vision.config.num_hidden_layers + 1
     if not -num_states <= layer < num_states:
-        raise ValueError(f"vision layer {layer} is out of range: the tower in {path} has {num_states - 1} layers, "
+        raise UserError(f"vision layer {layer} is out of range: the tower in {path} has {num_states - 1} layers, "
                          f"so hidden states {-num_states}..{num_states - 1} (--vision-layer)")
 
 

@@ -8,6 +8,7 @@
     python -m bench adapters [--tokens 1024] [--repeats 7] [--dtype bf16] [--dropout 0.05] [--quick] [--json PATH]
     python -m bench adapters --norms [--repeats 7] [--threads 1] [--quick] [--json PATH]
     python -m bench probe [--projector cabstractor] [--attribute colour] [--cut stage1,readout] [--json PATH]
+    python -m bench reduction [--layers 2] [--keep 1152] [--method merge+divprune] [--json PATH]
     python -m bench pruning [--tokens 4608] [--keep 1152] [--threads 1] [--json PATH]
     python -m bench rehearse [--layers 36] [--device cpu|cuda] [--dtype auto|bf16|fp32] [--keep DIR] [--json PATH]
 
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from bench import grid, probe, rehearse
+from bench import grid, probe, reduction, rehearse
 from bench import pruning as pruning_bench
 from bench.adapters import bench_adapters
 from bench.memory import bench_memory
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_parser(commands)
     probe.add_parser(commands)
     pruning_bench.add_parser(commands)
+    reduction.add_parser(commands)
     rehearse.add_parser(commands)
     memory = commands.add_parser("memory", help="Qwen3 0.6B-32B and 30B-A3B x nf4/int8/bf16: weights and the "
                                  "estimated training peak (computed); with a snapshot folder, its load measured")
