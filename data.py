@@ -9,6 +9,8 @@ labels.py, the synthetic Korean video dataset in synth.py (`python synth.py OUT`
     python data.py convert aihub LABELS_DIR VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
     python data.py convert activitynet train.json VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
     python data.py check MANIFEST_OR_LABEL_DIR     every bad row, label entry and video, all at once
+convert never replaces an existing --output without --overwrite; its flags and output are checked before any label
+file is read.
 """
 import argparse
 import bisect
@@ -23,9 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from errors import user_errors
+import options
+from errors import UserError, user_errors
 from labels import SPAN_TOLERANCE
 from manifests import ManifestError, Sample, convert_labels, read_manifest, subset_samples, write_manifest
+from paths import check_output_file, file_problem
 
 log = logging.getLogger(__name__)
 # One OpenCV thread per process: the parallelism is DataLoader workers, and N OpenCV threads in each of N workers
@@ -46,8 +50,10 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
 
 
 def _open_video(path: Path) -> cv2.VideoCapture:
-    if not path.is_file():
-        raise VideoError(f"{path}: no such file; check the video path (relative to the manifest's folder)")
+    if problem := file_problem(path):  # missing, a symbolic link loop, a folder, a FIFO or device
+        advice = "check the video path (relative to the manifest's folder)" if problem.startswith("no such") else \
+            "give a video file"
+        raise VideoError(f"{path}: {problem}; {advice}")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes); copy it again or drop it from the manifest")
     capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
@@ -213,7 +219,7 @@ def check_splits(splits: dict[str, list[Sample]]) -> None:
     for name in SPLITS:
         if not splits.get(name):
             raise ValueError(f"the {name} split is empty; give the manifest {name} samples, a --{name}-manifest"
-                             + (", or a --{name}-fraction above 0" if name != "train" else ""))
+                             + (f", or a --{name}-fraction above 0" if name != "train" else ""))
         for sample in splits[name]:
             if not any(isinstance(caption, str) and caption.strip() for caption in sample.captions):
                 raise ValueError(f"{sample.where or name}: sample {sample.id!r} has no caption; write one or drop it")
@@ -263,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     convert_parser.add_argument("labels", type=Path, help="AI Hub label folder, or ActivityNet Captions JSON")
     convert_parser.add_argument("videos", type=Path, help="folder searched (recursively) for the videos")
     convert_parser.add_argument("--output", type=Path, required=True, help="the manifest to write (.jsonl)")
+    convert_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     convert_parser.add_argument("--split", choices=SPLITS, default=None, help="split of every row written")
     convert_parser.add_argument("--max-samples", type=int, default=None, help="a seeded subset of this size")
     convert_parser.add_argument("--seed", type=int, default=42)
@@ -272,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    check_command(args)
     if args.command == "convert":
         problems = convert_labels(args.source, args.labels, args.videos, args.output, split=args.split,
                            max_samples=args.max_samples, seed=args.seed)
@@ -286,6 +294,19 @@ def main(argv: list[str] | None = None) -> None:
     if problems:
         raise ValueError(f"{args.manifest}: {len(problems)} problems in {count} samples (listed above)")
     log.info("%s: %d samples, every video usable, %.1f s", args.manifest, count, time.perf_counter() - start)
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """The flags and files, before any label file, manifest or video is read."""
+    if args.command == "check":
+        options.at_least("frames", args.frames, 1)
+        return
+    if args.max_samples is not None:
+        options.at_least("max_samples", args.max_samples, 1)
+    for given in (args.labels, args.videos):
+        if not given.exists():
+            raise UserError(f"{given}: no such file or folder")
+    check_output_file(args.output, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
