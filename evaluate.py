@@ -8,29 +8,38 @@ also keeps its own METEOR and CIDEr-D, so failures can be sorted and studied.
     torchrun --nproc-per-node 4 evaluate.py CKPT        # ranks split the videos; rank 0 gathers and scores
 
 The model is rebuilt from the checkpoint's own config (base folders, projector, adapters); a checkpoint that does not
-match the bases it is loaded onto is refused, naming the field. Run by hand, it writes predictions.json (text,
-references, per-caption scores), metrics.json and report.html into a folder of its own for each split / manifest
-and settings, RUN/eval/{split}[-settings]/ or RUN/eval/{manifest}-{split}[-settings]/ (or --output-dir), so it never
-touches the run's own test results: RUN/logs/final_metrics.json and RUN/samples/predictions.json are written only
-when train.py passes output_dir. The table is printed before anything is written.
+match the bases it is loaded onto is refused, naming the field (or the first tensor of another shape). Run by hand,
+it writes predictions.json (text, references, per-caption scores), metrics.json and report.html into a folder of
+its own for each split / manifest and settings, RUN/eval/{split}[-settings]/ or
+RUN/eval/{manifest stem}-{hash}-{split}[-settings]/ (the hash covers the manifest's resolved path and content, so two
+manifests named alike never share a folder), or --output-dir (train.py's layout). It never writes over the run's
+own files (RUN/samples/, RUN/logs/, checkpoints, config.json: only train.py's final test writes them), whatever path
+spelling leads there, and never over an earlier evaluation without --overwrite. Every flag, the checkpoint, the base
+folders' files and the output files are checked before a model is loaded; the table is printed before anything is
+written.
 """
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
+import options
 from checkpoint import atomic_write_text, load_checkpoint, peak_memory
+from clip import CLIPConfig
 from data import load_splits
 from distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
     teardown_distributed
-from errors import user_errors
+from errors import UserError, user_errors
 from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
 from manifests import read_manifest
 from metrics import format_metrics_table, score_captions
+from paths import check_output_file, check_snapshot_files, file_problem
+from projectors import ProjectorConfig
 from report import render_report
-from vlm import VLMConfig, build_vlm, describe_mismatch, merged_for_eval
+from vlm import ChatTemplate, VLMConfig, build_vlm, describe_mismatch, load_tokenizer, merged_for_eval
 
 DEFAULT_DECODING = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0,
                     "no_repeat_ngram_size": 0}
@@ -99,7 +108,38 @@ def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: in
             "decoding": {"max_new_tokens": max_new_tokens, "greedy": not decoding["do_sample"], **decoding}}
 
 
-def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device, dtype):
+CHECKPOINT_FIELDS = {"vlm_config": dict, "train_config": dict, "trainable": dict}
+
+
+def check_checkpoint(checkpoint: dict, path) -> dict:
+    """The fields evaluate.py, caption.py and export.py read, present and of their kind; refused naming the first."""
+    for name, kind in CHECKPOINT_FIELDS.items():
+        if not isinstance(checkpoint.get(name), kind):
+            raise UserError(f"{path}: the checkpoint has no {name!r} "
+                            f"({'missing' if name not in checkpoint else type(checkpoint[name]).__name__}); it is not "
+                            f"a model checkpoint that train.py wrote, or it is damaged")
+    return checkpoint
+
+
+def check_trainable_shapes(state: dict, model, where: str = "checkpoint") -> None:
+    """Every tensor of a checkpoint's trainable state named and shaped as the rebuilt model's; the first that is not
+    is refused in one line (before load_state_dict's many-line size-mismatch error)."""
+    expected = model.trainable_state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise UserError(f"{where}: tensor {name} has no place in the model ({len(expected)} trainable tensors); "
+                            f"the checkpoint belongs to another model or version")
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(expected[name].shape):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise UserError(f"{where}: tensor {name} has shape {shape}, the model's is "
+                            f"{tuple(expected[name].shape)}; the checkpoint is damaged or belongs to another model")
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise UserError(f"{where}: tensor {missing[0]} is missing ({len(missing)} in all); the checkpoint is "
+                        f"damaged or belongs to another model")
+
+
+def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device, dtype, where: str = "checkpoint"):
     """The model a checkpoint was trained as, on its own bases (or --clip / --llm), refusing any mismatch."""
     saved = VLMConfig(**checkpoint["vlm_config"])
     config = VLMConfig(**{**checkpoint["vlm_config"], "clip_path": clip or saved.clip_path,
@@ -109,8 +149,30 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
         difference = describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)})
         if difference:
             raise ValueError(f"checkpoint does not match the model: {difference}")
+    check_trainable_shapes(checkpoint["trainable"], model, where)
     model.load_trainable_state_dict(checkpoint["trainable"])
     return model
+
+
+def prompt_tokens(vlm_config: dict, clip_path, llm_path) -> int:
+    """Tokens of the chat prompt with a video's visual tokens, from the base folders' config.json and tokenizer.json
+    alone (no weights read), so a caption limit the LM cannot hold is refused before anything loads."""
+    clip_config = CLIPConfig.from_hf(json.loads((Path(clip_path) / "config.json").read_text(encoding="utf-8")))
+    projector = ProjectorConfig.create(**{**vlm_config["projector"], "vision_dim": clip_config.hidden_size,
+                                          "llm_dim": 1})
+    visual = projector.output_tokens(vlm_config["num_frames"], clip_config.num_patches)
+    instruction = vlm_config.get("instruction", VLMConfig.instruction)
+    return len(ChatTemplate(load_tokenizer(llm_path), instruction).prompt_ids(visual))
+
+
+def check_bases(vlm_config: dict, clip_path, llm_path, max_new_tokens: int) -> None:
+    """Before a model loads: the base folders' weight files whole, and prompt + --max-new-tokens within the LM."""
+    for folder, flag in ((clip_path, "--clip"), (llm_path, "--llm")):
+        if not Path(folder).is_dir():
+            raise UserError(f"{folder}: no such model folder ({flag}, or the one the checkpoint names)")
+        check_snapshot_files(folder, flag)
+    options.check_positions(prompt_tokens(vlm_config, clip_path, llm_path), max_new_tokens,
+                            options.position_limit(llm_path))
 
 
 def run_splits(train_config: dict) -> dict[str, list]:
@@ -135,7 +197,38 @@ def select_samples(train_config: dict, split: str | None, manifest) -> tuple[lis
         if not samples:
             raise ValueError(f"{manifest}: no sample has split {split!r} (its splits: {', '.join(found)}); leave "
                              f"out --split to evaluate all its samples")
-    return samples, f"{Path(manifest).stem}-{split or 'all'}"
+    return samples, samples_name(manifest, split)
+
+
+def samples_name(manifest, split: str | None) -> str:
+    """The run's split by its name; a manifest by its stem, a short hash of its resolved path and content (or a label
+    folder's file names and sizes), and the split: two different manifests never share a name."""
+    if manifest is None:
+        return split or "test"
+    path = Path(manifest).resolve()
+    digest = hashlib.sha256(str(path).encode() + b"\0")
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            digest.update(f"{file.relative_to(path)}:{file.stat().st_size if file.is_file() else '-'}\n".encode())
+    else:
+        digest.update(path.read_bytes())
+    return f"{Path(manifest).stem}-{digest.hexdigest()[:8]}-{split or 'all'}"
+
+
+def run_folder_of(checkpoint_path) -> Path | None:
+    """RUN for RUN/checkpoints/NAME.pt (train.py's layout), else None."""
+    path = Path(checkpoint_path).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def output_files(checkpoint_path, name: str, output_dir, decoding: dict, max_new_tokens: int) -> tuple[Path, ...]:
+    """(predictions, metrics, report): under output_dir in train.py's layout, else in evaluation_folder()."""
+    if output_dir is not None:
+        out = Path(output_dir)
+        return (out / "samples" / "predictions.json", out / "logs" / "final_metrics.json",
+                out / "samples" / "report.html")
+    out = evaluation_folder(checkpoint_path, name, decoding, max_new_tokens)
+    return out / "predictions.json", out / "metrics.json", out / "report.html"
 
 
 def evaluation_folder(checkpoint_path, name: str, decoding: dict, max_new_tokens: int) -> Path:
@@ -157,11 +250,11 @@ def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batc
     merge_for_eval "auto" / "yes" generates with the adapters folded into a bf16 copy of the base (vlm.merged_for_eval;
     "auto" on a CUDA device with room for it only: on a CPU bf16 GEMMs may be emulated); "no" keeps the 4-bit path."""
     run = run or Distributed(device=default_device())
-    checkpoint = load_checkpoint(path)
+    checkpoint = check_checkpoint(load_checkpoint(path), path)
     train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
     samples, name = select_samples(train_config, split, manifest)
     model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
-                          dtype=compute_dtype(train_config["dtype"], run.device))
+                          dtype=compute_dtype(train_config["dtype"], run.device), where=str(path))
     if merge_for_eval == "yes" or (merge_for_eval == "auto" and run.device.type == "cuda"):
         model, note = merged_for_eval(model, merge_for_eval)
         if show and run.is_main:
@@ -178,13 +271,7 @@ def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batc
     if run.is_main:
         if show:
             print_report(results)
-        if output_dir is not None:
-            out = Path(output_dir)
-            files = (out / "samples" / "predictions.json", out / "logs" / "final_metrics.json",
-                     out / "samples" / "report.html")
-        else:
-            out = evaluation_folder(path, name, decoding, max_new_tokens)
-            files = (out / "predictions.json", out / "metrics.json", out / "report.html")
+        files = output_files(path, name, output_dir, decoding, max_new_tokens)
         write_outputs(results, *files, num_frames=model.config.num_frames if report else None)
         results["output_files"] = [str(f) for f in files]
         if show:
@@ -257,9 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge-for-eval", choices=["auto", "yes", "no"], default="auto",
                         help="generate with the adapters folded into a bf16 copy of the base (auto: on a CUDA GPU "
                              "with room for it; no: the 4-bit path, as training validates)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier evaluation")
     add_decoding_options(parser)
     args = parser.parse_args(argv)
     with user_errors():
+        check_command(args)
         run = setup_distributed()
         evaluate_checkpoint(args.checkpoint, split=args.split, manifest=args.manifest, batch_size=args.batch_size,
                             run=run, max_new_tokens=args.max_new_tokens, clip=args.clip, llm=args.llm,
@@ -267,6 +356,30 @@ def main(argv: list[str] | None = None) -> None:
                             bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
                             merge_for_eval=args.merge_for_eval)
         teardown_distributed(run)
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """Everything evaluate.py can check before a model loads: the flags, the inputs, the checkpoint's fields, the
+    base folders' files and token limit, and the three output files (see the module docstring)."""
+    options.at_least("batch_size", args.batch_size, 1)
+    options.at_least("bertscore_layer", args.bertscore_layer, 0)
+    options.check_decoding(args.max_new_tokens, decoding_from_args(args))
+    for path, what in ((args.checkpoint, "checkpoint"), (args.manifest, "--manifest")):
+        if path is not None and (problem := file_problem(path)) and not (what == "--manifest" and Path(path).is_dir()):
+            raise UserError(f"{path}: {problem} ({what})")
+    if args.bertscore_model is not None and not Path(args.bertscore_model).is_dir():
+        raise UserError(f"--bertscore-model {args.bertscore_model}: no such folder")
+    checkpoint = check_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
+    vlm_config = checkpoint["vlm_config"]
+    check_bases(vlm_config, args.clip or vlm_config["clip_path"], args.llm or vlm_config["llm_path"],
+                args.max_new_tokens)
+    name = samples_name(args.manifest, args.split)
+    files = output_files(args.checkpoint, name, args.output_dir, DEFAULT_DECODING | decoding_from_args(args),
+                         args.max_new_tokens)
+    run = [folder] if (folder := run_folder_of(args.checkpoint)) else []
+    for file in files[:2] if args.no_report else files:
+        check_output_file(file, overwrite=args.overwrite, flag="--output-dir" if args.output_dir else "",
+                          runs=run)
 
 
 if __name__ == "__main__":
