@@ -28,19 +28,28 @@ def at_least(name: str, value, minimum: int) -> None:
         raise UserError(f"{flag(name)} must be a whole number >= {minimum}, got {value}")
 
 
+def finite(name: str, value) -> None:
+    """A number, and not NaN or inf (which every comparison below would let through)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{flag(name)} must be a finite number, got {value}")
+
+
 def positive(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise UserError(f"{flag(name)} must be a finite number above 0, got {value}")
+    finite(name, value)
+    if value <= 0:
+        raise UserError(f"{flag(name)} must be positive, got {value}")
 
 
 def non_negative(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise UserError(f"{flag(name)} must be a finite number >= 0, got {value}")
+    finite(name, value)
+    if value < 0:
+        raise UserError(f"{flag(name)} must not be negative, got {value}")
 
 
 def fraction(name: str, value) -> None:
     """A share in [0, 1)."""
-    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+    finite(name, value)
+    if not 0 <= value < 1:
         raise UserError(f"{flag(name)} must be in [0, 1), got {value}")
 
 

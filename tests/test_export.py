@@ -139,10 +139,9 @@ def test_a_full_disk_while_writing_a_shard_names_the_shard(random_checkpoint, tm
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("flags, words", [(["--max-shard-gib", "0"], "--max-shard-gib must be a finite number above "
-                                                                      "0, got 0.0"),
-                                          (["--max-shard-gib", "nan"], "--max-shard-gib must be a finite number "
-                                                                       "above 0, got nan")])
+@pytest.mark.parametrize("flags, words", [(["--max-shard-gib", "0"], "--max-shard-gib must be positive, got 0.0"),
+                                          (["--max-shard-gib", "nan"], "--max-shard-gib must be a finite number, got "
+                                                                       "nan")])
 def test_flags_are_refused_before_loading(random_checkpoint, tmp_path, flags, words, capsys):
     import export
     with pytest.raises(SystemExit) as stopped:

@@ -12,9 +12,9 @@ from errors import UserError
 
 @pytest.mark.parametrize("check, name, value, words", [
     (options.at_least, "batch_size", 0, "--batch-size must be a whole number >= 1, got 0"),
-    (options.positive, "stage2_lr", math.nan, "--stage2-lr must be a finite number above 0, got nan"),
-    (options.positive, "stage1_lr", math.inf, "--stage1-lr must be a finite number above 0, got inf"),
-    (options.non_negative, "weight_decay", -1e-3, "--weight-decay must be a finite number >= 0"),
+    (options.positive, "stage2_lr", math.nan, "--stage2-lr must be a finite number, got nan"),
+    (options.positive, "stage1_lr", math.inf, "--stage1-lr must be a finite number, got inf"),
+    (options.non_negative, "weight_decay", -1e-3, "--weight-decay must not be negative, got -0.001"),
     (options.fraction, "val_fraction", 1.0, "--val-fraction must be in [0, 1), got 1.0"),
 ])
 def test_each_kind_of_flag_is_refused_naming_it(check, name, value, words):
@@ -30,7 +30,7 @@ def test_each_kind_of_flag_is_refused_naming_it(check, name, value, words):
     (8, {"temperature": -1.0}, "--temperature must be a finite number above 0"),
     (8, {"do_sample": True, "top_p": 0.0}, r"--top-p must be in \(0, 1\]"),
     (8, {"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
-    (8, {"repetition_penalty": 0.0}, "--repetition-penalty must be a finite number above 0"),
+    (8, {"repetition_penalty": 0.0}, "--repetition-penalty must be positive, got 0.0"),
     (8, {"no_repeat_ngram_size": -1}, "--no-repeat-ngram-size must be a whole number >= 0"),
 ])
 def test_decoding_flags_that_leave_no_token_to_draw_are_refused(max_new_tokens, decoding, words):
