@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 import checkpoint
 import demo
+import options
 from data import check_splits, load_splits
 from distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
     teardown_distributed, wrap_ddp
-from errors import user_errors
+from errors import UserError, user_errors
 from evaluate import evaluate_checkpoint, evaluate_split
 from features import batch_features, collate_features, prepare_splits, video_dataset
 from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
@@ -142,14 +143,13 @@ def check_config(cfg: TrainConfig) -> None:
                     "num_workers", "max_samples"]
     fractions = ["val_fraction", "test_fraction", "warmup_ratio", "max_bad_fraction", "lora_dropout"]
     for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+        options.positive(name, getattr(cfg, name))
+    for name in non_negative:  # NaN and inf refused too
+        options.non_negative(name, getattr(cfg, name))
     for name in fractions:
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+        options.fraction(name, getattr(cfg, name))
+    if cfg.resume and cfg.start_over:
+        raise UserError("--resume continues the run folder's run, --start-over moves it aside: give one")
     if cfg.val_fraction + cfg.test_fraction >= 1:
         raise ValueError("--val-fraction + --test-fraction must leave samples to train on")
     if not (cfg.clip and cfg.llm and cfg.train_manifest):
@@ -223,12 +223,9 @@ def check_positions(model, cfg: TrainConfig) -> None:
     """The longest sequence (prompt with its visual tokens + caption or generated tokens) within the LM's limit."""
     patches = (model.vision.config.image_size // model.vision.config.patch_size) ** 2
     visual = model.projector.config.output_tokens(cfg.num_frames, patches)
-    longest = len(model.template.prompt_ids(visual)) + max(cfg.max_caption_tokens, cfg.max_new_tokens) + 1
-    limit = model.llm.config.max_position_embeddings
-    if longest > limit:
-        raise ValueError(f"prompt ({visual} visual tokens) + {max(cfg.max_caption_tokens, cfg.max_new_tokens)} "
-                         f"caption tokens = {longest} positions, over the LM's {limit}: lower --max-caption-tokens "
-                         "/ --max-new-tokens or use a resampling projector")
+    options.check_positions(len(model.template.prompt_ids(visual)), max(cfg.max_caption_tokens, cfg.max_new_tokens),
+                            model.llm.config.max_position_embeddings, "--max-caption-tokens / --max-new-tokens",
+                            " or use a resampling projector")
 
 
 def checkpoint_bytes(model, cfg: TrainConfig) -> int:
@@ -354,12 +351,14 @@ def train(cfg: TrainConfig, run: Distributed) -> bool:
     """Both stages; True when they finished (False when stopped early by --max-steps)."""
     check_config(cfg)
     out = Path(cfg.output_dir)
+    splits = read_splits(cfg, load_tokenizer(cfg.llm))  # refused before the run folder is claimed or written
+    options.check_window(len(splits["train"]), cfg.batch_size, cfg.grad_accum, run.world)
     lock = checkpoint.claim_run_folder(out, resume=cfg.resume, start_over=cfg.start_over) if run.is_main else None
     try:
         state = resume_state(cfg)
-        splits = read_splits(cfg, load_tokenizer(cfg.llm))
         seed_everything(cfg.seed)
         model, splits, cache = prepare(cfg, splits, run)
+        options.check_window(len(splits["train"]), cfg.batch_size, cfg.grad_accum, run.world)  # after --skip-bad
         return train_stages(model, splits, cache, cfg, run, state)
     finally:
         if lock:
