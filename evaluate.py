@@ -201,8 +201,8 @@ def select_samples(train_config: dict, split: str | None, manifest) -> tuple[lis
 
 
 def samples_name(manifest, split: str | None) -> str:
-    """The run's split by its name; a manifest by its stem, a short hash of its resolved path and content (or a label
-    folder's file names and sizes), and the split: two different manifests never share a name."""
+    """The run's split by its name; a manifest by its stem (its first 64 bytes), a short hash of its resolved path and
+    content (or a label folder's file names and sizes), and the split: two different manifests never share a name."""
     if manifest is None:
         return split or "test"
     path = Path(manifest).resolve()
@@ -212,7 +212,8 @@ def samples_name(manifest, split: str | None) -> str:
             digest.update(f"{file.relative_to(path)}:{file.stat().st_size if file.is_file() else '-'}\n".encode())
     else:
         digest.update(path.read_bytes())
-    return f"{Path(manifest).stem}-{digest.hexdigest()[:8]}-{split or 'all'}"
+    stem = Path(manifest).stem.encode()[:64].decode("utf-8", errors="ignore")  # the hash tells long names apart
+    return f"{stem}-{digest.hexdigest()[:8]}-{split or 'all'}"
 
 
 def run_folder_of(checkpoint_path) -> Path | None:

@@ -178,6 +178,9 @@ def test_two_manifests_of_one_name_never_share_a_folder(trained, tiny_manifest, 
     names = {evaluate.samples_name(tmp_path / f, None) for f in ("setA/test.jsonl", "setB/test.jsonl",
                                                                   "setA/test.csv")}
     assert len(names) == 3 and all(n.startswith("test-") and n.endswith("-all") for n in names)
+    long = tmp_path / ("긴" * 80 + ".jsonl")  # a 240-byte stem: the folder name still fits in 255 bytes
+    long.write_text((tmp_path / "setA" / "test.jsonl").read_text())
+    assert len(evaluate.samples_name(long, "val").encode()) <= 80
     for manifest in ("setA/test.jsonl", "setB/test.jsonl"):
         result = run_evaluate("evaluate.py", str(trained), "--manifest", str(tmp_path / manifest),
                               "--max-new-tokens", "3", "--no-report")
