@@ -50,7 +50,7 @@ from export import load_exported, read_export_info
 from features import CACHE_DTYPE, FeatureCache
 from labels import VIDEO_SUFFIXES
 from manifests import ManifestError, Sample, read_manifest
-from paths import check_output_file, file_problem
+from paths import check_output_file, check_output_folder, file_problem
 from report import render_report
 
 MANIFEST_SUFFIXES = {".jsonl", ".csv", ".json"}
@@ -287,6 +287,8 @@ def check_command(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         vlm_config = check_checkpoint(load_checkpoint(source), source)["vlm_config"]
         clip, llm = args.clip or vlm_config["clip_path"], args.llm or vlm_config["llm_path"]
     check_bases(vlm_config, clip, llm, args.max_new_tokens)
+    if args.cache_dir:
+        check_output_folder(args.cache_dir, overwrite=True, flag="--cache-dir")  # a folder, filled entry by entry
     header = {"source": str(source.resolve()), "decoding": {"max_new_tokens": args.max_new_tokens,
                                                             **decoding_from_args(args)},
               "num_frames": vlm_config["num_frames"]}

@@ -204,6 +204,7 @@ def test_outputs_are_checked_before_loading_and_never_replaced_without_overwrite
     for output, words in cases.items():
         overwrite = ["--overwrite"] if "run" in str(output) else []  # a run's files: refused even so
         assert words in refused([checkpoint, good, "--output", output, *overwrite])
+    assert "--cache-dir" in refused([checkpoint, good, "--cache-dir", tmp_path / "file"])  # a file, not a folder
     assert (tmp_path / "old.jsonl").read_text() == "kept\n" and not (run / "samples").exists()
 
 
