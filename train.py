@@ -39,6 +39,7 @@ from errors import UserError, user_errors
 from evaluate import evaluate_checkpoint, evaluate_split
 from features import batch_features, collate_features, prepare_splits, video_dataset
 from lora import AdapterConfig, after_optimizer_step, parameter_counts, parameter_report
+from paths import check_snapshot_files
 from projectors import PROJECTORS
 from schedule import epoch_caption_choice, epoch_windows, get_lr
 from synth import attribute_scores
@@ -350,6 +351,8 @@ def start_stage(model, stage: int, peak_lr: float, cfg: TrainConfig, run: Distri
 def train(cfg: TrainConfig, run: Distributed) -> bool:
     """Both stages; True when they finished (False when stopped early by --max-steps)."""
     check_config(cfg)
+    check_snapshot_files(cfg.clip, "--clip")  # a truncated weight file named before anything loads
+    check_snapshot_files(cfg.llm, "--llm")
     out = Path(cfg.output_dir)
     splits = read_splits(cfg, load_tokenizer(cfg.llm))  # refused before the run folder is claimed or written
     options.check_window(len(splits["train"]), cfg.batch_size, cfg.grad_accum, run.world)

@@ -50,3 +50,16 @@ def test_a_refused_rerun_changes_nothing_on_disk(tiny_bases, tiny_manifest, tmp_
     with pytest.raises(ValueError, match="already holds a run"):
         train(config(tiny_bases, tiny_manifest, out), Distributed())
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_a_truncated_weight_file_is_named_before_anything_loads(tiny_bases, tiny_manifest, tmp_path):
+    import shutil
+    clip, llm = tiny_bases
+    copy = shutil.copytree(llm, tmp_path / "llm")
+    shard = next(copy.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    cfg = config(tiny_bases, tiny_manifest, tmp_path / "run")
+    cfg.llm = str(copy)
+    with pytest.raises(ValueError, match=f"^{shard}: truncated"):
+        train(cfg, Distributed())
+    assert not (tmp_path / "run").exists()
