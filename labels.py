@@ -224,7 +224,7 @@ def label_folder_rows(labels_dir: Path, videos_dir: Path, *, split: str | None =
         segments_of[base_id] += len(data[layout.entries])
     problems += _missing_line(missing, "label files", videos_dir)
     for encoding, what in (("cp949", "are CP949 text, not UTF-8, and were read as CP949"),
-                           ("utf-8-sig", "start with a UTF-8 byte-order mark, which was skipped")):
+                           ("utf-8-sig", "begin with a UTF-8 byte-order mark and were read as UTF-8")):
         if encodings[encoding]:
             problems.append(f"{len(encodings[encoding])} label files {what}: {', '.join(encodings[encoding][:5])}")
     return rows, problems

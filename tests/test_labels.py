@@ -76,7 +76,7 @@ def test_aihub_label_folder_rows_and_problems(aihub):
                 f"{labels / 'BO/broken.json'}:1: not valid JSON",
                 f"1 label files have no video under {videos}: D2_BO_0001_000009.mp4; skipped",
                 "1 label files are CP949 text, not UTF-8, and were read as CP949: D2_BO_0001_000001.json",
-                "1 label files start with a UTF-8 byte-order mark, which was skipped: D2_AN_0531_000003.json"]
+                "1 label files begin with a UTF-8 byte-order mark and were read as UTF-8: D2_AN_0531_000003.json"]
     assert len(problems) == len(expected) and all(p.startswith(e) for p, e in zip(problems, expected)), problems
     assert all("\n" not in problem for problem in problems)
 
