@@ -44,13 +44,13 @@ from checkpoint import atomic_write_text, load_checkpoint, peak_memory
 from data import VideoError, preprocess, read_frames
 from distributed import compute_dtype, default_device
 from errors import UserError, user_errors
-from evaluate import DEFAULT_DECODING, add_decoding_options, check_bases, check_checkpoint, decoding_from_args, \
-    rebuild_model, run_folder_of
+from evaluate import DEFAULT_DECODING, add_decoding_options, decoding_from_args, rebuild_model
 from export import load_exported, read_export_info
 from features import CACHE_DTYPE, FeatureCache
 from labels import VIDEO_SUFFIXES
 from manifests import ManifestError, Sample, read_manifest
 from paths import check_output_file, check_output_folder, file_problem
+from preflight import check_bases, check_checkpoint, run_folder_of
 from report import render_report
 
 MANIFEST_SUFFIXES = {".jsonl", ".csv", ".json"}

@@ -28,7 +28,6 @@ import torch
 
 import options
 from checkpoint import atomic_write_text, load_checkpoint, peak_memory
-from clip import CLIPConfig
 from data import load_splits
 from distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
     teardown_distributed
@@ -36,10 +35,10 @@ from errors import UserError, user_errors
 from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
 from manifests import read_manifest
 from metrics import format_metrics_table, score_captions
-from paths import check_output_file, check_snapshot_files, file_problem
-from projectors import ProjectorConfig
+from paths import check_output_file, file_problem
+from preflight import check_bases, check_checkpoint, check_trainable_shapes, run_folder_of
 from report import render_report
-from vlm import ChatTemplate, VLMConfig, build_vlm, describe_mismatch, load_tokenizer, merged_for_eval
+from vlm import VLMConfig, build_vlm, describe_mismatch, merged_for_eval
 
 DEFAULT_DECODING = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0,
                     "no_repeat_ngram_size": 0}
@@ -108,37 +107,6 @@ def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: in
             "decoding": {"max_new_tokens": max_new_tokens, "greedy": not decoding["do_sample"], **decoding}}
 
 
-CHECKPOINT_FIELDS = {"vlm_config": dict, "train_config": dict, "trainable": dict}
-
-
-def check_checkpoint(checkpoint: dict, path) -> dict:
-    """The fields evaluate.py, caption.py and export.py read, present and of their kind; refused naming the first."""
-    for name, kind in CHECKPOINT_FIELDS.items():
-        if not isinstance(checkpoint.get(name), kind):
-            raise UserError(f"{path}: the checkpoint has no {name!r} "
-                            f"({'missing' if name not in checkpoint else type(checkpoint[name]).__name__}); it is not "
-                            f"a model checkpoint that train.py wrote, or it is damaged")
-    return checkpoint
-
-
-def check_trainable_shapes(state: dict, model, where: str = "checkpoint") -> None:
-    """Every tensor of a checkpoint's trainable state named and shaped as the rebuilt model's; the first that is not
-    is refused in one line (before load_state_dict's many-line size-mismatch error)."""
-    expected = model.trainable_state_dict()
-    for name, tensor in state.items():
-        if name not in expected:
-            raise UserError(f"{where}: tensor {name} has no place in the model ({len(expected)} trainable tensors); "
-                            f"the checkpoint belongs to another model or version")
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(expected[name].shape):
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise UserError(f"{where}: tensor {name} has shape {shape}, the model's is "
-                            f"{tuple(expected[name].shape)}; the checkpoint is damaged or belongs to another model")
-    missing = sorted(expected.keys() - state.keys())
-    if missing:
-        raise UserError(f"{where}: tensor {missing[0]} is missing ({len(missing)} in all); the checkpoint is "
-                        f"damaged or belongs to another model")
-
-
 def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device, dtype, where: str = "checkpoint"):
     """The model a checkpoint was trained as, on its own bases (or --clip / --llm), refusing any mismatch."""
     saved = VLMConfig(**checkpoint["vlm_config"])
@@ -152,27 +120,6 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
     check_trainable_shapes(checkpoint["trainable"], model, where)
     model.load_trainable_state_dict(checkpoint["trainable"])
     return model
-
-
-def prompt_tokens(vlm_config: dict, clip_path, llm_path) -> int:
-    """Tokens of the chat prompt with a video's visual tokens, from the base folders' config.json and tokenizer.json
-    alone (no weights read), so a caption limit the LM cannot hold is refused before anything loads."""
-    clip_config = CLIPConfig.from_hf(json.loads((Path(clip_path) / "config.json").read_text(encoding="utf-8")))
-    projector = ProjectorConfig.create(**{**vlm_config["projector"], "vision_dim": clip_config.hidden_size,
-                                          "llm_dim": 1})
-    visual = projector.output_tokens(vlm_config["num_frames"], clip_config.num_patches)
-    instruction = vlm_config.get("instruction", VLMConfig.instruction)
-    return len(ChatTemplate(load_tokenizer(llm_path), instruction).prompt_ids(visual))
-
-
-def check_bases(vlm_config: dict, clip_path, llm_path, max_new_tokens: int) -> None:
-    """Before a model loads: the base folders' weight files whole, and prompt + --max-new-tokens within the LM."""
-    for folder, flag in ((clip_path, "--clip"), (llm_path, "--llm")):
-        if not Path(folder).is_dir():
-            raise UserError(f"{folder}: no such model folder ({flag}, or the one the checkpoint names)")
-        check_snapshot_files(folder, flag)
-    options.check_positions(prompt_tokens(vlm_config, clip_path, llm_path), max_new_tokens,
-                            options.position_limit(llm_path))
 
 
 def run_splits(train_config: dict) -> dict[str, list]:
@@ -214,12 +161,6 @@ def samples_name(manifest, split: str | None) -> str:
         digest.update(path.read_bytes())
     stem = Path(manifest).stem.encode()[:64].decode("utf-8", errors="ignore")  # the hash tells long names apart
     return f"{stem}-{digest.hexdigest()[:8]}-{split or 'all'}"
-
-
-def run_folder_of(checkpoint_path) -> Path | None:
-    """RUN for RUN/checkpoints/NAME.pt (train.py's layout), else None."""
-    path = Path(checkpoint_path).resolve()
-    return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
 def output_files(checkpoint_path, name: str, output_dir, decoding: dict, max_new_tokens: int) -> tuple[Path, ...]:

@@ -33,10 +33,11 @@ import options
 from checkpoint import load_checkpoint
 from distributed import compute_dtype
 from errors import UserError, user_errors
-from evaluate import check_bases, check_checkpoint, rebuild_model, run_folder_of
+from evaluate import rebuild_model
 from features import CACHE_DTYPE
 from lora import dequantized_weight, merge_adapters
 from paths import check_output_folder, file_problem, temporary_name
+from preflight import check_bases, check_checkpoint, run_folder_of
 from vlm import VLMConfig, build_vlm
 
 EXPORT_FORMAT = "kovlm-export-1"
