@@ -9,6 +9,8 @@ labels.py (both in formats/), the synthetic Korean video dataset in demo/synth.p
     python data.py convert aihub LABELS_DIR VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
     python data.py convert activitynet train.json VIDEOS_DIR --output train.jsonl [--split S] [--max-samples N]
     python data.py check MANIFEST_OR_LABEL_DIR     every bad row, label entry and video, all at once
+convert never replaces an existing --output without --overwrite; its flags and output are checked before any label
+file is read.
 """
 import argparse
 import bisect
@@ -23,9 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from infra.errors import user_errors
 from formats.labels import SPAN_TOLERANCE
 from formats.manifests import ManifestError, Sample, convert_labels, read_manifest, subset_samples, write_manifest
+from infra import options
+from infra.errors import UserError, user_errors
+from infra.paths import check_output_file, file_problem
 
 log = logging.getLogger(__name__)
 # One OpenCV thread per process: the parallelism is DataLoader workers, and N OpenCV threads in each of N workers
@@ -35,7 +39,7 @@ SPLITS = ("train", "val", "test")
 __all__ = ["ManifestError", "Sample", "read_manifest", "write_manifest"]  # re-exported: callers import them from here
 
 
-class VideoError(ValueError):
+class VideoError(UserError):
     """A video that cannot be used; the message names the file, the problem and what to do."""
 
 
@@ -46,8 +50,10 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
 
 
 def _open_video(path: Path) -> cv2.VideoCapture:
-    if not path.is_file():
-        raise VideoError(f"{path}: no such file; check the video path (relative to the manifest's folder)")
+    if problem := file_problem(path):  # missing, a symbolic link loop, a folder, a FIFO or device
+        advice = "check the video path (relative to the manifest's folder)" if problem.startswith("no such") else \
+            "give a video file"
+        raise VideoError(f"{path}: {problem}; {advice}")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes); copy it again or drop it from the manifest")
     capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
@@ -105,7 +111,7 @@ def read_frames(path, num_frames: int = 8, start: float | None = None, end: floa
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     if (start is None) != (end is None) or (start is not None and not 0 <= start < end):
-        raise ValueError(f"{path}: a span needs 0 <= start < end seconds, got start={start}, end={end}")
+        raise UserError(f"{path}: a span needs 0 <= start < end seconds, got start={start}, end={end}")
     path = Path(path)
     if start is None:
         kept, times, _ = _decode(path, lambda reported: set(sample_indices(reported, num_frames)))
@@ -178,7 +184,7 @@ def split_samples(samples: list[Sample], seed: int = 42, val_fraction: float = 0
     whole videos, so segments of one video never land in two splits."""
     unsplit = [sample.id for sample in samples if sample.split is None]
     if unsplit and len(unsplit) < len(samples):
-        raise ValueError(f"{len(unsplit)} of {len(samples)} samples have no split (e.g. {unsplit[0]!r}); give every "
+        raise UserError(f"{len(unsplit)} of {len(samples)} samples have no split (e.g. {unsplit[0]!r}); give every "
                          f"sample a split, or none to split by seed")
     if not unsplit:
         return {name: [sample for sample in samples if sample.split == name] for name in SPLITS}
@@ -207,7 +213,7 @@ def load_splits(train_manifest, *, val_manifest=None, test_manifest=None, seed: 
         if manifest:
             splits[name] = read_manifest(manifest)
     if not splits["train"]:
-        raise ValueError(f"{train_manifest}: no training samples")
+        raise UserError(f"{train_manifest}: no training samples")
     return splits
 
 
@@ -215,11 +221,11 @@ def check_splits(splits: dict[str, list[Sample]]) -> None:
     """Refuse a run whose train, val or test split is missing or empty, or whose samples lack a caption."""
     for name in SPLITS:
         if not splits.get(name):
-            raise ValueError(f"the {name} split is empty; give the manifest {name} samples, a --{name}-manifest"
-                             + (", or a --{name}-fraction above 0" if name != "train" else ""))
+            raise UserError(f"the {name} split is empty; give the manifest {name} samples, a --{name}-manifest"
+                             + (f", or a --{name}-fraction above 0" if name != "train" else ""))
         for sample in splits[name]:
             if not any(isinstance(caption, str) and caption.strip() for caption in sample.captions):
-                raise ValueError(f"{sample.where or name}: sample {sample.id!r} has no caption; write one or drop it")
+                raise UserError(f"{sample.where or name}: sample {sample.id!r} has no caption; write one or drop it")
 
 
 # ── bad videos ─────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -266,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     convert_parser.add_argument("labels", type=Path, help="AI Hub label folder, or ActivityNet Captions JSON")
     convert_parser.add_argument("videos", type=Path, help="folder searched (recursively) for the videos")
     convert_parser.add_argument("--output", type=Path, required=True, help="the manifest to write (.jsonl)")
+    convert_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     convert_parser.add_argument("--split", choices=SPLITS, default=None, help="split of every row written")
     convert_parser.add_argument("--max-samples", type=int, default=None, help="a seeded subset of this size")
     convert_parser.add_argument("--seed", type=int, default=42)
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    check_command(args)
     if args.command == "convert":
         problems = convert_labels(args.source, args.labels, args.videos, args.output, split=args.split,
                            max_samples=args.max_samples, seed=args.seed)
@@ -287,8 +295,21 @@ def main(argv: list[str] | None = None) -> None:
     for problem in problems:
         log.error("%s", problem)
     if problems:
-        raise ValueError(f"{args.manifest}: {len(problems)} problems in {count} samples (listed above)")
+        raise UserError(f"{args.manifest}: {len(problems)} problems in {count} samples (listed above)")
     log.info("%s: %d samples, every video usable, %.1f s", args.manifest, count, time.perf_counter() - start)
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """The flags and files, before any label file, manifest or video is read."""
+    if args.command == "check":
+        options.at_least("frames", args.frames, 1)
+        return
+    if args.max_samples is not None:
+        options.at_least("max_samples", args.max_samples, 1)
+    for given in (args.labels, args.videos):
+        if not given.exists():
+            raise UserError(f"{given}: no such file or folder")
+    check_output_file(args.output, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,18 @@ also keeps its own METEOR and CIDEr-D, so failures can be sorted and studied.
     torchrun --nproc-per-node 4 evaluate.py CKPT        # ranks split the videos; rank 0 gathers and scores
 
 The model is rebuilt from the checkpoint's own config (base folders, projector, adapters); a checkpoint that does not
-match the bases it is loaded onto is refused, naming the field. Run by hand, it writes predictions.json (text,
-references, per-caption scores), metrics.json and report.html into a folder of its own for each split / manifest
-and settings, RUN/eval/{split}[-settings]/ or RUN/eval/{manifest}-{split}[-settings]/ (or --output-dir), so it never
-touches the run's own test results: RUN/logs/final_metrics.json and RUN/samples/predictions.json are written only
-when train.py passes output_dir. The table is printed before anything is written.
+match the bases it is loaded onto is refused, naming the field (or the first tensor of another shape). Run by hand,
+it writes predictions.json (text, references, per-caption scores), metrics.json and report.html into a folder of
+its own for each split / manifest and settings, RUN/eval/{split}[-settings]/ or
+RUN/eval/{manifest stem}-{hash}-{split}[-settings]/ (the hash covers the manifest's resolved path and content, so two
+manifests named alike never share a folder), or --output-dir (train.py's layout). It never writes over the run's
+own files (RUN/samples/, RUN/logs/, checkpoints, config.json: only train.py's final test writes them), whatever path
+spelling leads there, and never over an earlier evaluation without --overwrite. Every flag, the checkpoint, the base
+folders' files and the output files are checked before a model is loaded; the table is printed before anything is
+written.
 """
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -22,13 +27,16 @@ from pathlib import Path
 
 import torch
 
-from infra.checkpoint import atomic_write_text, base_identity_today, load_checkpoint, peak_memory
 from data import load_splits
+from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
+from formats.manifests import read_manifest
+from infra import options
+from infra.checkpoint import atomic_write_text, base_identity_today, load_checkpoint, peak_memory
 from infra.distributed import Distributed, compute_dtype, default_device, gather, setup_distributed, shard, \
     teardown_distributed
 from infra.errors import UserError, user_errors
-from features import FeatureCache, batch_features, collate_features, prepare_splits, video_dataset
-from formats.manifests import read_manifest
+from infra.paths import check_output_file, file_problem
+from infra.preflight import check_bases, check_checkpoint, check_trainable_shapes, run_folder_of
 from metrics import format_metrics_table, score_captions
 from pruning import REDUCTIONS
 from report import render_report
@@ -100,7 +108,7 @@ def evaluate_split(model, samples, cache: FeatureCache | None, *, batch_size: in
             "decoding": {"max_new_tokens": max_new_tokens, "greedy": not decoding["do_sample"], **decoding}}
 
 
-def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device, dtype):
+def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device, dtype, where: str = "checkpoint"):
     """The model a checkpoint was trained as, on its own bases (or --vision / --llm), refusing any mismatch."""
     saved = VLMConfig(**checkpoint["vlm_config"])
     config = VLMConfig(**{**checkpoint["vlm_config"], "clip_path": clip or saved.clip_path,
@@ -112,6 +120,7 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
         difference = describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)})
         if difference:
             raise UserError(f"checkpoint does not match the model: {difference}")
+    check_trainable_shapes(checkpoint["trainable"], model, where)
     model.load_trainable_state_dict(checkpoint["trainable"])
     return model
 
@@ -129,16 +138,42 @@ def select_samples(train_config: dict, split: str | None, manifest) -> tuple[lis
         split = split or "test"
         samples = run_splits(train_config)[split]
         if not samples:
-            raise ValueError(f"the run's {split} split is empty; choose another --split or give --manifest")
+            raise UserError(f"the run's {split} split is empty; choose another --split or give --manifest")
         return samples, split
     samples = read_manifest(manifest)
     if split:
         found = sorted({str(s.split) for s in samples})
         samples = [s for s in samples if s.split == split]
         if not samples:
-            raise ValueError(f"{manifest}: no sample has split {split!r} (its splits: {', '.join(found)}); leave "
+            raise UserError(f"{manifest}: no sample has split {split!r} (its splits: {', '.join(found)}); leave "
                              f"out --split to evaluate all its samples")
-    return samples, f"{Path(manifest).stem}-{split or 'all'}"
+    return samples, samples_name(manifest, split)
+
+
+def samples_name(manifest, split: str | None) -> str:
+    """The run's split by its name; a manifest by its stem (its first 64 bytes), a short hash of its resolved path and
+    content (or a label folder's file names and sizes), and the split: two different manifests never share a name."""
+    if manifest is None:
+        return split or "test"
+    path = Path(manifest).resolve()
+    digest = hashlib.sha256(str(path).encode() + b"\0")
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            digest.update(f"{file.relative_to(path)}:{file.stat().st_size if file.is_file() else '-'}\n".encode())
+    else:
+        digest.update(path.read_bytes())
+    stem = Path(manifest).stem.encode()[:64].decode("utf-8", errors="ignore")  # the hash tells long names apart
+    return f"{stem}-{digest.hexdigest()[:8]}-{split or 'all'}"
+
+
+def output_files(checkpoint_path, name: str, output_dir, decoding: dict, max_new_tokens: int) -> tuple[Path, ...]:
+    """(predictions, metrics, report): under output_dir in train.py's layout, else in evaluation_folder()."""
+    if output_dir is not None:
+        out = Path(output_dir)
+        return (out / "samples" / "predictions.json", out / "logs" / "final_metrics.json",
+                out / "samples" / "report.html")
+    out = evaluation_folder(checkpoint_path, name, decoding, max_new_tokens)
+    return out / "predictions.json", out / "metrics.json", out / "report.html"
 
 
 def evaluation_folder(checkpoint_path, name: str, decoding: dict, max_new_tokens: int) -> Path:
@@ -162,12 +197,12 @@ def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batc
     The visual tokens are reduced as in training (the checkpoint's token_reduction); asked_reduction
     ({"token_reduction", "visual_tokens"}, from the command line) is only checked against it."""
     run = run or Distributed(device=default_device())
-    checkpoint = load_checkpoint(path)
+    checkpoint = check_checkpoint(load_checkpoint(path), path)
     check_asked_reduction(checkpoint["vlm_config"], **(asked_reduction or {}))
     train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
     samples, name = select_samples(train_config, split, manifest)
     model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
-                          dtype=compute_dtype(train_config["dtype"], run.device))
+                          dtype=compute_dtype(train_config["dtype"], run.device), where=str(path))
     if merge_for_eval == "yes" or (merge_for_eval == "auto" and run.device.type == "cuda"):
         model, note = merged_for_eval(model, merge_for_eval)
         if show and run.is_main:
@@ -184,13 +219,7 @@ def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batc
     if run.is_main:
         if show:
             print_report(results)
-        if output_dir is not None:
-            out = Path(output_dir)
-            files = (out / "samples" / "predictions.json", out / "logs" / "final_metrics.json",
-                     out / "samples" / "report.html")
-        else:
-            out = evaluation_folder(path, name, decoding, max_new_tokens)
-            files = (out / "predictions.json", out / "metrics.json", out / "report.html")
+        files = output_files(path, name, output_dir, decoding, max_new_tokens)
         write_outputs(results, *files, num_frames=model.config.num_frames if report else None)
         results["output_files"] = [str(f) for f in files]
         if show:
@@ -246,7 +275,7 @@ def check_asked_reduction(saved: dict, token_reduction: str | None = None, visua
     trained = saved.get("token_reduction", "none"), saved.get("visual_tokens")
     if (token_reduction or trained[0], trained[1] if visual_tokens is None else visual_tokens) != trained:
         as_trained = f"--token-reduction {trained[0]}" + (f" --visual-tokens {trained[1]}" if trained[1] else "")
-        raise ValueError(f"this model was trained with {as_trained} and always reads videos so; drop "
+        raise UserError(f"this model was trained with {as_trained} and always reads videos so; drop "
                          "--token-reduction / --visual-tokens or give those")
 
 
@@ -283,10 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge-for-eval", choices=["auto", "yes", "no"], default="auto",
                         help="generate with the adapters folded into a bf16 copy of the base (auto: on a CUDA GPU "
                              "with room for it; no: the 4-bit path, as training validates)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier evaluation")
     add_decoding_options(parser)
     add_reduction_checks(parser)
     args = parser.parse_args(argv)
     with user_errors():
+        check_command(args)
         run = setup_distributed()
         evaluate_checkpoint(args.checkpoint, split=args.split, manifest=args.manifest, batch_size=args.batch_size,
                             run=run, max_new_tokens=args.max_new_tokens, clip=args.clip, llm=args.llm,
@@ -295,6 +326,30 @@ def main(argv: list[str] | None = None) -> None:
                             merge_for_eval=args.merge_for_eval, asked_reduction={
                                 "token_reduction": args.token_reduction, "visual_tokens": args.visual_tokens})
         teardown_distributed(run)
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """Everything evaluate.py can check before a model loads: the flags, the inputs, the checkpoint's fields, the
+    base folders' files and token limit, and the three output files (see the module docstring)."""
+    options.at_least("batch_size", args.batch_size, 1)
+    options.at_least("bertscore_layer", args.bertscore_layer, 0)
+    options.check_decoding(args.max_new_tokens, decoding_from_args(args))
+    for path, what in ((args.checkpoint, "checkpoint"), (args.manifest, "--manifest")):
+        if path is not None and (problem := file_problem(path)) and not (what == "--manifest" and Path(path).is_dir()):
+            raise UserError(f"{path}: {problem} ({what})")
+    if args.bertscore_model is not None and not Path(args.bertscore_model).is_dir():
+        raise UserError(f"--bertscore-model {args.bertscore_model}: no such folder")
+    checkpoint = check_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
+    vlm_config = checkpoint["vlm_config"]
+    check_bases(vlm_config, args.clip or vlm_config["clip_path"], args.llm or vlm_config["llm_path"],
+                args.max_new_tokens)
+    name = samples_name(args.manifest, args.split)
+    files = output_files(args.checkpoint, name, args.output_dir, DEFAULT_DECODING | decoding_from_args(args),
+                         args.max_new_tokens)
+    run = [folder] if (folder := run_folder_of(args.checkpoint)) else []
+    for file in files[:2] if args.no_report else files:
+        check_output_file(file, overwrite=args.overwrite, flag="--output-dir" if args.output_dir else "",
+                          runs=run)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from infra.errors import UserError
 from nf4 import bnb, dequantize_int8, keep_one_layout
 
 QWEN3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,9 +57,9 @@ class AdapterConfig:
     def __post_init__(self):
         self.targets = tuple(self.targets)
         if self.method not in ("lora", "dora"):
-            raise ValueError(f"AdapterConfig.method={self.method!r}: use 'lora' or 'dora'")
+            raise UserError(f"AdapterConfig.method={self.method!r}: use 'lora' or 'dora'")
         if self.r < 1 or not 0 <= self.dropout < 1 or not self.targets:
-            raise ValueError(f"AdapterConfig: need r >= 1, 0 <= dropout < 1 and some targets; got r={self.r}, "
+            raise UserError(f"AdapterConfig: need r >= 1, 0 <= dropout < 1 and some targets; got r={self.r}, "
                              f"dropout={self.dropout}, targets={self.targets}")
 
 
@@ -250,7 +251,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **opti
     names = [name for name, _ in model.named_modules() if name.rpartition(".")[2] in config.targets]
     unmatched = set(config.targets) - {name.rpartition(".")[2] for name in names}
     if unmatched:
-        raise ValueError(f"adapter targets {sorted(unmatched)} match no module of {type(model).__name__}; "
+        raise UserError(f"adapter targets {sorted(unmatched)} match no module of {type(model).__name__}; "
                          f"check AdapterConfig.targets against model.named_modules()")
     for name in names:
         module = model.get_submodule(name)
@@ -335,11 +336,11 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
     unknown, missing = sorted(set(state_dict) - set(params)), sorted(set(params) - set(state_dict))
     for keys, problem in ((unknown, "is not an adapter tensor of this model"), (missing, "is missing")):
         if keys:
-            raise KeyError(f"adapter state dict: key {keys[0]!r} {problem}" + (f" (and {len(keys) - 1} more)" if
+            raise UserError(f"adapter state dict: key {keys[0]!r} {problem}" + (f" (and {len(keys) - 1} more)" if
                            len(keys) > 1 else "") + "; was it saved with another model, method or targets?")
     for key, p in params.items():
         if state_dict[key].shape != p.shape:
-            raise ValueError(f"adapter state dict: {key!r} has shape {tuple(state_dict[key].shape)}, the model "
+            raise UserError(f"adapter state dict: {key!r} has shape {tuple(state_dict[key].shape)}, the model "
                              f"expects {tuple(p.shape)}; was it saved with another rank r?")
     with torch.no_grad():
         for key, p in params.items():

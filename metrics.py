@@ -31,8 +31,11 @@ from pathlib import Path
 import numpy as np
 import sacrebleu
 
+from formats.labels import read_text
+from infra import options
+from infra.errors import UserError, user_errors
+from infra.paths import file_problem
 from scoring.bertscore import BERTSCORE_REFERENCE, bertscore, check_caption, check_captions
-from infra.errors import user_errors
 from scoring.meteor_coco import corpus_meteor
 
 BLEU_TOKENIZE = "char"  # sacrebleu tokenizer for BLEU; see `bleu` for why
@@ -249,12 +252,12 @@ def read_predictions(path) -> tuple[list[str], list[list[str]]]:
     """(hyps, refs) from kovlm's predictions.json (a JSON list of {"id", "video", "prediction", "references"})
     or from JSON lines {"id", "prediction", "references": [...]} written by any other system."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)[0]  # UTF-8 with or without a byte-order mark, as manifests are read; else names the file
     if text.lstrip().startswith("["):
         try:
             entries = [(f"{path}: entry {k}", entry) for k, entry in enumerate(json.loads(text))]
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+            raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
     else:
         entries = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -262,19 +265,19 @@ def read_predictions(path) -> tuple[list[str], list[list[str]]]:
                 try:
                     entries.append((f"{path}:{number}", json.loads(line)))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not a JSON object ({error.msg}); each line must be "
+                    raise UserError(f"{path}:{number}: not a JSON object ({error.msg}); each line must be "
                                      f'{{"id": ..., "prediction": "...", "references": ["...", ...]}}') from error
     if not entries:
-        raise ValueError(f"{path}: no predictions; expected a JSON list or JSON lines of "
+        raise UserError(f"{path}: no predictions; expected a JSON list or JSON lines of "
                          f'{{"prediction": "...", "references": ["...", ...]}}')
     hyps, refs = [], []
     for where, entry in entries:
         if not isinstance(entry, dict) or "prediction" not in entry or "references" not in entry:
-            raise ValueError(f'{where}: expected an object with "prediction" and "references", got {entry!r:.80}')
+            raise UserError(f'{where}: expected an object with "prediction" and "references", got {entry!r:.80}')
         try:
             check_caption(entry["prediction"], entry["references"], "prediction", "references")
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from error
+            raise UserError(f"{where}: {error}") from error
         hyps.append(entry["prediction"])
         refs.append(list(entry["references"]))
     return hyps, refs
@@ -296,6 +299,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="BERTScore sentences per batch")
     args = parser.parse_args(argv)
     with user_errors():
+        check_command(args)
         hyps, refs = read_predictions(args.file)
         report, _ = score_captions(hyps, refs, bertscore_model=args.bertscore_model,
                                    bertscore_layer=args.bertscore_layer, bertscore_idf=args.bertscore_idf,
@@ -304,6 +308,17 @@ def main(argv=None) -> None:
             print(json.dumps({name: metric["value"] for name, metric in report.items()} | {"captions": len(hyps)}))
         else:
             print(f"{args.file}: {len(hyps)} captions\n{format_metrics_table(report)}")
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """The flags and files, before any model or text is loaded."""
+    options.at_least("batch_size", args.batch_size, 1)
+    options.at_least("bertscore_layer", args.bertscore_layer, 0)
+    for path, flag in ((args.file, "FILE"), (args.bertscore_baseline, "--bertscore-baseline")):
+        if path is not None and (problem := file_problem(path)):
+            raise UserError(f"{path}: {problem} ({flag})")
+    if args.bertscore_model is not None and not Path(args.bertscore_model).is_dir():
+        raise UserError(f"--bertscore-model {args.bertscore_model}: no such folder")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
 import bitsandbytes as bnb  # noqa: E402  (after the logger is quieted)
 import torch  # noqa: E402
 
+from infra.errors import UserError
+
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: activation columns above it are multiplied in fp16
 QUANTIZATIONS = ("nf4", "int8")  # what load_qwen3(quant=...) accepts besides None (weights in the compute dtype)
 
@@ -98,5 +100,5 @@ def check_int8_runs(device, dtype: torch.dtype) -> None:
                 layer.eval()(x)
     except (NotImplementedError, RuntimeError, AttributeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"--quant int8: bitsandbytes {bnb.__version__} has no int8 path on {device.type} "
+        raise UserError(f"--quant int8: bitsandbytes {bnb.__version__} has no int8 path on {device.type} "
                          f"for {str(dtype).removeprefix('torch.')} ({reason}); use --quant nf4 or none") from None

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from infra import snapshot
+from infra.errors import UserError
 from moe import MoeConfig, Qwen3MoeBlock, is_moe_layer, split_fused_experts
 from nf4 import QUANTIZATIONS, bnb, check_int8_runs, empty_int8_linear, empty_nf4_linear, quantize_int8
 
@@ -53,7 +54,7 @@ class Qwen3Config:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+            raise UserError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}; GQA needs whole query groups")
 
     @classmethod
@@ -65,20 +66,20 @@ class Qwen3Config:
                     "layer_types": any(t != "full_attention" for t in d.get("layer_types") or [])}
         for key, refused in refusals.items():
             if refused:
-                raise ValueError(f"config.json: {key}={d[key]!r} is not supported; this is a Qwen3 decoder with "
+                raise UserError(f"config.json: {key}={d[key]!r} is not supported; this is a Qwen3 decoder with "
                                  f"SiLU MLPs and full attention in every layer")
         # transformers 5 writes rope_parameters={"rope_theta", "rope_type"}; 4.x wrote rope_theta + rope_scaling.
         rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"config.json: RoPE type {rope_type!r} (e.g. YaRN context extension) is not supported; "
+            raise UserError(f"config.json: RoPE type {rope_type!r} (e.g. YaRN context extension) is not supported; "
                              f"only the default RoPE of the released Qwen3 checkpoints is")
         theta = rope.get("rope_theta", d.get("rope_theta"))
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "rms_norm_eps", "max_position_embeddings")
         missing = [key for key in required if key not in d] + (["rope_theta"] if theta is None else [])
         if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}; is this a Qwen3 config?")
+            raise UserError(f"config.json lacks {', '.join(missing)}; is this a Qwen3 config?")
         return cls(**{key: d[key] for key in required}, rope_theta=float(theta),
                    head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
                    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -347,7 +348,7 @@ def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="
     The returned model is in eval mode and frozen (requires_grad=False everywhere). A tied model's checkpoint may
     still carry lm_head.weight (older exports do): it is not loaded, but must equal the embedding."""
     if quant not in (None, *QUANTIZATIONS):
-        raise ValueError(f"quant={quant!r}: use None (weights in `dtype`), 'nf4' (4-bit NormalFloat) or 'int8' "
+        raise UserError(f"quant={quant!r}: use None (weights in `dtype`), 'nf4' (4-bit NormalFloat) or 'int8' "
                          f"(LLM.int8)")
     if quant == "int8":
         check_int8_runs(device, dtype)  # a path bitsandbytes lacks here is one line now, not a crash later
@@ -389,5 +390,5 @@ def check_spare_head(model: Qwen3, folder: Path) -> None:
     embedding = model.model.embed_tokens.weight
     for _, head in snapshot.read_tensors(folder, lambda key: key if key == "lm_head.weight" else None):
         if not torch.equal(head.to(device=embedding.device, dtype=embedding.dtype), embedding):
-            raise ValueError(f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
+            raise UserError(f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
                              f"model.embed_tokens.weight; set tie_word_embeddings to false if the head is its own")

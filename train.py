@@ -32,18 +32,19 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from infra import checkpoint
 from data import check_splits, load_splits
+from evaluate import evaluate_checkpoint, evaluate_split
+from features import batch_features, collate_features, prepare_splits, video_dataset
+from infra import checkpoint, options
 from infra.distributed import Distributed, all_reduce_mean, compute_dtype, seed_everything, setup_distributed, \
     teardown_distributed, wrap_ddp
 from infra.errors import UserError, user_errors
-from evaluate import evaluate_checkpoint, evaluate_split
-from features import batch_features, collate_features, prepare_splits, video_dataset
+from infra.paths import check_snapshot_files
+from infra.schedule import epoch_caption_choice, epoch_windows, get_lr
 from lora import ATTENTION_LINEARS, QWEN3_LINEARS, AdapterConfig, after_optimizer_step, parameter_counts, \
     parameter_report
 from projectors import PROJECTORS
 from pruning import MERGE_THRESHOLD, REDUCTIONS
-from infra.schedule import epoch_caption_choice, epoch_windows, get_lr
 from vlm import VLMConfig, build_vlm, check_token_reduction, load_tokenizer
 
 
@@ -179,14 +180,13 @@ def check_config(cfg: TrainConfig) -> None:
                     "num_workers", "max_samples", "router_aux_coef"]
     fractions = ["val_fraction", "test_fraction", "warmup_ratio", "max_bad_fraction", "lora_dropout"]
     for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+        options.positive(name, getattr(cfg, name))
+    for name in non_negative:  # NaN and inf refused too
+        options.non_negative(name, getattr(cfg, name))
     for name in fractions:
-        if not 0 <= getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+        options.fraction(name, getattr(cfg, name))
+    if cfg.resume and cfg.start_over:
+        raise UserError("--resume continues the run folder's run, --start-over moves it aside: give one")
     if cfg.quant not in ("nf4", "int8", "none"):
         raise UserError(f"--quant {cfg.quant}: use nf4, int8 or none")
     unknown = [name for name in cfg.lora_targets.split(",") if name not in QWEN3_LINEARS]
@@ -268,12 +268,9 @@ def prepare(cfg: TrainConfig, splits: dict, run: Distributed):
 def check_positions(model, cfg: TrainConfig) -> None:
     """The longest sequence (prompt with its visual tokens + caption or generated tokens) within the LM's limit."""
     visual = model.num_visual_tokens(cfg.num_frames, model.vision.config.num_patches)  # after --token-reduction
-    longest = len(model.template.prompt_ids(visual)) + max(cfg.max_caption_tokens, cfg.max_new_tokens) + 1
-    limit = model.llm.config.max_position_embeddings
-    if longest > limit:
-        raise UserError(f"prompt ({visual} visual tokens) + {max(cfg.max_caption_tokens, cfg.max_new_tokens)} "
-                         f"caption tokens = {longest} positions, over the LM's {limit}: lower --max-caption-tokens "
-                         "/ --max-new-tokens, use a resampling projector or a --token-reduction")
+    options.check_positions(len(model.template.prompt_ids(visual)), max(cfg.max_caption_tokens, cfg.max_new_tokens),
+                            model.llm.config.max_position_embeddings, "--max-caption-tokens / --max-new-tokens",
+                            ", use a resampling projector or a --token-reduction")
 
 
 def checkpoint_bytes(model, cfg: TrainConfig) -> int:
@@ -404,13 +401,17 @@ def start_stage(model, stage: int, peak_lr: float, cfg: TrainConfig, run: Distri
 def train(cfg: TrainConfig, run: Distributed, select_by: ValScore | None = None) -> bool:
     """Both stages; True when they finished (False when stopped early by --max-steps)."""
     check_config(cfg)
+    check_snapshot_files(cfg.clip, "--vision")  # a truncated weight file named before anything loads
+    check_snapshot_files(cfg.llm, "--llm")
     out = Path(cfg.output_dir)
+    splits = read_splits(cfg, load_tokenizer(cfg.llm), select_by)  # refused before the run folder is claimed or written
+    options.check_window(len(splits["train"]), cfg.batch_size, cfg.grad_accum, run.world)
     lock = checkpoint.claim_run_folder(out, resume=cfg.resume, start_over=cfg.start_over) if run.is_main else None
     try:
         state = resume_state(cfg)
-        splits = read_splits(cfg, load_tokenizer(cfg.llm), select_by)
         seed_everything(cfg.seed)
         model, splits, cache = prepare(cfg, splits, run)
+        options.check_window(len(splits["train"]), cfg.batch_size, cfg.grad_accum, run.world)  # after --skip-bad
         return train_stages(model, splits, cache, cfg, run, state, select_by)
     finally:
         if lock:

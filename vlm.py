@@ -26,8 +26,8 @@ from tokenizers import Tokenizer
 
 from decode import Decoder
 from infra.errors import UserError
-from lora import (AdapterConfig, adapter_state_dict, apply_adapters, held_dora_norms, load_adapter_state_dict,
-                  merged_copy)
+from lora import AdapterConfig, adapter_state_dict, apply_adapters, held_dora_norms, load_adapter_state_dict, \
+    merged_copy
 from moe import load_balancing_loss
 from projectors import ProjectorConfig, projector_from_config, tokens_per_frame
 from pruning import MERGE_THRESHOLD, REDUCTIONS, reduce_tokens

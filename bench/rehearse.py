@@ -85,7 +85,7 @@ def prepare_snapshots(root: Path, layers: int, clip_layers: int, llm_overrides: 
 def write_videos(folder: Path) -> Path:
     """4 videos of 2 s (16 frames at 8 fps, 64 x 64: a shape moving over a background) and manifest.jsonl with two
     Korean captions each (synth.py's grammar) and their splits: 2 train, 1 val, 1 test."""
-    from synth import CAPTION_TEMPLATES, caption_choices, make_caption, render_video, write_video
+    from demo.synth import CAPTION_TEMPLATES, caption_choices, make_caption, render_video, write_video
     (folder / "videos").mkdir(parents=True, exist_ok=True)
     lines = []
     for k, (attributes, split) in enumerate(VIDEOS):

@@ -26,7 +26,6 @@ import io
 import json
 import os
 import random
-import secrets
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from pathlib import Path
 
 # ManifestError is re-exported: readers of manifests catch it from here
 from formats.labels import ManifestError, activitynet_rows, label_folder_rows, load_json, parse_span, read_text
+from infra.errors import UserError
+from infra.paths import file_problem, temporary_name
 
 
 @dataclass
@@ -84,8 +85,9 @@ def _jsonl_line(path: Path, number: int, line: str) -> dict | ManifestError:
         return ManifestError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})")
 
 
-def parse_row(row: dict, where: str, video_dir: Path) -> tuple[Sample, str, bool]:
-    """One row -> (Sample, its default id base, whether it is a single-caption row that may merge with its id's)."""
+def parse_row(row: dict, where: str, video_dir: Path, need_captions: bool = True) -> tuple[Sample, str, bool]:
+    """One row -> (Sample, its default id base, whether it is a single-caption row that may merge with its id's).
+    Without need_captions (caption.py's unlabelled videos) caption fields are not read."""
     if not isinstance(row, dict):
         raise ManifestError(f"{where}: expected an object with a video and captions, got {type(row).__name__}")
     row = {key: value for key, value in row.items() if value not in (None, "")}  # empty CSV cells = absent
@@ -94,6 +96,8 @@ def parse_row(row: dict, where: str, video_dir: Path) -> tuple[Sample, str, bool
         raise ManifestError(f"{where}: no video field; give one of {', '.join(_VIDEO_KEYS)} or video_id")
     video = str(row[video_key]) if video_key else f"{row['video_id']}.mp4"
     caption_key = next((key for key in ("captions", "caption", "caption_ko") if key in row), None)
+    if not need_captions:
+        row, caption_key = {**row, "captions": []}, "captions"
     if caption_key is None:
         raise ManifestError(f"{where}: no caption field; give captions (a list), caption or caption_ko")
     captions = row[caption_key] if isinstance(row[caption_key], list) else [row[caption_key]]
@@ -118,8 +122,8 @@ def parse_row(row: dict, where: str, video_dir: Path) -> tuple[Sample, str, bool
     return sample, Path(video).with_suffix("").as_posix(), caption_key != "captions" and len(captions) == 1
 
 
-def samples_from_rows(rows: list[tuple[str, dict]], video_dir: Path, problems: list[str] | None = None
-                      ) -> list[Sample]:
+def samples_from_rows(rows: list[tuple[str, dict]], video_dir: Path, problems: list[str] | None = None,
+                      need_captions: bool = True) -> list[Sample]:
     """Samples from (where, row) pairs: single-caption rows of one id merge, default ids are given. A bad row raises
     ManifestError, or with a `problems` list is appended to it and skipped (so `data.py check` can list them all)."""
     samples, mergeable, owner, spans_of = {}, {}, {}, defaultdict(list)
@@ -127,7 +131,7 @@ def samples_from_rows(rows: list[tuple[str, dict]], video_dir: Path, problems: l
         try:
             if isinstance(row, ManifestError):
                 raise row
-            sample, base_id, single_caption = parse_row(row, where, video_dir)
+            sample, base_id, single_caption = parse_row(row, where, video_dir, need_captions)
             span = (sample.start, sample.end)
             if sample.id is None and sample.start is None:
                 sample.id = base_id
@@ -162,11 +166,13 @@ def _add_sample(samples: dict, mergeable: dict, owner: dict, sample: Sample, sin
     samples[sample.id], mergeable[sample.id], owner[clip] = sample, single_caption, sample
 
 
-def read_manifest(path, *, video_dir=None, problems: list[str] | None = None) -> list[Sample]:
+def read_manifest(path, *, video_dir=None, problems: list[str] | None = None, need_captions: bool = True
+                  ) -> list[Sample]:
     """Samples from a JSONL / CSV / JSON manifest or a folder of AI Hub label files (layouts in the module
     docstring). Video paths are resolved relative to `video_dir`, by default the manifest's folder (or the label
     folder). With a `problems` list, bad rows are collected there instead of raised; a label folder's problems are
-    always reported and skipped (in `problems`, else as warnings)."""
+    always reported and skipped (in `problems`, else as warnings). Without need_captions the rows need no caption
+    (videos to caption)."""
     path = Path(path)
     if path.is_dir():
         rows, notes = label_folder_rows(path, Path(video_dir) if video_dir else path)
@@ -175,15 +181,16 @@ def read_manifest(path, *, video_dir=None, problems: list[str] | None = None) ->
         else:
             for note in notes:
                 warnings.warn(note, stacklevel=2)
-    elif not path.is_file():
-        raise ManifestError(f"{path}: no such manifest file or label folder; give a .jsonl / .csv / .json manifest "
-                            f"or a folder of AI Hub label files")
+    elif problem := file_problem(path):
+        problem = "no such manifest file or label folder" if problem == "no such file or folder" else problem
+        raise ManifestError(f"{path}: {problem}; give a .jsonl / .csv / .json manifest or a folder of AI Hub label "
+                            f"files")
     elif path.suffix not in (".jsonl", ".csv", ".json"):
         raise ManifestError(f"{path}: unknown manifest type {path.suffix!r}; use .jsonl, .csv or .json")
     else:
         rows = manifest_rows(path, read_text(path)[0])
     samples = samples_from_rows(rows, Path(video_dir) if video_dir else path if path.is_dir() else path.parent,
-                                problems)
+                                problems, need_captions)
     if not samples:
         raise ManifestError(f"{path}: no samples")
     return samples
@@ -201,7 +208,7 @@ def write_manifest(samples: list[Sample], path) -> Path:
         row |= {"split": sample.split} if sample.split else {}
         row |= {"attributes": sample.attributes} if sample.attributes is not None else {}
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temporary = temporary_name(path)
     try:
         temporary.write_text("".join(lines), encoding="utf-8")
         os.replace(temporary, path)  # a reader sees the old manifest or the whole new one
@@ -215,7 +222,7 @@ def subset_samples(samples: list[Sample], max_samples: int, seed: int = 42) -> l
     """At most `max_samples` samples drawn by `seed`, each split keeping its share (largest remainders); manifest
     order is kept."""
     if max_samples < 1:
-        raise ValueError(f"max_samples must be at least 1, got {max_samples}")
+        raise UserError(f"max_samples must be at least 1, got {max_samples}")
     if max_samples >= len(samples):
         return list(samples)
     groups = {}

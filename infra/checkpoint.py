@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import resource
-import secrets
 import shutil
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 from clip import CLIPConfig, vision_key
 from infra import snapshot
 from infra.errors import UserError
+from infra.paths import temporary_name  # writer-unique, within the file system's name limit
 
 MODEL_FORMAT = "kovlm-model-1"
 STATE_FORMAT = "kovlm-training-state-1"
@@ -42,11 +42,6 @@ STATE_FILE = "training_state.pt"
 RESUMABLE_CHANGES = {"resume", "start_over", "max_steps", "num_workers", "eval_batch_size", "save_every",
                      "output_dir"}
 LOCK_FILE = "run.lock"
-
-
-def temporary_name(path: Path) -> Path:
-    """A temporary file beside `path`, unique to this writer: two writers never share one."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -61,6 +56,11 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as error:  # a write or close reports no file name: name the one being written
+        temporary.unlink(missing_ok=True)
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
     except RuntimeError as error:  # torch.save's zip writer reports a short write as "unexpected pos"
         temporary.unlink(missing_ok=True)
         if "unexpected pos" not in str(error):
@@ -238,8 +238,10 @@ def pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """run.lock in the run folder, held (flock) for the run's lifetime, with the holder's pid inside. The kernel
-    drops the flock when its process dies, so a lock left by a killed run is taken over (with a note)."""
+    """run.lock in the run folder, held (flock) for the run's lifetime, with the holder's pid inside once the run is
+    accepted (claim). The kernel drops the flock when its process dies, so a lock left by a killed run is taken over
+    (with a note); a refused command never writes the file, and a run that releases it (at its end, or stopped by
+    an error) empties it."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / LOCK_FILE
@@ -254,17 +256,24 @@ class RunLock:
             raise UserError(f"{out} is in use by another run (pid {holder}); wait for it to finish or choose "
                              "another --output-dir") from None
         self.file.seek(0)
-        previous = self.file.read().strip()
-        if previous.isdigit() and int(previous) != os.getpid() and not pid_alive(int(previous)):
-            print(f"note: {self.path} was left by pid {previous}, which is no longer running; taking it over")
+        self.previous, self.claimed = self.file.read().strip(), False
+
+    def claim(self) -> "RunLock":
+        """Write this process's pid: the run is accepted."""
+        if self.previous.isdigit() and int(self.previous) != os.getpid() and not pid_alive(int(self.previous)):
+            print(f"note: {self.path} was left by pid {self.previous}, which is no longer running; taking it over")
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
         self.file.flush()
+        self.claimed = True
+        return self
 
     def release(self) -> None:
         if not self.file.closed:
-            self.file.close()  # closing drops the flock; the file stays, naming the last holder
+            if self.claimed:
+                self.file.truncate(0)  # the next run finds no pid to take over
+            self.file.close()  # closing drops the flock
 
 
 def move_aside(out: Path) -> Path:
@@ -290,7 +299,7 @@ def claim_run_folder(out: Path, *, resume: str | None, start_over: bool) -> RunL
         print(f"--start-over: the previous run in {out} is now in {move_aside(out)}")
         lock = RunLock(out)
     check_writable(out)
-    return lock
+    return lock.claim()
 
 
 def write_config(out, config: dict) -> None:

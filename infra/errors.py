@@ -7,14 +7,10 @@ that is not there) are the user's to fix too. Both become one `error:` line. Any
 KeyError included, is a programming error and keeps its traceback.
 """
 import errno
+import os
+import stat
 import sys
 from contextlib import contextmanager
-
-
-
-class UserError(ValueError):
-    """Input the user can fix (a flag, a file, a folder, a checkpoint): its message names it and says what to do.
-    A ValueError, so code that checks a value keeps catching it."""
 
 OS_ADVICE = {
     errno.ENOSPC: "the disk is full: free space (or choose another folder) and run again",
@@ -26,13 +22,40 @@ OS_ADVICE = {
     errno.EISDIR: "this is a folder, a file was expected",
     errno.ENOTDIR: "a file stands where a folder was expected",
     errno.ENOENT: "no such file or folder",
+    errno.ELOOP: "a symbolic link loop: the link points (through others) back at itself",
+    errno.ENAMETOOLONG: "a name is too long for the file system (255 bytes a name): choose a shorter one",
+    errno.EPIPE: "the reader of the output went away",
 }
 
 
+class UserError(ValueError):
+    """Input the user can fix (a flag, a file, a folder, a checkpoint): its message names it and says what to do.
+    A ValueError, so code that checks a value keeps catching it."""
+
+
 def describe_os_error(error: OSError) -> str:
-    where = error.filename or "?"
+    where = error.filename or ("the standard output" if standard_output_failed(error) else "a file being written")
     advice = OS_ADVICE.get(error.errno, error.strerror or str(error))
     return f"{where}: {advice}"
+
+
+def standard_output_failed(error: OSError) -> bool:
+    """Whether a nameless OSError is the standard output's: a closed pipe, or a full disk under `command > file`
+    (/dev/full included). Then the output is pointed at /dev/null, so the interpreter's own flush at exit cannot
+    report the same failure a second time."""
+    try:
+        fd = sys.stdout.fileno()
+        mode, device = os.fstat(fd).st_mode, os.fstat(fd).st_rdev
+        full = stat.S_ISCHR(mode) and device == os.makedev(1, 7) or stat.S_ISREG(mode) and \
+            os.fstatvfs(fd).f_bavail == 0
+        if not (error.errno == errno.EPIPE or error.errno in (errno.ENOSPC, errno.EDQUOT) and full):
+            return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        return True
+    except (OSError, ValueError, AttributeError):  # no usable standard output to look at
+        return False
 
 
 def describe(error: BaseException) -> str | None:

@@ -1,7 +1,9 @@
 """caption.py on real encoded videos (H.264 and VP9 written by imageio-ffmpeg's ffmpeg) and bad files: the lines,
-the JSONL, the report, the exit status; the same captions as evaluate.py; an exported folder in place of a checkpoint."""
+the JSONL, the report, the exit status; the same captions as evaluate.py; an exported folder in place of a checkpoint;
+captions appended as made and resumed after kill -9; flags and outputs refused before the model loads."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 from test_data import encode_colour_seconds
 from test_export import save_random_checkpoint
 
+import caption
 from caption import Clip, caption_videos, collect_videos, load_captioner
 from data import preprocess, read_frames
 from evaluate import evaluate_checkpoint
@@ -161,3 +164,110 @@ def test_collect_videos_folders_recursion_and_manifests(videos, tiny_manifest, t
                                                   "subfolders")]
     found, _ = collect_videos([str(tiny_manifest)])
     assert len(found) == 20 and found[0].video == tiny_manifest.parent / "v0.mp4"
+
+
+# ── outputs kept safe, flags checked before loading ───────────────────────────────────────────────────────────────
+def refused(argv, capsys=None) -> str:
+    """caption.py's main in this process: the one `error:` line it exits with."""
+    with pytest.raises(SystemExit) as stopped:
+        caption.main([str(a) for a in argv])
+    assert str(stopped.value.code).startswith("error: ") and "\n" not in str(stopped.value.code)
+    return str(stopped.value.code)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-new-tokens", "100000"], "--max-new-tokens 100000: the prompt"),
+    (["--max-new-tokens", "600"], "over the LM's 512; lower --max-new-tokens to at most"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be a whole number >= 1, got -1"),
+    (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
+    (["--workers", "0"], "--workers must be a whole number >= 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number above 0"),
+    (["--do-sample", "--temperature", "0"], "leave out --do-sample"),
+    (["--do-sample", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--device", "tpu9"], "--device tpu9: not a device name"),
+    (["--resume"], "--resume works on --output"),
+] + ([(["--device", "cuda"], "--device cuda: this torch sees no CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_flags_are_refused_before_the_model_loads(checkpoint, videos, flags, words, monkeypatch):
+    monkeypatch.setattr(caption, "load_captioner", None)  # loading would fail the test with a TypeError
+    assert re.search(words, refused([checkpoint, videos[1][0], *flags]))
+
+
+def test_outputs_are_checked_before_loading_and_never_replaced_without_overwrite(checkpoint, videos, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setattr(caption, "load_captioner", None)
+    good = videos[1][0]
+    (tmp_path / "old.jsonl").write_text("kept\n")
+    (tmp_path / "file").write_text("")
+    run = checkpoint.parent.parent
+    (tmp_path / "run_link").symlink_to(run)
+    cases = {tmp_path / "old.jsonl": "old.jsonl exists; add --overwrite to replace it (or --resume to continue it)",
+             tmp_path: "is a folder; give a file name",
+             tmp_path / "file" / "c.jsonl": "is a file (or a broken link), where a folder is needed",
+             tmp_path / ("c" * 256 + ".jsonl"): "bytes, over the file system's 255",
+             run / "samples" / "predictions.json": f"belongs to the training run in {run}",
+             tmp_path / "run_link" / "checkpoints" / "best_model.pt": f"belongs to the training run in {run}"}
+    for output, words in cases.items():
+        overwrite = ["--overwrite"] if "run" in str(output) else []  # a run's files: refused even so
+        assert words in refused([checkpoint, good, "--output", output, *overwrite])
+    assert "--cache-dir" in refused([checkpoint, good, "--cache-dir", tmp_path / "file"])  # a file, not a folder
+    assert (tmp_path / "old.jsonl").read_text() == "kept\n" and not (run / "samples").exists()
+
+
+def test_captions_are_appended_as_made_and_resume_skips_those_done(checkpoint, tiny_manifest, tmp_path):
+    """kill -9 mid-run keeps every caption made, as complete lines; --resume captions only the rest."""
+    import signal
+    import time
+    out = tmp_path / ("c" * 245 + ".jsonl")  # a legal 251-byte name
+    command = [sys.executable, "caption.py", str(checkpoint), str(tiny_manifest.parent), "--output", str(out),
+               "--batch-size", "1", "--max-new-tokens", "40"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline and (
+            not out.exists() or out.read_bytes().count(b"\n") < 4):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = out.read_bytes()
+    assert kept.endswith(b"\n") and all(json.loads(line) for line in kept.splitlines())  # whole lines only
+    first = [json.loads(line)["video"] for line in kept.splitlines()[1:]]
+    assert len(first) >= 3
+    result = run_caption(*command[2:], "--resume", "--report")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "header" in records[0] and all("header" not in r for r in records[1:])
+    videos = [r["video"] for r in records[1:]]
+    assert videos[:len(first)] == first and sorted(videos) == sorted(str(v) for v in tiny_manifest.parent.glob("*.mp4"))
+    assert (out.parent / "report.html").read_text(encoding="utf-8").count('<tr class="video">') == 20
+    before = out.read_bytes()
+    other = run_caption(*command[2:6], "--resume", "--max-new-tokens", "5")
+    assert other.returncode == 1 and "was written with another decoding" in other.stderr
+    assert out.read_bytes() == before  # a refused resume changes nothing
+
+
+def test_a_manifest_needs_no_captions_and_a_bad_span_row_is_named_alone(checkpoint, videos, tmp_path):
+    _, good = videos
+    rows = [{"video": str(good[0])}, {"video": str(good[1]), "start": 2, "end": 1}, {"video": str(good[1])}]
+    (tmp_path / "unlabelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_caption(checkpoint, tmp_path / "unlabelled.jsonl", "--max-new-tokens", "3")
+    assert result.returncode == 1  # one input row failed
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(good[0]), str(good[1])]
+    assert f"{tmp_path / 'unlabelled.jsonl'}:2: empty span: end 1 s is not after start 2 s" in result.stderr
+
+
+def test_a_symlink_loop_or_a_pipe_is_not_called_missing(tmp_path):
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    os.mkfifo(tmp_path / "pipe.mp4")
+    _, failures = collect_videos([str(tmp_path / "loop.mp4"), str(tmp_path / "pipe.mp4")])
+    assert failures == [(str(tmp_path / "loop.mp4"), "a symbolic link loop (the link leads back to itself)"),
+                        (str(tmp_path / "pipe.mp4"), "a named pipe (FIFO), not a regular file")]
+
+
+def test_torch_threads_wait_passively_unless_the_user_says_otherwise():
+    """OpenMP threads that spin between operations hold shared cores the captioning thread needs."""
+    script = "import os, caption; print(os.environ['OMP_WAIT_POLICY'])"
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | (
+            {"OMP_WAIT_POLICY": given} if given else {})
+        shown = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert shown.stdout.strip() == expected, shown.stderr

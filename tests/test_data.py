@@ -3,7 +3,10 @@ preprocessing vs transformers' CLIPImageProcessor, splits (with seeded subsets),
 (convert, check)."""
 import json
 import logging
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,6 +17,8 @@ import torch
 from data import CLIP_MEAN, CLIP_STD, BadVideos, Sample, VideoError, check_splits, load_splits, main, preprocess, \
     read_frames, read_manifest, sample_indices, split_samples, write_manifest
 from demo.synth import write_video
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BITS = 8  # a frame's index is written as 8 black / white bars (8 px wide each) in its lower half
 
@@ -98,6 +103,15 @@ def test_bad_videos_name_the_file_and_the_problem(tmp_path):
             read_frames(tmp_path / name)
         message = str(caught.value)
         assert str(tmp_path / name) in message and problem in message and "\n" not in message
+
+
+def test_a_symlink_loop_or_a_pipe_is_not_called_missing(tmp_path):
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    os.mkfifo(tmp_path / "pipe.mp4")
+    with pytest.raises(VideoError, match="loop.mp4: a symbolic link loop"):
+        read_frames(tmp_path / "loop.mp4")
+    with pytest.raises(VideoError, match=r"pipe.mp4: a named pipe \(FIFO\), not a regular file; give a video file"):
+        read_frames(tmp_path / "pipe.mp4")
 
 
 # ── segments: a colour per second, H.264 with B-frames and variable frame rate ────────────────────────────────────
@@ -243,7 +257,7 @@ def test_load_splits_with_max_samples(tmp_path):
 def test_check_splits_names_the_split_and_the_sample(tmp_path):
     good = {name: samples_of(tmp_path, 2, name) for name in ("train", "val", "test")}
     check_splits(good)
-    with pytest.raises(ValueError, match="the val split is empty"):
+    with pytest.raises(ValueError, match="the val split is empty; .*, or a --val-fraction above 0$"):
         check_splits(good | {"val": []})
     with pytest.raises(ValueError, match="the test split is empty"):
         check_splits({"train": good["train"], "val": good["val"]})
@@ -338,3 +352,30 @@ def test_short_training_run_on_a_converted_manifest_of_spans(colour_videos, tiny
     train_main(cfg)
     assert (tmp_path / "run" / "checkpoints" / "final_model.pt").is_file()
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 16  # one entry per segment
+
+
+def test_convert_never_replaces_an_output_without_overwrite(tmp_path, caplog):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "v.mp4").write_bytes(b"")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "v.json").write_text(json.dumps(
+        {"video_name": "v.mp4", "trigger_info": [{"timestamps": [0, 1], "trigger_action": "새 캡션"}]}), encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text("kept\n")
+    command = ["convert", "aihub", str(tmp_path / "labels"), str(tmp_path / "videos"), "--output",
+               str(tmp_path / "train.jsonl")]
+    with pytest.raises(ValueError, match="train.jsonl exists; add --overwrite to replace it"):
+        main(command)
+    assert (tmp_path / "train.jsonl").read_text() == "kept\n"
+    main(command + ["--overwrite"])
+    assert json.loads((tmp_path / "train.jsonl").read_text())["captions"] == ["새 캡션"]
+
+
+@pytest.mark.parametrize("command, words", [
+    (["convert", "aihub", "L", "V", "--output", "o.jsonl", "--max-samples", "0"], "--max-samples must be a whole "
+                                                                                  "number >= 1, got 0"),
+    (["check", "m.jsonl", "--frames", "0"], "--frames must be a whole number >= 1, got 0"),
+])
+def test_flags_are_refused_before_anything_is_read(command, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = subprocess.run([sys.executable, str(ROOT / "data.py"), *command], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {words}"

@@ -1,7 +1,9 @@
 """evaluate.py end to end on a tiny trained checkpoint: the files, per-caption scores, the report, any manifest, a
-folder of its own per evaluation (the run's test results untouched), a refused mismatch, torchrun == one process."""
+folder of its own per evaluation (the run's test results untouched, by any path spelling; two manifests of one name
+apart), a refused mismatch, flags and damaged inputs refused before loading, torchrun == one process."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +66,8 @@ def test_any_manifest_all_samples_or_one_split(trained, tiny_manifest, tmp_path)
     every = evaluate_checkpoint(trained, split=None, manifest=other, batch_size=4, max_new_tokens=4, show=False,
                                 report=False)
     assert [p["id"] for p in every["predictions"]] == ["v0", "v1", "v2", "v3", "v4"]
-    folder = trained.parent.parent / "eval" / "other-all-n4"
+    folder = trained.parent.parent / "eval" / f"{evaluate.samples_name(other, None)}-n4"
+    assert folder.name.startswith("other-") and folder.name.endswith("-all-n4")  # stem, hash, split, settings
     assert json.loads((folder / "metrics.json").read_text())["num_videos"] == 5
     val = evaluate_checkpoint(trained, split="val", manifest=other, batch_size=4, max_new_tokens=4, show=False,
                               report=False)
@@ -145,3 +148,86 @@ def test_merged_weights_generate_the_captions_of_the_4bit_path(trained, tmp_path
                                  merge_for_eval="yes")
     assert "generation: merged into a bf16 copy" in capsys.readouterr().out
     assert [p["prediction"] for p in merged["predictions"]] == [p["prediction"] for p in four_bit["predictions"]]
+
+
+def refused(argv, capsys) -> str:
+    """evaluate.py's main in this process: the one `error:` line it exits with."""
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main([str(a) for a in argv])
+    assert str(stopped.value.code).startswith("error: ") and "\n" not in str(stopped.value.code)
+    return str(stopped.value.code)
+
+
+def files_under(folder: Path) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_runs_own_files_are_refused_by_any_spelling_even_with_overwrite(trained, tmp_path, capsys):
+    run = trained.parent.parent
+    (tmp_path / "link").symlink_to(run)
+    before = files_under(run)
+    for spelling in (run, run / "samples" / "..", tmp_path / "link", Path(os.path.relpath(run))):
+        message = refused([trained, "--split", "val", "--output-dir", spelling, "--overwrite"], capsys)
+        assert f"belongs to the training run in {run.resolve()}" in message
+    assert files_under(run) == before  # nothing written, nothing loaded
+
+
+def test_two_manifests_of_one_name_never_share_a_folder(trained, tiny_manifest, tmp_path):
+    lines = tiny_manifest.read_text().splitlines()[:2]
+    rows = [json.loads(line) | {"video": str(tiny_manifest.parent / json.loads(line)["video"])} for line in lines]
+    for folder in ("setA", "setB"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                              for r in (rows if folder == "setA" else rows[:1])))
+    (tmp_path / "setA" / "test.csv").write_text("video,caption\n" + "".join(f"{r['video']},{r['captions'][0]}\n"
+                                                                          for r in rows), encoding="utf-8")
+    names = {evaluate.samples_name(tmp_path / f, None) for f in ("setA/test.jsonl", "setB/test.jsonl",
+                                                                  "setA/test.csv")}
+    assert len(names) == 3 and all(n.startswith("test-") and n.endswith("-all") for n in names)
+    long = tmp_path / ("긴" * 80 + ".jsonl")  # a 240-byte stem: the folder name still fits in 255 bytes
+    long.write_text((tmp_path / "setA" / "test.jsonl").read_text())
+    assert len(evaluate.samples_name(long, "val").encode()) <= 80
+    for manifest in ("setA/test.jsonl", "setB/test.jsonl"):
+        result = run_evaluate("evaluate.py", str(trained), "--manifest", str(tmp_path / manifest),
+                              "--max-new-tokens", "3", "--no-report")
+        assert result.returncode == 0, result.stderr[-2000:]
+    found = [json.loads(p.read_text())["num_videos"] for p in (trained.parent.parent / "eval").glob("test-*-all-n3/"
+                                                                                                   "metrics.json")]
+    assert sorted(found) == [1, 2]  # both kept
+    again = run_evaluate("evaluate.py", str(trained), "--manifest", str(tmp_path / "setB/test.jsonl"),
+                         "--max-new-tokens", "3", "--no-report")
+    assert again.returncode == 1 and "predictions.json exists; add --overwrite to replace it" in again.stderr
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens 100000: the prompt"),
+    (["--max-new-tokens", "600"], "positions, over the LM's 512; lower --max-new-tokens to at most"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be a whole number >= 1, got -1"),
+    (["--do-sample", "--temperature", "0"], "leave out --do-sample"),
+    (["--do-sample", "--top-p", "0"], r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--temperature", "-1"], "--temperature must be a finite number above 0"),
+])
+def test_flags_are_refused_before_anything_loads(trained, flags, words, tmp_path, capsys):
+    assert re.search(words, refused([trained, "--output-dir", tmp_path / "out", *flags], capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_checkpoint_or_base_is_named_in_one_line(trained, tmp_path, capsys):
+    import shutil
+    import torch
+    saved = torch.load(trained, weights_only=True)
+    name = next(iter(saved["trainable"]))
+    torch.save(saved | {"trainable": saved["trainable"] | {name: torch.zeros(3, 5)}}, tmp_path / "shape.pt")
+    message = refused([tmp_path / "shape.pt", "--output-dir", tmp_path / "a"], capsys)
+    assert f"tensor {name} has shape (3, 5), the model's is" in message
+    torch.save({k: v for k, v in saved.items() if k != "trainable"}, tmp_path / "none.pt")
+    message = refused([tmp_path / "none.pt", "--output-dir", tmp_path / "b"], capsys)
+    assert message == f"error: {tmp_path / 'none.pt'}: the checkpoint has no 'trainable' (missing); it is not a " \
+                      f"model checkpoint that train.py wrote, or it is damaged"
+    llm = shutil.copytree(saved["vlm_config"]["llm_path"], tmp_path / "llm")
+    shard = llm / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:50])
+    message = refused([trained, "--llm", llm, "--output-dir", tmp_path / "c"], capsys)
+    assert message.startswith(f"error: {shard}: truncated")

@@ -2,6 +2,7 @@
 model's logits (fp32, tiny models, NF4 base: the merge is exact up to fp32 rounding, atol 1e-4); LoRA and DoRA."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,44 @@ def test_cli_help_shows_defaults_and_bad_checkpoint_is_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'x.pt'}: not a readable")
+
+
+def test_overwrite_replaces_an_earlier_export_only(random_checkpoint, tmp_path):
+    out = export_checkpoint(random_checkpoint, tmp_path / "exported", dtype="fp32")
+    (out / "stale.txt").write_text("from the earlier export")
+    with pytest.raises(ValueError, match="exists and is not empty; add --overwrite"):
+        export_checkpoint(random_checkpoint, out)
+    export_checkpoint(random_checkpoint, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "kovlm.json").is_file()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds files but no kovlm.json: not an earlier export"):
+        export_checkpoint(random_checkpoint, tmp_path / "notes", overwrite=True)
+    with pytest.raises(ValueError, match="belongs to the training run"):
+        export_checkpoint(random_checkpoint, random_checkpoint.parent.parent, overwrite=True)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "notes"]  # no temporary folder left
+
+
+def test_a_full_disk_while_writing_a_shard_names_the_shard(random_checkpoint, tmp_path, monkeypatch):
+    import export
+    from infra.errors import describe
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(export, "save_file", full_disk)
+    with pytest.raises(OSError) as failed:
+        export_checkpoint(random_checkpoint, tmp_path / "exported")
+    assert re.match(r".*/model-00001-of-00001.safetensors: the disk is full", describe(failed.value))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, words", [(["--max-shard-gib", "0"], "--max-shard-gib must be positive, got 0.0"),
+                                          (["--max-shard-gib", "nan"], "--max-shard-gib must be a finite number, got "
+                                                                       "nan")])
+def test_flags_are_refused_before_loading(random_checkpoint, tmp_path, flags, words, capsys):
+    import export
+    with pytest.raises(SystemExit) as stopped:
+        export.main([str(random_checkpoint), "--output", str(tmp_path / "o"), *flags])
+    assert stopped.value.code == f"error: {words}" and not (tmp_path / "o").exists()

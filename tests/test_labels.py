@@ -1,6 +1,8 @@
 """labels.py: timestamps, AI Hub label folders (nested, BOM, CP949, bad entries, missing and same-named videos, read
-as a manifest) and ActivityNet Captions, turned into manifest rows."""
+as a manifest, paths leading out of the videos folder, several label files of one video) and ActivityNet Captions,
+turned into manifest rows."""
 import json
+import os
 import shutil
 
 import pytest
@@ -73,7 +75,8 @@ def test_aihub_label_folder_rows_and_problems(aihub):
                 f"video (60 s)",
                 f"{labels / 'BO/broken.json'}:1: not valid JSON",
                 f"1 label files have no video under {videos}: D2_BO_0001_000009.mp4; skipped",
-                "1 label files are CP949 text, not UTF-8, and were read as CP949: D2_BO_0001_000001.json"]
+                "1 label files are CP949 text, not UTF-8, and were read as CP949: D2_BO_0001_000001.json",
+                "1 label files begin with a UTF-8 byte-order mark and were read as UTF-8: D2_AN_0531_000003.json"]
     assert len(problems) == len(expected) and all(p.startswith(e) for p, e in zip(problems, expected)), problems
     assert all("\n" not in problem for problem in problems)
 
@@ -86,7 +89,7 @@ def test_label_folder_as_manifest_finds_videos_beside_the_labels(aihub, tmp_path
     assert [s.id for s in samples] == ["D2_AN_0531_000002#1", "D2_AN_0531_000002#2", "D2_AN_0531_000003#3",
                                        "D2_BO_0001_000001#1"]
     assert all(s.video.is_relative_to(labels) for s in samples)
-    assert len(caught) == 6 and "no caption" in str(caught[0].message)
+    assert len(caught) == 7 and "no caption" in str(caught[0].message)
 
 
 def test_videos_of_one_name_in_two_folders(tmp_path):
@@ -120,3 +123,38 @@ def test_activitynet_captions(tmp_path):
         "v_QOlSCBRmfWY segment 3: span 56.26-90 s ends after the video (82.73 s); skipped",
         "v_bad: needs lists timestamps and sentences of the same length; skipped",
         f"1 video ids have no video under {tmp_path / 'videos'}: v_missing; skipped"]
+
+
+def test_video_paths_that_lead_outside_the_videos_folder_are_reported_and_skipped(tmp_path):
+    """Label files may come from anywhere: `..`, an absolute path or a symbolic link out of VIDEOS_DIR never become a
+    row that train, evaluate or caption would open."""
+    videos, labels = tmp_path / "videos", tmp_path / "labels"
+    (videos / "sub").mkdir(parents=True)
+    (tmp_path / "secret.mp4").write_bytes(b"outside")
+    (videos / "inside.mp4").write_bytes(b"")
+    (videos / "sub" / "link.mp4").symlink_to(tmp_path / "secret.mp4")
+    (videos / "sub" / "ok_link.mp4").symlink_to(videos / "inside.mp4")  # a link that stays inside is fine
+    up_to_root = os.path.relpath("/", videos)  # ../../.. to the file system's root
+    for k, name in enumerate((f"{up_to_root}/etc/passwd", str(tmp_path / "secret.mp4"), "../secret.mp4",
+                              "sub/link.mp4", "link.mp4", "sub/ok_link.mp4")):
+        write_label(labels / f"{k}.json", label(name, ((0, 1), "어떤 영상")))
+    rows, problems = label_folder_rows(labels, videos)
+    assert [row["video"] for _, row in rows] == [str(videos / "sub" / "ok_link.mp4")]
+    outside = [p for p in problems if "leads outside the videos folder" in p]
+    assert len(outside) == 5 and all(p.endswith("; skipped") for p in outside), problems
+    data = {"../secret.mp4": {"duration": 5, "timestamps": [[0, 1]], "sentences": ["밖"]}}
+    (tmp_path / "an.json").write_text(json.dumps(data), encoding="utf-8")
+    rows, problems = activitynet_rows(tmp_path / "an.json", videos)
+    assert rows == [] and "leads outside the videos folder" in problems[0]
+
+
+def test_several_label_files_of_one_video_keep_every_segment_with_distinct_ids(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "v.mp4").write_bytes(b"")
+    write_label(tmp_path / "labels" / "a.json", label("v.mp4", ((0, 1), "첫 파일 하나"), ((1, 2), "첫 파일 둘")))
+    write_label(tmp_path / "labels" / "b.json", label("v.mp4", ((2, 3), "둘째 파일"), ((1, 2), "같은 구간")))
+    rows, problems = label_folder_rows(tmp_path / "labels", tmp_path / "videos")
+    samples = samples_from_rows(rows, tmp_path, problems)
+    assert [(s.id, s.start, s.captions) for s in samples] == [("v#1", 0.0, ["첫 파일 하나"]), ("v#2", 1.0, ["첫 파일 둘"]),
+                                                               ("v#3", 2.0, ["둘째 파일"])]
+    assert len(problems) == 1 and "b.json: trigger_info entry 2: video" in problems[0] and "listed twice" in problems[0]

@@ -132,3 +132,27 @@ def test_subset_is_seeded_and_stratified_by_split(tmp_path):
     assert subset == [s for s in samples if s in subset]  # manifest order kept
     assert len(subset_samples(samples[:7] + samples[800:803], 5, seed=0)) == 5
     assert subset_samples(samples, 5000) == samples
+
+
+def test_videos_to_caption_need_no_captions_and_a_bad_row_is_named_alone(tmp_path):
+    """caption.py's manifests: rows without captions are read; a bad span is named by its line, the rest kept."""
+    rows = [{"video": "a.mp4"}, {"video": "b.mp4", "start": 3, "end": 1}, {"video": "c.mp4", "start": 0, "end": 2},
+            {"video": "d.mp4", "caption": ""}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    problems = []
+    samples = read_manifest(tmp_path / "m.jsonl", problems=problems, need_captions=False)
+    assert [(s.video.name, s.start, s.captions) for s in samples] == [("a.mp4", None, []), ("c.mp4", 0.0, []),
+                                                                      ("d.mp4", None, [])]
+    assert problems == [f"{tmp_path / 'm.jsonl'}:2: empty span: end 1 s is not after start 3 s"]
+    with pytest.raises(ManifestError, match="m.jsonl:1: no caption field"):
+        read_manifest(tmp_path / "m.jsonl")  # a labelled set still needs them
+
+
+def test_a_manifest_that_is_a_symlink_loop_or_a_pipe_says_so(tmp_path):
+    import os
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(ManifestError, match="loop.jsonl: a symbolic link loop"):
+        read_manifest(tmp_path / "loop.jsonl")
+    with pytest.raises(ManifestError, match=r"pipe.jsonl: a named pipe \(FIFO\)"):
+        read_manifest(tmp_path / "pipe.jsonl")
