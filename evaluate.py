@@ -189,20 +189,24 @@ def evaluation_folder(checkpoint_path, name: str, decoding: dict, max_new_tokens
 def evaluate_checkpoint(path, *, split: str | None = "test", manifest=None, batch_size: int = 16,
                         max_new_tokens: int = 64, run=None, clip=None, llm=None, output_dir=None, decoding=None,
                         show: bool = True, report: bool = True, bertscore_model=None, bertscore_layer: int = 9,
-                        merge_for_eval: str = "no", asked_reduction: dict | None = None) -> dict:
+                        merge_for_eval: str = "no", asked_reduction: dict | None = None, model=None) -> dict:
     """Evaluate a checkpoint on its run's split or on a manifest. With output_dir (train.py's final test), the
     results go to output_dir/samples/ and output_dir/logs/final_metrics.json; else to evaluation_folder().
     merge_for_eval "auto" / "yes" generates with the adapters folded into a bf16 copy of the base (vlm.merged_for_eval;
     "auto" on a CUDA device with room for it only: on a CPU bf16 GEMMs may be emulated); "no" keeps the 4-bit path.
     The visual tokens are reduced as in training (the checkpoint's token_reduction); asked_reduction
-    ({"token_reduction", "visual_tokens"}, from the command line) is only checked against it."""
+    ({"token_reduction", "visual_tokens"}, from the command line) is only checked against it. `model`: the run's own
+    model, still in memory (train.py's final test), takes the checkpoint's trainable weights instead of a rebuild."""
     run = run or Distributed(device=default_device())
     checkpoint = check_checkpoint(load_checkpoint(path), path)
     check_asked_reduction(checkpoint["vlm_config"], **(asked_reduction or {}))
     train_config = checkpoint["train_config"]  # plain data: the options the run was trained with
     samples, name = select_samples(train_config, split, manifest)
-    model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
-                          dtype=compute_dtype(train_config["dtype"], run.device), where=str(path))
+    if model is None:
+        model = rebuild_model(checkpoint, clip=clip, llm=llm, device=run.device,
+                              dtype=compute_dtype(train_config["dtype"], run.device), where=str(path))
+    else:
+        model.load_trainable_state_dict(checkpoint["trainable"])
     if merge_for_eval == "yes" or (merge_for_eval == "auto" and run.device.type == "cuda"):
         model, note = merged_for_eval(model, merge_for_eval)
         if show and run.is_main:

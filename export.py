@@ -86,11 +86,13 @@ def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
 
 
 def copy_files(source: Path, target: Path, names) -> list[str]:
+    """The files `names` of `source` that exist, copied into `target`; when `names` holds a safetensors index (the
+    tower's weights), the shards it lists too. The LM's own weights are never copied: the merged ones are written."""
     target.mkdir(parents=True, exist_ok=True)
     copied = [name for name in names if (source / name).is_file()]
     for name in copied:
         shutil.copy2(source / name, target / name)
-    if (source / "model.safetensors.index.json").is_file():  # a sharded tower: its shards too
+    if "model.safetensors.index.json" in copied:  # a sharded tower: its shards too
         for shard in set(json.loads((source / "model.safetensors.index.json").read_text())["weight_map"].values()):
             shutil.copy2(source / shard, target / shard)
     return copied

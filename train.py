@@ -45,7 +45,7 @@ from lora import ATTENTION_LINEARS, QWEN3_LINEARS, AdapterConfig, after_optimize
     parameter_report
 from projectors import PROJECTORS
 from pruning import MERGE_THRESHOLD, REDUCTIONS
-from vlm import VLMConfig, build_vlm, check_token_reduction, load_tokenizer
+from vlm import VLM, VLMConfig, build_vlm, check_token_reduction, load_tokenizer
 
 
 def option(default, help, **argparse_kwargs):
@@ -398,8 +398,8 @@ def start_stage(model, stage: int, peak_lr: float, cfg: TrainConfig, run: Distri
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, run: Distributed, select_by: ValScore | None = None) -> bool:
-    """Both stages; True when they finished (False when stopped early by --max-steps)."""
+def train(cfg: TrainConfig, run: Distributed, select_by: ValScore | None = None) -> VLM | None:
+    """Both stages; the trained model when they finished (None when stopped early by --max-steps)."""
     check_config(cfg)
     check_snapshot_files(cfg.clip, "--vision")  # a truncated weight file named before anything loads
     check_snapshot_files(cfg.llm, "--llm")
@@ -412,7 +412,7 @@ def train(cfg: TrainConfig, run: Distributed, select_by: ValScore | None = None)
         seed_everything(cfg.seed)
         model, splits, cache = prepare(cfg, splits, run)
         options.check_window(len(splits["train"]), cfg.batch_size, cfg.grad_accum, run.world)  # after --skip-bad
-        return train_stages(model, splits, cache, cfg, run, state, select_by)
+        return model if train_stages(model, splits, cache, cfg, run, state, select_by) else None
     finally:
         if lock:
             lock.release()
@@ -480,10 +480,11 @@ def main(cfg: TrainConfig, select_by: ValScore | None = None) -> dict | None:
     """Train, then evaluate the best model on the test split (the same code as evaluate.py)."""
     run = setup_distributed()
     results = None
-    if train(cfg, run, select_by):
+    if (model := train(cfg, run, select_by)) is not None:
         best = Path(cfg.output_dir) / "checkpoints" / "best_model.pt"
         results = evaluate_checkpoint(best, split="test", batch_size=cfg.eval_batch_size,
-                                      max_new_tokens=cfg.max_new_tokens, run=run, output_dir=cfg.output_dir)
+                                      max_new_tokens=cfg.max_new_tokens, run=run, output_dir=cfg.output_dir,
+                                      model=model)  # the bases already in memory: the LM is never read twice
     teardown_distributed(run)
     return results
 

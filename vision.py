@@ -202,23 +202,41 @@ def load_vision(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Vi
     """A frozen tower (eval mode, requires_grad False) from a Hugging Face CLIP, SigLIP, DINOv2 or DINOv3 folder:
     (a) the config from config.json, (b) the family's `vision_key` renaming, (c) a meta build and assignment."""
     folder = Path(path)
-    hf_config = snapshot.read_config(folder)
-    model_type = hf_config.get("model_type")
+    model_type = snapshot.read_config(folder).get("model_type")
     if model_type in ("clip", "clip_vision_model"):
         model = clip.load_clip_vision(folder, dtype=dtype, device=device)
     else:
-        try:
-            model, rename = build_on_meta(hf_config)
-        except ValueError as error:
-            raise UserError(f"{folder / 'config.json'}: {error}") from None
+        model, rename = tower_on_meta(folder)
         model = load_weights(folder, model, rename, dtype=dtype, device=device)
     processing = folder_processing(folder, model_type, model.config)
-    size, patch = processing.image_size, model.config.patch_size
-    prefix = 0 if model_type.startswith("siglip") else 1 + getattr(model.config, "num_register_tokens", 0)
-    config = TowerConfig(model_type=model_type, hidden_size=model.config.hidden_size, image_size=size,
-                         patch_size=patch, grid=size // patch, num_patches=(size // patch) ** 2,
-                         num_prefix_tokens=prefix, num_hidden_layers=model.config.num_hidden_layers)
-    return VisionTower(model, config, processing).eval()
+    return VisionTower(model, tower_config(model_type, model.config, processing), processing).eval()
+
+
+def read_tower_config(path) -> TowerConfig:
+    """The tower's TowerConfig from its folder's config.json and preprocessor_config.json, no weights read (so a
+    command can count the visual tokens before anything loads)."""
+    folder = Path(path)
+    model_type = snapshot.read_config(folder).get("model_type")
+    if model_type in ("clip", "clip_vision_model"):
+        config = snapshot.read_config(folder, clip.CLIPConfig.from_hf)
+    else:
+        config = tower_on_meta(folder)[0].config
+    return tower_config(model_type, config, folder_processing(folder, model_type, config))
+
+
+def tower_on_meta(folder: Path) -> tuple[nn.Module, Callable[[str], str | None]]:
+    try:
+        return build_on_meta(snapshot.read_config(folder))
+    except ValueError as error:
+        raise UserError(f"{folder / 'config.json'}: {error}") from None
+
+
+def tower_config(model_type: str, config, processing: "ImageProcessing") -> TowerConfig:
+    size, patch = processing.image_size, config.patch_size
+    prefix = 0 if model_type.startswith("siglip") else 1 + getattr(config, "num_register_tokens", 0)
+    return TowerConfig(model_type=model_type, hidden_size=config.hidden_size, image_size=size, patch_size=patch,
+                       grid=size // patch, num_patches=(size // patch) ** 2, num_prefix_tokens=prefix,
+                       num_hidden_layers=config.num_hidden_layers)
 
 
 def build_on_meta(hf_config: dict) -> tuple[nn.Module, Callable[[str], str | None]]:

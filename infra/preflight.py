@@ -4,16 +4,15 @@ folders' weight files (whole, from their headers), and the longest sequence a ca
 positions, computed from config.json and tokenizer.json alone. Each refusal is one line naming the file, field or
 tensor.
 """
-import json
 from pathlib import Path
 
 import torch
 
-from clip import CLIPConfig
 from infra import options
 from infra.errors import UserError
 from infra.paths import check_snapshot_files
 from projectors import ProjectorConfig
+from vision import read_tower_config
 from vlm import ChatTemplate, VLMConfig, load_tokenizer
 
 CHECKPOINT_FIELDS = {"vlm_config": dict, "train_config": dict, "trainable": dict}
@@ -56,17 +55,18 @@ def run_folder_of(checkpoint_path) -> Path | None:
 def prompt_tokens(vlm_config: dict, clip_path, llm_path) -> int:
     """Tokens of the chat prompt with a video's visual tokens, from the base folders' config.json and tokenizer.json
     alone (no weights read), so a caption limit the LM cannot hold is refused before anything loads."""
-    clip_config = CLIPConfig.from_hf(json.loads((Path(clip_path) / "config.json").read_text(encoding="utf-8")))
-    projector = ProjectorConfig.create(**{**vlm_config["projector"], "vision_dim": clip_config.hidden_size,
-                                          "llm_dim": 1})
-    visual = projector.output_tokens(vlm_config["num_frames"], clip_config.num_patches)
+    tower = read_tower_config(clip_path)
+    projector = ProjectorConfig(**{**vlm_config["projector"], "vision_dim": tower.hidden_size, "llm_dim": 1})
+    visual = projector.output_tokens(vlm_config["num_frames"], tower.num_patches)
+    if vlm_config.get("token_reduction", "none") != "none":  # the tokens kept per video (vlm.VLM.num_visual_tokens)
+        visual = min(visual, vlm_config["visual_tokens"])
     instruction = vlm_config.get("instruction", VLMConfig.instruction)
     return len(ChatTemplate(load_tokenizer(llm_path), instruction).prompt_ids(visual))
 
 
 def check_bases(vlm_config: dict, clip_path, llm_path, max_new_tokens: int) -> None:
     """Before a model loads: the base folders' weight files whole, and prompt + --max-new-tokens within the LM."""
-    for folder, flag in ((clip_path, "--clip"), (llm_path, "--llm")):
+    for folder, flag in ((clip_path, "--vision"), (llm_path, "--llm")):
         if not Path(folder).is_dir():
             raise UserError(f"{folder}: no such model folder ({flag}, or the one the checkpoint names)")
         check_snapshot_files(folder, flag)

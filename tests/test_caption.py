@@ -62,7 +62,8 @@ def test_cli_captions_good_videos_and_names_each_bad_one(checkpoint, videos, tmp
     out = tmp_path / "out" / "captions.jsonl"
     result = run_caption(checkpoint, root / "good", root / "bad", root / "missing.mp4", "--output", out, "--report",
                          "--max-new-tokens", "5", "--batch-size", "2")
-    assert result.returncode == 1  # some inputs failed
+    assert result.returncode == 1, result.stderr[-3000:]  # some inputs failed
+    assert result.stdout.strip(), result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(v) for v in good]  # folder order, as they come
     errors = result.stderr

@@ -6,10 +6,8 @@ Shapes: CLIP ViT-L/14-336 at its real width (1024, 16 heads, 336 px, 576 patches
 layers, published config.json and preprocessor_config.json; Qwen3-8B's real vocabulary (151,936, untied head, the
 tokenizer's special tokens at their real ids), head_dim 128 and 4:1 grouped-query attention, 1 decoder layer, at a
 quarter of its width (hidden 1024, MLP 3072, 8 / 2 heads). The full width does not fit CI's memory today: on the
-CPU train.py keeps the embeddings and the untied head in fp32 and reads the LM a second time for its end-of-training
-test evaluation (issue 34; `python -m bench rehearse --layers 1 --clip-layers 2` gives the figures). NARROW is the
-one place to widen it when it fits. Two marked xfail(strict) tests hold known faults: they fail CI once fixed, so
-the mark comes off.
+CPU train.py keeps the embeddings and the untied head in fp32 (issue 34; `python -m bench rehearse --layers 1 --clip-layers 2` gives the figures). NARROW is the
+one place to widen it when it fits.
 """
 import json
 
@@ -106,9 +104,6 @@ def test_the_export_loads_back_as_a_qwen3(rehearsal):
     assert not model.config.tie_word_embeddings
 
 
-@pytest.mark.xfail(strict=True, reason="export.py's copy_files(llm_path, TOKENIZER_FILES) also copies the shards "
-                                       "named by the base's model.safetensors.index.json into the export: same-named "
-                                       "merged shards are overwritten by the base's, other names are added beside them")
 def test_the_export_holds_the_merged_weights_and_nothing_else(rehearsal):
     """The export's shards are its own index's, and its q_proj is the dequantized, merged one (NF4 rounding alone
     makes it differ from the random base's bf16 weight), not a copy of the base's."""
@@ -124,8 +119,6 @@ def test_the_export_holds_the_merged_weights_and_nothing_else(rehearsal):
         assert not torch.equal(weights.get_tensor(name), base_weight)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 34: train.py's end-of-training test evaluation reads the LM a second "
-                                       "time; remove this mark when it reuses the bases in memory")
 def test_training_reads_the_lm_once(rehearsal):
     train = next(row for row in rehearsal[0]["rows"] if row["name"] == "train")
     assert train["lm_reads"] == 1, f"the LM's files were open in {train['lm_files_open_s']} (seconds)"

@@ -54,9 +54,9 @@ def test_resume_mid_epoch_and_across_stages_is_bit_exact(setup, tmp_path):
     train(straight, setup_distributed())
     for stop_at in (2, 4):  # 3 steps per epoch, 2 epochs a stage: step 2 is mid-epoch, step 4 is in epoch 2 ...
         for_resume = config(setup, tmp_path / f"b{stop_at}", max_steps=stop_at)
-        assert not train(for_resume, setup_distributed())
+        assert train(for_resume, setup_distributed()) is None
         resumed = config(setup, tmp_path / f"b{stop_at}", resume="auto")
-        assert train(resumed, setup_distributed()) is True  # both stages finished
+        assert train(resumed, setup_distributed()) is not None  # both stages finished
         expected, got = trainable_of(straight.output_dir), trainable_of(resumed.output_dir)
         assert expected.keys() == got.keys()
         for key in expected:
@@ -204,7 +204,7 @@ def test_without_the_feature_cache_the_tower_encodes_every_batch(setup, tmp_path
     monkeypatch.setattr(vlm.VLM, "encode_video", lambda self, pixels: calls.append(len(pixels)) or
                         real_encode(self, pixels))
     cfg = config(setup, tmp_path, feature_cache=False, max_steps=2)
-    assert not train(cfg, setup_distributed())
+    assert train(cfg, setup_distributed()) is None
     assert calls == [2, 2, 2, 2]  # 2 steps x 2 micro-batches of 2 videos
 
 
