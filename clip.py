@@ -14,6 +14,7 @@ Shapes (the legend of every file):
 ViT-L/14-336: p 14, P 576, T 577, Dv 1024, Dff 4096, 24 layers, nh 16, hs 64.
 """
 from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # transformers' "gelu" is the exact erf form
+# transformers' ACT2FN names of the towers' MLPs (CLIP's, SigLIP's and DINO's); its "gelu" is the exact erf form
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+               "silu": F.silu}
 
 
 @dataclass

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip import CLIPVision
+from clip import ACTIVATIONS, CLIPMLP, CLIPVision
 from infra.errors import UserError
 
-ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
 # transformers 5 writes DINOv2 checkpoints with the original attention names and renames them when it loads
@@ -147,17 +146,6 @@ class DinoAttention(nn.Module):
         return self.o_proj(y)
 
 
-class Dinov2MLP(nn.Module):
-    def __init__(self, config: DinoConfig):
-        super().__init__()
-        self.activation = ACTIVATIONS[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))  # (I, T, Dv) -> (I, T, Dff) -> (I, T, Dv)
-
-
 class DINOv3MLP(nn.Module):
     """up -> act -> down, or with use_gated_mlp the SwiGLU form down(act(gate(x)) * up(x))."""
 
@@ -254,7 +242,7 @@ class Dinov2Encoder(nn.Module):
 
     def __init__(self, config: DinoConfig):
         super().__init__()
-        self.layer = nn.ModuleList(DinoLayer(config, Dinov2MLP(config)) for _ in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(DinoLayer(config, CLIPMLP(config)) for _ in range(config.num_hidden_layers))
 
 
 class Dinov2Vision(nn.Module):

@@ -14,16 +14,13 @@ Shapes (clip.py's legend):
 So400M/14-384: p 14, P 729 (27 x 27), Dv 1152, Dff 4304, 27 layers, nh 16, hs 72.
 """
 from dataclasses import dataclass, field, fields
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clip import CLIPAttention, CLIPVision
+from clip import ACTIVATIONS, CLIPEncoderLayer, CLIPVision
 from infra.errors import UserError
 
-ACTIVATIONS = {"gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
 NAFLEX_TYPES = ("siglip2", "siglip2_vision_model")
 NON_VISION_PREFIXES = ("text_model.", "logit_scale", "logit_bias")
 
@@ -87,38 +84,12 @@ class SiglipVisionEmbeddings(nn.Module):
         return patches + self.position_embedding.weight  # (I, P, Dv) + (P, Dv): patch t gets position t
 
 
-class SiglipMLP(nn.Module):
-    def __init__(self, config: SiglipConfig):
-        super().__init__()
-        self.activation = ACTIVATIONS[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))  # (I, P, Dv) -> (I, P, Dff) -> (I, P, Dv)
-
-
-class SiglipEncoderLayer(nn.Module):
-    """CLIP's pre-norm block (the same attention: q/k/v/out_proj with biases, softmax(q k^T / sqrt(hs)) v)."""
-
-    def __init__(self, config: SiglipConfig):
-        super().__init__()
-        self.self_attn = CLIPAttention(config)
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = SiglipMLP(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))  # (I, P, Dv)
-        return x + self.mlp(self.layer_norm2(x))  # (I, P, Dv)
-
-
 class SiglipEncoder(nn.Module):
     """Holds the blocks under transformers' name `encoder.layers.N`; SiglipVision.forward runs them."""
 
     def __init__(self, config: SiglipConfig):
         super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))  # CLIP's block
 
 
 class SiglipVision(nn.Module):
