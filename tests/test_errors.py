@@ -46,7 +46,7 @@ def test_a_user_error_is_a_value_error_told_in_one_line():
 def test_a_full_standard_output_is_named_once(tmp_path):
     """`command > file` on a full disk: the error names the standard output, in one line, and the interpreter's own
     flush at exit adds nothing."""
-    script = ("import sys, errno; sys.path.insert(0, sys.argv[1]); from errors import user_errors\n"
+    script = ("import sys, errno; sys.path.insert(0, sys.argv[1]); from infra.errors import user_errors\n"
               "with user_errors():\n    print('a caption\\t' * 100)\n"
               "    raise OSError(errno.ENOSPC, 'No space left on device')\n")
     with open("/dev/full", "w") as full:

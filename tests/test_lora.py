@@ -12,6 +12,7 @@ import torch.nn as nn
 from conftest import save_tiny_qwen3
 from peft import LoraConfig, get_peft_model
 
+from infra.errors import UserError
 from lora import AdapterConfig, LoRALinear, adapter_state_dict, after_optimizer_step, apply_adapters, \
     dequantized_weight, held_dora_norms, load_adapter_state_dict, merge_adapters, parameter_counts, parameter_report
 from nf4 import empty_int8_linear, keep_one_layout, quantize_int8
@@ -337,9 +338,9 @@ def test_adapter_state_dict_round_trip_and_strict_keys(method):
         load_adapter_state_dict(target, state)
         assert torch.equal(target(ids), source(ids))
     key = "model.layers.0.self_attn.q_proj.lora_A"
-    with pytest.raises(KeyError, match="model.layers.0.self_attn.q_proj.lora_X"):
+    with pytest.raises(UserError, match="model.layers.0.self_attn.q_proj.lora_X"):
         load_adapter_state_dict(target, {**state, key.replace("lora_A", "lora_X"): state[key]})
-    with pytest.raises(KeyError, match=key):
+    with pytest.raises(UserError, match=key):
         load_adapter_state_dict(target, {k: v for k, v in state.items() if k != key})
     with pytest.raises(ValueError, match=key):
         load_adapter_state_dict(target, {**state, key: torch.zeros(R + 1, 32)})

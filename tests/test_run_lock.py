@@ -39,7 +39,7 @@ def test_a_refused_process_leaves_the_holders_pid(tmp_path):
     out = tmp_path / "run"
     lock = checkpoint.claim_run_folder(out, resume=None, start_over=False)
     before = snapshot(out)
-    refused = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import checkpoint; "
+    refused = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from infra import checkpoint; "
                               "checkpoint.claim_run_folder(sys.argv[2], resume=None, start_over=False)",
                               str(ROOT), str(out)], capture_output=True, text=True)
     assert refused.returncode != 0 and f"in use by another run (pid {os.getpid()})" in refused.stderr

@@ -135,7 +135,8 @@ def test_check_positions_counts_the_kept_tokens(linear_model):
     unreduced = replace(linear_model.config, token_reduction="none", visual_tokens=None)
     whole = vlm.VLM(linear_model.vision, linear_model.projector, linear_model.llm, linear_model.template.tokenizer,
                     unreduced)
-    with pytest.raises(ValueError, match=f"prompt \\({FRAMES * PATCHES} visual tokens\\)"):
+    with_all = len(linear_model.template.prompt_ids(FRAMES * PATCHES))  # the prompt with all 48 visual tokens
+    with pytest.raises(ValueError, match=f"the prompt \\({with_all} tokens with the video's\\)"):
         check_positions(whole, cfg)
 
 

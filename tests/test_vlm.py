@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import write_noise_video
 
 from features import FeatureCache, fill_feature_cache
+from infra.errors import UserError
 from lora import AdapterConfig
 from vlm import IGNORE_INDEX, VLMConfig, build_vlm, caption_loss, describe_mismatch, merged_for_eval, \
     splice_visual_tokens
@@ -208,7 +209,7 @@ def test_trainable_state_round_trip_and_mismatch_is_named(bases):
     other = make_model(bases, adapter=adapter, seed=1)
     other.load_trainable_state_dict(state)
     torch.testing.assert_close(other.trainable_state_dict(), state)
-    with pytest.raises(KeyError, match="no adapters"):
+    with pytest.raises(UserError, match="no adapters"):
         make_model(bases).load_trainable_state_dict(state)
     message = describe_mismatch({"projector": {"name": "perceiver"}}, {"projector": {"name": "linear"}})
     assert message.startswith("projector.name: checkpoint has \"perceiver\"")
