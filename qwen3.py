@@ -362,7 +362,7 @@ def load_qwen3(path, *, quant: str | None = None, dtype=torch.bfloat16, device="
     def qwen3_name(key: str) -> str | None:
         return None if config.tie_word_embeddings and key == "lm_head.weight" else key
     snapshot.load_into(model, folder, qwen3_name, dtype=dtype, device=device, place=load_tensor,
-                       split=split_fused_experts if config.moe else None)
+                       split=split_fused_experts if config.moe else None, progress=f"reading {folder.name}")
     if config.tie_word_embeddings:
         check_spare_head(model, folder)
     model.model.rotary_emb = Qwen3RotaryEmbedding(config).to(device)  # the one tensor not in the checkpoint

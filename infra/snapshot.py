@@ -19,6 +19,7 @@ applied after the rename; the key check applies it to meta tensors of the stored
 """
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from infra.errors import UserError
 
@@ -186,13 +188,18 @@ def assign(model: nn.Module, name: str, tensor: torch.Tensor, *, dtype: torch.dt
 
 
 def load_into(model: nn.Module, folder: Path, our_name: Rename = keep_every_key, *, dtype: torch.dtype, device,
-              place=assign, split: Split = None) -> None:
+              place=assign, split: Split = None, progress: str | None = None) -> None:
     """Fill `model` (built on the meta device) from the folder: every key is checked from the headers first, then
     each tensor (or each piece `split` makes of it) is read and handed to `place(model, name, tensor, dtype=,
-    device=)` (default `assign`), one at a time."""
+    device=)` (default `assign`), one at a time. With `progress`, a model of 100M weights or more shows a bar
+    (weights placed, and the time left) under that name on the main process."""
     check_keys(folder, model, our_name, split)
-    for name, tensor in read_tensors(folder, our_name, split):
-        place(model, name, tensor, dtype=dtype, device=device)
+    total = sum(tensor.numel() for tensor in model.state_dict().values())
+    shown = progress is not None and total >= 100_000_000 and os.environ.get("RANK", "0") == "0"
+    with tqdm(total=total, desc=progress, unit="weights", unit_scale=True, disable=not shown) as bar:
+        for name, tensor in read_tensors(folder, our_name, split):
+            place(model, name, tensor, dtype=dtype, device=device)
+            bar.update(tensor.numel())
 
 
 # ---- fingerprint ----
