@@ -304,9 +304,14 @@ class Qwen3(nn.Module):
                 router_logits.append(layer_router_logits)
         return self.model.norm(x)  # (B, T, C)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The lm_head's (V, C) matrix: the embedding's when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., V) in the head's own dtype: a (V, C) fp32 copy would cost 2.5 GB at Qwen3-8B size."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
+        weight = self.head_weight  # (V, C)
         return F.linear(hidden.to(weight.dtype), weight)  # (..., C) @ (C, V) -> (..., V)
 
     def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,

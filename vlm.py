@@ -37,6 +37,7 @@ from vision import load_vision
 
 DEFAULT_INSTRUCTION = "이 영상을 한국어로 한 문장으로 설명하세요."  # "Describe this video in one Korean sentence."
 IGNORE_INDEX = -100
+LOSS_CHUNK_ELEMENTS = 1 << 23  # caption_loss forms at most this many logits at once (32 MiB in fp32)
 STOP_CHECK_EVERY = 8  # generate: tokens between the host's checks that every row has finished (each check waits)
 
 
@@ -260,23 +261,34 @@ def splice_visual_tokens(embed_tokens: nn.Module, input_ids: torch.Tensor, visua
     return embeds.masked_scatter(slots, visual.to(embeds.dtype))  # (B, T, C)
 
 
-def label_logits(llm, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lm_head at the L supervised positions only: logits (L, V) and their targets (L,). Position t predicts
-    token t + 1. With labels on the host (as tokenize_batch makes them) the positions are found there and sent
-    ahead, so nothing waits for the device; labels on the device work too, at the cost of one synchronisation."""
+def label_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states at the L supervised positions (L, C) and their targets (L,). Position t predicts token
+    t + 1. With labels on the host (as tokenize_batch makes them) the positions are found there and sent ahead, so
+    nothing waits for the device; labels on the device work too, at the cost of one synchronisation."""
     B, T = labels.shape
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (L,) each
     flat = (rows * T + cols).to(hidden.device, non_blocking=True)  # (L,): indices into (B * T) positions
     targets = labels[rows, cols + 1].to(hidden.device, non_blocking=True)  # (L,)
-    picked = hidden.reshape(B * T, -1).index_select(0, flat)  # (B * T, C) -> (L, C)
+    return hidden.reshape(B * T, -1).index_select(0, flat), targets  # (B * T, C) -> (L, C), (L,)
+
+
+def label_logits(llm, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lm_head at the L supervised positions only: logits (L, V) and their targets (L,)."""
+    picked, targets = label_hidden(hidden, labels)  # (L, C), (L,)
     return llm.logits_from_hidden(picked), targets  # (L, V), (L,)
 
 
 def caption_loss(llm, hidden: torch.Tensor, labels: torch.Tensor, num_label_tokens: int | None = None):
     """Summed cross-entropy over the supervised positions of hidden (B, T, C) / num_label_tokens (default: their
-    count here). The logits are made only there (L x V, not B x T x V) and upcast to fp32 for the softmax."""
-    logits, targets = label_logits(llm, hidden, labels)  # (L, V), (L,)
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    count here). The logits are made only there (L x V, not B x T x V), upcast to fp32 for the softmax, and
+    LOSS_CHUNK_ELEMENTS at a time (HeadCrossEntropy); a trainable head takes the plain formula."""
+    picked, targets = label_hidden(hidden, labels)  # (L, C), (L,)
+    weight = llm.head_weight  # (V, C)
+    if weight.requires_grad:
+        loss_sum = F.cross_entropy(llm.logits_from_hidden(picked).float(), targets, reduction="sum")
+    else:
+        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        loss_sum = HeadCrossEntropy.apply(picked.to(weight.dtype), weight, targets, chunk_rows)
     return loss_sum / (num_label_tokens or targets.numel())
 
 
@@ -287,6 +299,38 @@ def router_balance_loss(llm, router_logits: list[torch.Tensor], real: torch.Tens
     so the window adds the coefficient times their token-weighted mean, whatever the accumulation."""
     share = 1.0 if num_label_tokens is None else int((labels != IGNORE_INDEX).sum()) / num_label_tokens
     return share * load_balancing_loss(router_logits, llm.config.moe.num_experts_per_tok, real)
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_l cross_entropy(hidden_l @ weight^T, target_l) over hidden (L, C) and a frozen head weight (V, C), chunk_rows
+    rows at a time, hidden's gradient formed in the same pass: no (L, V) tensor outlives its chunk, and backward
+    only scales the (L, C) gradient (Liger Kernel's fused linear cross-entropy, arXiv 2410.10989, §3.3). The
+    numbers are F.cross_entropy(logits.float(), targets, reduction="sum")'s, whose autograd would hold the (L, V)
+    logits, their fp32 copy, the log-softmax and its gradient at once; here a chunk's (R, V) fp32 buffer serves as
+    logits, softmax and gradient in turn."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (L, C)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows, target = slice(start, start + chunk_rows), targets[start:start + chunk_rows]  # (R,)
+            logits = F.linear(hidden[rows], weight).float()  # (R, C) @ (C, V) -> (R, V), upcast for the softmax
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)  # (R,)
+            top = logits.amax(dim=-1, keepdim=True)  # (R, 1): log-softmax's shift, as F.log_softmax takes it
+            exp_sum = logits.sub_(top).exp_().sum(dim=-1)  # (R,); logits now hold exp(logits - top), in place
+            total += (top.squeeze(1) + exp_sum.log() - target_logit).sum()  # -log softmax at the targets
+            if grad is not None:
+                probs = logits.div_(exp_sum[:, None])  # (R, V): softmax, in place
+                probs[torch.arange(len(target), device=probs.device), target] -= 1  # d loss / d logits
+                grad[rows] = probs.to(weight.dtype) @ weight  # (R, V) @ (V, C) -> (R, C), in the head's dtype
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad, = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None  # (L, C)
 
 
 def merged_for_eval(model: VLM, merge: str = "auto") -> tuple[VLM, str]:

@@ -67,6 +67,27 @@ def test_label_only_loss_equals_full_logits_cross_entropy(bases, projector):
                                naive * int((labels != IGNORE_INDEX).sum()) / 7, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 128, 1 << 23])  # one row, 3 rows, all rows per chunk
+def test_chunked_loss_has_the_gradient_of_full_logits_cross_entropy(bases, monkeypatch, chunk_elements):
+    """caption_loss forms the logits a few rows at a time and hidden's gradient in the same pass
+    (vlm.HeadCrossEntropy): loss and gradient equal F.cross_entropy over the full (B, T, V) logits, fp32, 1e-6."""
+    monkeypatch.setattr("vlm.LOSS_CHUNK_ELEMENTS", chunk_elements)
+    model = make_model(bases)
+    visual = model.project(features()).detach()
+    input_ids, labels = model.tokenize_batch(CAPTIONS, visual.shape[1])
+    hidden = model.llm.hidden_states(inputs_embeds=splice(model, input_ids, visual)).detach().requires_grad_()
+    ours = caption_loss(model.llm, hidden, labels, num_label_tokens=11)
+    (grad_ours,) = torch.autograd.grad(ours * 0.7, hidden)
+    logits = model.llm.logits_from_hidden(hidden)  # (B, T, V)
+    naive = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum") / 11
+    (grad_naive,) = torch.autograd.grad(naive * 0.7, hidden)
+    torch.testing.assert_close(ours, naive, rtol=1e-6, atol=0)
+    assert (grad_ours - grad_naive).norm() <= 1e-6 * grad_naive.norm()  # summation order differs: a few 1e-7
+    with torch.no_grad():  # no gradient wanted: none formed, the same loss
+        torch.testing.assert_close(caption_loss(model.llm, hidden, labels, num_label_tokens=11), ours.detach())
+
+
 def test_one_batch_of_four_equals_four_accumulated_batches_of_one(bases):
     model = make_model(bases, adapter={"method": "dora", "r": 4, "alpha": 8, "dropout": 0.0,
                                        "targets": ["q_proj", "v_proj", "down_proj"]})
