@@ -24,6 +24,10 @@ One adapted linear of Qwen3-8B (q_proj: 4096 -> 4096, r = 16, s = alpha / r = 2)
      much as a whole decode step at batch 16. So a generation forms the norm once and holds it (held_dora_norms);
      results/README.md ("DoRA's norm") has the measurement.
 
+Backward is written out (AdaptedLinearFunction) so that it keeps x once, dropout's mask as booleans and the
+r-wide s A x' (autograd would keep dropout's scaled mask and the dropped copy of x for every adapter), and no base
+weight: results/README.md ("Training memory") has the bytes.
+
 Shapes: T tokens (any leading dims), in / out features, r rank. Adapter weights are fp32; they compute in the
 activations' dtype (as autocast would). The DoRA norm is formed in fp32 (only W A^T comes from the base pass, in
 its compute dtype); PEFT forms it in the compute dtype. Over an 8-bit base, W A^T comes from the dequantized int8
@@ -117,10 +121,13 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, dora={self.dora}"
 
+    def lora_down(self, x: torch.Tensor) -> torch.Tensor:
+        """s A x, computed in x's dtype (fp32 master weights cast down, as autocast does)."""
+        return F.linear(x, self.lora_A.to(x.dtype)) * self.scaling  # (T, in) @ (in, r) -> (T, r); s where r-wide
+
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """s B A x, computed in x's dtype (fp32 master weights cast down, as autocast does)."""
-        down = F.linear(x, self.lora_A.to(x.dtype)) * self.scaling  # (T, in) @ (in, r) -> (T, r); s where r-wide
-        return F.linear(down, self.lora_B.to(x.dtype))  # (T, r) @ (r, out) -> (T, out)
+        """s B A x, computed in x's dtype."""
+        return F.linear(self.lora_down(x), self.lora_B.to(x.dtype))  # (T, r) @ (r, out) -> (T, out)
 
     def weight_norm(self, WAt: torch.Tensor) -> torch.Tensor:
         """||W + sBA||_row (out,) in fp32, detached (DoRA §4.3: a constant for backpropagation), from W A^T
@@ -167,21 +174,8 @@ class LoRALinear(nn.Module):
         return base_out if bias is None else base_out - bias.to(base_out.dtype)  # (T, out): W x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora_out = self.lora_branch(self.dropout(x))  # (T, out)
-        if not self.dora:
-            base_out = self.base(x)  # (T, in) -> (T, out): the one base pass
-            return base_out + lora_out.to(base_out.dtype)
-        if not self.norm_held:
-            base_out, norm = self.base_and_norm(x)  # (T, out), (out,)
-        else:  # inside held_dora_norms (a generation): the norm formed once, on entering
-            base_out, norm = self.base(x), self.held_norm  # (T, out), (out,)
-        scale = self.magnitude / norm  # (out,): m / ||W + sBA||, 1 at init
-        # m/n * (W x + s B A x) + b = m/n * (base(x) + s B A x) + (1 - m/n) * b: one (T, out) product, and
-        # exactly base(x) when m/n = 1 (at init)
-        out = scale.to(base_out.dtype) * (base_out + lora_out.to(base_out.dtype))  # (out,) * (T, out)
-        if self.base.bias is None:
-            return out
-        return out + ((1 - scale) * self.base.bias).to(out.dtype)  # (T, out) + (out,)
+        magnitude = self.magnitude if self.dora else None
+        return AdaptedLinearFunction.apply(x, self.lora_A, self.lora_B, magnitude, self)  # (T, out)
 
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA)), computed in fp32.
@@ -205,6 +199,89 @@ class LoRALinear(nn.Module):
 def quantized_compute_dtype(linear: nn.Module) -> torch.dtype:
     """A bitsandbytes linear's compute dtype, bf16 when it has none (nf4.empty_int8_linear records one)."""
     return getattr(linear, "compute_dtype", None) or torch.bfloat16
+
+
+class AdaptedLinearFunction(torch.autograd.Function):
+    """A LoRALinear's forward, and its backward written out, so that backward keeps only what it needs: the input
+    x once (the base and the adapter read the same x; autograd would keep the adapter's dropped copy and dropout's
+    scaled mask beside it, both in the activations' dtype), dropout's mask as booleans, the r-wide s A x', and no
+    weight of the base (the 4-bit one is dequantized again in backward, as bitsandbytes' MatMul4Bit does).
+    Backward forms x' = dropout(x) again from x and the mask. DoRA also keeps the (T, out) sum base(x) + s B A x',
+    which m's gradient needs, as autograd does.
+        LoRA: y = base(x) + s B A x'                        x' = dropout(x) = x * mask / (1 - p)
+        DoRA: y = m / n * (base(x) + s B A x') + (1 - m / n) * b,   n = ||W + sBA||_row, detached (§4.3)
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, magnitude, layer: "LoRALinear"):
+        p = layer.dropout.p if layer.training and isinstance(layer.dropout, nn.Dropout) else 0.0
+        dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)  # nn.Dropout's draw, as booleans
+        down = layer.lora_down(dropped)  # (T, r)
+        lora_out = F.linear(down, lora_B.to(dropped.dtype))  # (T, r) @ (r, out) -> (T, out): s B A x'
+        ctx.layer, ctx.p = layer, p
+        if not layer.dora:
+            base_out = layer.base(x)  # (T, in) -> (T, out): the one base pass
+            ctx.save_for_backward(x, mask, down, lora_A, lora_B)
+            ctx.base_dtype = compute_dtype(layer.base, base_out)
+            return base_out + lora_out.to(base_out.dtype)
+        if not layer.norm_held:
+            base_out, norm = layer.base_and_norm(x)  # (T, out), (out,)
+        else:  # inside held_dora_norms (a generation): the norm formed once, on entering
+            base_out, norm = layer.base(x), layer.held_norm  # (T, out), (out,)
+        ctx.base_dtype = compute_dtype(layer.base, base_out)
+        scale = magnitude / norm  # (out,): m / ||W + sBA||, 1 at init
+        # m/n * (W x + s B A x) + b = m/n * (base(x) + s B A x) + (1 - m/n) * b: one (T, out) product, and
+        # exactly base(x) when m/n = 1 (at init)
+        combined = base_out + lora_out.to(base_out.dtype)  # (T, out)
+        ctx.save_for_backward(x, mask, down, lora_A, lora_B, norm, scale, combined)
+        out = scale.to(combined.dtype) * combined  # (out,) * (T, out)
+        if layer.base.bias is None:
+            return out
+        return out + ((1 - scale) * layer.base.bias).to(out.dtype)  # (T, out) + (out,)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer, (x, mask, down, lora_A, lora_B, *dora) = ctx.layer, ctx.saved_tensors
+        grad_magnitude = None
+        if layer.dora:
+            norm, scale, combined = dora
+            grad_scale = (grad_out * combined).flatten(0, -2).sum(0).float()  # (out,): d loss / d (m / n)
+            if layer.base.bias is not None:
+                grad_scale -= grad_out.flatten(0, -2).sum(0).float() * layer.base.bias.float()
+            grad_magnitude = grad_scale / norm  # (out,): n is a constant (detached)
+            grad_out = grad_out * scale.to(grad_out.dtype)  # (T, out): d loss / d (base(x) + s B A x')
+        dt = down.dtype  # the adapter branch's compute dtype, as in forward
+        A, B = lora_A.to(dt), lora_B.to(dt)
+        g = grad_out.to(dt).flatten(0, -2)  # (N, out)
+        grad_B = g.T @ down.flatten(0, -2)  # (out, N) @ (N, r) -> (out, r)
+        grad_down = (g @ B) * layer.scaling  # (N, out) @ (out, r) -> (N, r): d loss / d (A x'), s where r-wide
+        dropped = x if mask is None else torch.where(mask, x, 0).mul_(1 / (1 - ctx.p))  # x', as native_dropout
+        grad_A = grad_down.T @ dropped.to(dt).flatten(0, -2)  # (r, N) @ (N, in) -> (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_dropped = (grad_down @ A).view_as(x)  # (N, r) @ (r, in) -> (T, in)
+            if mask is not None:  # native_dropout_backward's grad * mask * scale
+                grad_dropped = torch.where(mask, grad_dropped, 0).mul_(1 / (1 - ctx.p))
+            grad_x = base_input_grad(layer.base, grad_out, ctx.base_dtype).to(x.dtype).add_(grad_dropped)
+        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), grad_magnitude, None
+
+
+def compute_dtype(base: nn.Module, base_out: torch.Tensor) -> torch.dtype:
+    """The dtype the base multiplied in: a 4-bit base's compute dtype (it casts its output back to the input's),
+    else its output's (autocast's choice, or the weight's)."""
+    return (base.compute_dtype or base_out.dtype) if isinstance(base, bnb.nn.Linear4bit) else base_out.dtype
+
+
+def base_input_grad(base: nn.Module, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d x through the frozen base, grad_out @ W (T, out) @ (out, in) -> (T, in) in `dtype`; a 4-bit or
+    8-bit W dequantized here and dropped after (bitsandbytes' MatMul4Bit and MatMul8bitLt backwards do the same)."""
+    if isinstance(base, bnb.nn.Linear4bit):
+        weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)  # (out, in)
+    elif isinstance(base, bnb.nn.Linear8bitLt):
+        weight = dequantize_int8(base).to(dtype)  # (out, in): int8 rows times their scales / 127
+    else:
+        weight = base.weight.to(dtype)  # (out, in)
+    return grad_out.to(dtype) @ weight
 
 
 def dense_linear(linear: nn.Module) -> nn.Linear:

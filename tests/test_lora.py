@@ -522,3 +522,81 @@ def test_adapter_config_validation_and_from_peft_json():
     config = adapter_config_from_peft(peft_json)
     assert (config.method, config.r, config.alpha, config.dropout) == ("dora", 8, 16, 0.1)
     assert set(config.targets) == {"q_proj", "v_proj"}
+
+
+def plain_forward(layer, x):
+    """LoRALinear's formula as autograd would differentiate it (its forward before the backward was written out
+    by hand in AdaptedLinearFunction): the same dropout draw, through nn.Dropout."""
+    lora_out = layer.lora_branch(layer.dropout(x))  # (T, out)
+    if not layer.dora:
+        return layer.base(x) + lora_out
+    base_out, norm = layer.base_and_norm(x)
+    scale = layer.magnitude / norm  # (out,)
+    out = scale * (base_out + lora_out)
+    return out if layer.base.bias is None else out + (1 - scale) * layer.base.bias
+
+
+def gradients_of(forward, layer, x, grad, seed):
+    """Output and the gradients of x, A, B (and m) of sum(forward(x) * grad), the dropout drawn after `seed`."""
+    for p in layer.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = forward(x)
+    (y * grad).sum().backward()
+    return [y, x.grad] + [p.grad for p in (layer.lora_A, layer.lora_B) + ((layer.magnitude,) if layer.dora else ())]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("kind,dora,bias", KINDS)
+def test_written_out_backward_equals_the_formula_in_fp32(kind, dora, bias, dropout):
+    layer = randomize(LoRALinear(make_base(kind, bias), R, ALPHA, dropout=dropout, dora=dora)).train()
+    x, grad = torch.randn(3, 5, IN), torch.randn(3, 5, OUT)
+    ours = gradients_of(layer, layer, x, grad, seed=7)
+    formula = gradients_of(lambda v: plain_forward(layer, v), layer, x, grad, seed=7)
+    for name, a, b in zip(["output", "x", "lora_A", "lora_B", "magnitude"], ours, formula):
+        assert_rel(a, b, 1e-6, name)
+    if dropout:  # the mask was drawn: another seed gives another output
+        assert not torch.allclose(gradients_of(layer, layer, x, grad, seed=8)[0], ours[0])
+
+
+def test_backward_keeps_x_once_and_a_boolean_mask():
+    """What autograd keeps for backward from one adapted linear with dropout: the input itself, the mask as
+    booleans, the r-wide s A x', the adapters (parameters, no copies) and nothing of the base's weight."""
+    layer = randomize(LoRALinear(make_base("nf4", True), R, ALPHA, dropout=0.3, dora=False)).train()
+    x = torch.randn(6, IN, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    x_saved, mask, down, lora_A, lora_B = saved
+    assert x_saved is x and mask.dtype == torch.bool and mask.shape == x.shape and down.shape == (6, R)
+    assert lora_A is layer.lora_A and lora_B is layer.lora_B
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_checkpointed_model_with_dropout_has_the_formulas_gradients(tmp_path, quant, method):
+    """A Qwen3 with adapters (dropout 0.1) on all 7 targets, gradient checkpointing on: the recompute draws the
+    same masks, and every gradient equals that of the same model computing the plain formula without
+    checkpointing, to 1e-6 in fp32."""
+    model = load_qwen3(save_tiny_qwen3(tmp_path / "qwen3"), quant=quant, dtype=torch.float32).train()
+    apply_adapters(model, method=method, r=R, alpha=ALPHA, dropout=0.1)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        randomize(layer, seed=len(layer.lora_B))
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for checkpointing in (True, False):
+        model.gradient_checkpointing = checkpointing
+        for layer in layers:
+            if not checkpointing:  # the plain formula, through autograd, in place of the written-out backward
+                layer.forward = lambda v, layer=layer: plain_forward(layer, v)
+        for p in trainable:
+            p.grad = None
+        torch.manual_seed(3)
+        model(ids).logsumexp(-1).sum().backward()
+        grads.append([p.grad for p in trainable])
+    assert len(trainable) == len(layers) * (3 if method == "dora" else 2)
+    for checkpointed, plain in zip(*grads):
+        assert_rel(checkpointed, plain, 1e-6, "checkpointed gradient with dropout")
