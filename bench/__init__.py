@@ -6,7 +6,8 @@
 
 cli.py holds the command line and the worker processes; snapshots.py the presets and random snapshot folders;
 stacks.py ours and the reference stack; workers.py one measurement each; table.py rows, ratios and targets;
-adapters.py the layer-level adapters benchmark; memory.py one snapshot's load; profile.py the profiler summary of
+adapters.py the layer-level adapters benchmark; memory.py the LM's weights and one snapshot's load; step_memory.py a
+step's memory; profile.py the profiler summary of
 a training and a decode step; grid.py the E1-E8 projection.
 """
 from bench.cli import main

@@ -1,7 +1,8 @@
 """Side-by-side benchmarks: kovlm against the transformers + PEFT + bitsandbytes stack, with ratios.
 
     python -m bench --preset cpu-small        # = python -m bench model --preset cpu-small; qwen3-8b on a GPU
-    python -m bench model [--preset cpu-small|qwen3-8b] [--tasks train,generate,loss,vision] [--quick] [--json PATH]
+    python -m bench model [--preset cpu-small|qwen3-8b] [--tasks train,generate,loss,vision,memory] [--quick]
+                          [--json PATH]
     python -m bench memory [SNAPSHOT [--quant nf4|int8] [--device cuda]]
     python -m bench profile [--preset cpu-small|qwen3-8b] [--layers N] [--quick] [--json PATH]
     python -m bench grid-estimate RESULTS_JSON [--videos 500] [--val-videos 50]
@@ -56,8 +57,9 @@ from bench.workers import DTYPES, WORKERS, measure_one
 
 # cli.py is the command line and the worker processes; the parts live beside it: adapters.py (the adapters
 # subcommand), snapshots.py (presets, random snapshot folders), stacks.py (ours and the reference, the parity
-# check), workers.py (one measurement each), table.py (rows, ratios, targets), memory.py (one snapshot's load).
-TASKS = ("train", "generate", "loss", "vision")
+# check), workers.py (one measurement each), table.py (rows, ratios, targets), memory.py (the LM's weights, one snapshot's load), step_memory.py (
+# where a training step's memory goes: --tasks memory, not run by default).
+TASKS = ("train", "generate", "loss", "vision", "memory")
 # generation runs: (name in the results, stack, variant); ours' decode step as a CUDA graph (on a GPU) first
 GENERATE_RUNS = (("ours", "ours", "graphs"), ("ours-eager", "ours", "eager"), ("ours-merged", "ours", "merged"),
                  ("reference", "reference", "graphs"))
@@ -127,6 +129,11 @@ def run_measurements(args, tasks: list[str]) -> dict:
                     expect = root / f"expect-train-{shape}-{method}.json"
                     results["train"][shape][method][stack] = run_stack(args, "train", stack, expect, method=method,
                                                                        shape=shape)
+    if "memory" in tasks:  # where a training step's memory goes, each stack profiled alike (bench/step_memory.py)
+        results["memory"] = {shape: {method: {stack: run_stack(args, "memory", stack, root / f"expect-train-{shape}-"
+                                                               f"{method}.json", method=method, shape=shape)
+                                              for stack in args.stacks} for method in args.methods}
+                             for shape in args.shapes}
     if "generate" in tasks:
         results["generate"] = {}
         for method in args.methods:  # ours (CUDA graphs on a GPU) first: the others' captions are compared with it
@@ -246,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", parents=[common], help="training step, generation, loss, vision side: "
                                 "ours vs transformers + PEFT + bitsandbytes (the default command)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    model.add_argument("--tasks", type=comma_list(TASKS), default=list(TASKS), help="a subset, comma-separated: "
-                       + ",".join(TASKS))
+    model.add_argument("--tasks", type=comma_list(TASKS), default=list(TASKS[:-1]), help="a subset, comma-separated: "
+                       + ",".join(TASKS) + " (default: all but memory)")
     model.add_argument("--shapes", type=comma_list(SHAPES), default=list(SHAPES),
                        help="training shapes, comma-separated: " + ",".join(SHAPES))
     model.add_argument("--methods", type=comma_list(METHODS), default=list(METHODS),

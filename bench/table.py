@@ -22,7 +22,7 @@ def ratio_row(preset, shape, measure, values: dict, target: tuple | None = None,
     row = {"preset": preset, "shape": shape, "measure": measure,
            **{stack: values.get(stack) for stack in STACKS},
            "ours/reference": ratios.get("reference"), "ours/tuned": ratios.get("tuned"), "format": fmt}
-    if target:
+    if target and ratios:  # (a run of ours alone has nothing to judge)
         op, bound = target
         judged = (max if op == "<=" else min)(ratios.values())  # the ratio against the better reference
         met = judged <= bound if op == "<=" else judged >= bound
@@ -128,10 +128,58 @@ def vision_rows(preset: Preset, runs: dict) -> list[dict]:
              "target": "epoch 2: 0", "verdict": verdict(frames["ours"][1] == 0)}]
 
 
+def memory_rows(preset: Preset, shape: str, methods: dict, device) -> list[dict]:
+    """Where one training step's memory goes (bench/memory.py), per method and stack: the peak (as train measures
+    it, judged), what was resident before the step (tensors by kind; on the CPU, the process's memory by kind of
+    mapping and glibc's free heap), the step's own tensors at their peak by what holds them, and what autograd
+    saves in a forward without checkpointing, by module group."""
+    first = next(iter(methods.values()))["ours"]
+    label, rows = f"{shape}: B {first['batch']} x T {first['length']}", []
+    row = partial(ratio_row, preset.name, label)
+    cpu = device.type == "cpu"
+    for method, runs in methods.items():
+        name = METHOD_NAMES[method]
+        base = {k: v["libraries_mib"] if cpu else 0.0 for k, v in runs.items()}
+        rows.append(row(f"{name} peak memory{' above the libraries' if cpu else ''} (MiB)",
+                        {k: v["peak_mib"] - base[k] for k, v in runs.items()}, MEMORY_TARGET))
+        rows.append(row(f"{name}   resident before the step", {k: v["resident_before_mib"] - base[k]
+                                                               for k, v in runs.items()}))
+        for kind in first["resident_tensors_mib"]:
+            rows.append(row(f"{name}     tensors: {kind.strip()}", {k: v["resident_tensors_mib"][kind]
+                                                                    for k, v in runs.items()}, fmt="{:.1f}"))
+        if cpu:
+            for kind in ("weights files", "other files", "anonymous"):
+                rows.append(row(f"{name}     resident, {kind} (above the libraries)",
+                                {k: v["mappings_before_mib"].get(kind, 0.0) - v["libraries_mappings_mib"].get(kind, 0.0)
+                                 for k, v in runs.items()}))
+            rows.append(row(f"{name}       of it, glibc heap kept free", {k: v["heap_before"]["arena_free_mib"]
+                                                                          for k, v in runs.items()}))
+        rows.append(row(f"{name}   the step's tensors at their peak", {k: v["tensor_peak_mib"]
+                                                                      for k, v in runs.items()}))
+        for group in dict.fromkeys(group for v in runs.values() for group in v["at_peak_mib"]):
+            values = {k: v["at_peak_mib"].get(group, 0.0) for k, v in runs.items()}
+            if max(values.values()) >= 0.5:
+                rows.append(row(f"{name}     {group}", values, fmt="{:.1f}"))
+        if cpu:
+            rows.append(row(f"{name}   the step's growth beyond its tensors", {k: v["peak_mib"] - v["resident_before_mib"]
+                                                                               - v["tensor_peak_mib"]
+                                                                               for k, v in runs.items()}))
+        rows.append(row(f"{name}   saved for backward in a forward without checkpointing",
+                        {k: sum(v["saved_without_checkpointing_mib"].values()) for k, v in runs.items()},
+                        fmt="{:.1f}"))
+        for group in dict.fromkeys(group for v in runs.values() for group in v["saved_without_checkpointing_mib"]):
+            values = {k: v["saved_without_checkpointing_mib"].get(group, 0.0) for k, v in runs.items()}
+            if max(values.values()) >= 0.5:
+                rows.append(row(f"{name}     {group}", values, fmt="{:.1f}"))
+    return rows
+
+
 def model_rows(preset: Preset, results: dict, device) -> list[dict]:
     """Every row of the measured tasks, in the order they ran."""
     rows = [row for shape, methods in results.get("train", {}).items()
             for row in train_rows(preset, shape, methods, device)]
+    rows += [row for shape, methods in results.get("memory", {}).items()
+             for row in memory_rows(preset, shape, methods, device)]
     rows += generate_rows(preset, results["generate"]) if "generate" in results else []
     rows += loss_rows(preset, results["loss"]) if "loss" in results else []
     return rows + (vision_rows(preset, results["vision"]) if "vision" in results else [])

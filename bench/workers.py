@@ -1,7 +1,7 @@
 """The model benchmark's measurements, one per process (`python -m bench _one --task ...`): how each is taken.
 
-train: a stage-2 training step (forward + backward + AdamW step, bf16 autocast). generate: batched greedy
-captions. loss: one caption-loss computation, label-only vs full logits. vision: two epochs of the vision side,
+train: a stage-2 training step (forward + backward + AdamW step, bf16 autocast). memory: where that step's
+memory goes (bench/step_memory.py). generate: batched greedy captions. loss: one caption-loss computation, label-only vs full logits. vision: two epochs of the vision side,
 feature cache vs re-encoding. Each reports medians of timed repeats and the peak memory of its own process.
 """
 import os
@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from bench.step_memory import (malloc_stats, profile_step, resident_by_mapping, resident_tensors,
+                          saved_by_module)
 from bench.snapshots import Preset, preset_for, write_snapshots
 from bench.stacks import (batch_ids, build_stack, caption_loss, captions_of, check_gradients, check_label_losses,
                           features_of, full_logits_loss, label_losses, ours_llm, reference_embeds, stack_modules,
@@ -95,8 +97,10 @@ def card_peak_flops(device) -> float | None:
 
 
 # ---- the workers ------------------------------------------------------------------------------------------------
-def train_worker(args, preset: Preset, folders, device) -> dict:
-    """Median time, tokens/s and peak memory of a stage-2 step: forward + backward + AdamW step, bf16 autocast."""
+def training_setup(args, preset: Preset, folders, device) -> dict:
+    """The stage-2 training step both train and memory measure: the stack, its batch, the checks before anything
+    is measured (per-label losses, then adapter gradients, against ours), the AdamW optimizer and the step
+    (forward + backward + optimizer step, bf16 autocast)."""
     batch = preset.short_batch if args.shape == "resampler" else preset.long_batch
     vlm, reference = build_stack(args, preset, folders, device, args.shape, training=True)
     modules = stack_modules(vlm, reference)
@@ -114,21 +118,65 @@ def train_worker(args, preset: Preset, folders, device) -> dict:
         with autocast:
             return caption_loss(vlm, reference, features, captions, labels_only=labels_only)
     checked |= check_gradients(args, loss_of_batch, vlm, reference)
-    optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters() if p.requires_grad], lr=1e-5)
+    trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
-    def step():
-        loss_of_batch().backward()
+    def finish():
         optimizer.step()
         after_optimizer_step(vlm.llm if reference is None else reference)
         optimizer.zero_grad(set_to_none=True)
-    measured = timed_repeats(preset, device, step, preset.step_repeats)
+
+    def step():
+        loss_of_batch().backward()
+        finish()
     input_ids, labels = batch_ids(vlm, features, captions)
+    return {"vlm": vlm, "reference": reference, "modules": modules, "checked": checked, "batch": batch,
+            "input_ids": input_ids, "labels": labels, "loss_of_batch": loss_of_batch, "finish": finish,
+            "step": step, "trainable": trainable, "optimizer": optimizer}
+
+
+def train_worker(args, preset: Preset, folders, device) -> dict:
+    """Median time, tokens/s and peak memory of a stage-2 step: forward + backward + AdamW step, bf16 autocast."""
+    setup = training_setup(args, preset, folders, device)
+    measured = timed_repeats(preset, device, setup["step"], preset.step_repeats)
+    batch, input_ids, labels = setup["batch"], setup["input_ids"], setup["labels"]
     label_tokens = int((labels != IGNORE_INDEX).sum())
     flops = model_flops(preset, batch, input_ids.shape[1], label_tokens)
     peak = card_peak_flops(device)
-    return {**checked, **measured, "batch": batch, "length": input_ids.shape[1], "label_tokens": label_tokens,
-            "tokens_per_s": input_ids.numel() / measured["median_s"], "model_flops": flops,
-            "mfu": flops / measured["median_s"] / peak if peak else None}
+    return {**setup["checked"], **measured, "batch": batch, "length": input_ids.shape[1],
+            "label_tokens": label_tokens, "tokens_per_s": input_ids.numel() / measured["median_s"],
+            "model_flops": flops, "mfu": flops / measured["median_s"] / peak if peak else None}
+
+
+def memory_worker(args, preset: Preset, folders, device) -> dict:
+    """Where a training step's memory goes (bench/step_memory.py): after the warm-up, one step's peak memory as
+    train measures it, with what was resident before it (tensors by kind, the allocator's heap); then one more
+    step under the allocation profiler and the saved-tensor hook: the tensor peak and what is live at it."""
+    setup = training_setup(args, preset, folders, device)
+    for _ in range(max(1, preset.warmup)):
+        setup["step"]()
+    heap_before = malloc_stats() if device.type == "cpu" else None
+    mappings_before = resident_by_mapping() if device.type == "cpu" else None
+    measured = timed_repeats(preset, device, setup["step"], 1, warmup=0)
+    roots = {"ours": setup["vlm"]} if setup["reference"] is None else \
+        {"projector": setup["vlm"].projector, "reference": setup["reference"]}
+    profiled = profile_step(setup["loss_of_batch"], setup["finish"], roots, setup["trainable"], device)
+    checkpointing_off(setup["vlm"], setup["reference"])  # every layer's saves, seen at once
+    saved = saved_by_module(setup["loss_of_batch"], roots)
+    return {"saved_without_checkpointing_mib": saved, **setup["checked"], "batch": setup["batch"], "length": setup["input_ids"].shape[1],
+            "resident_before_mib": measured["resident_before_mib"], "peak_mib": measured["peak_mib"],
+            "resident_tensors_mib": resident_tensors(setup["modules"], setup["optimizer"]),
+            "mappings_before_mib": mappings_before,
+            "heap_before": heap_before, "heap_after": malloc_stats() if device.type == "cpu" else None,
+            **profiled}
+
+
+def checkpointing_off(vlm, reference) -> None:
+    """Per-layer activation checkpointing off, in ours or in the transformers model under PEFT."""
+    if reference is None:
+        vlm.llm.gradient_checkpointing = False
+    else:
+        reference.base_model.model.gradient_checkpointing_disable()
 
 
 def generate_worker(args, preset: Preset, folders, device) -> dict:
@@ -254,8 +302,8 @@ def snapshot_worker(args, preset: Preset, folders, device) -> dict:
     return {}
 
 
-WORKERS = {"snapshot": snapshot_worker, "train": train_worker, "generate": generate_worker, "loss": loss_worker,
-           "vision": vision_worker}
+WORKERS = {"snapshot": snapshot_worker, "train": train_worker, "memory": memory_worker, "generate": generate_worker,
+           "loss": loss_worker, "vision": vision_worker}
 
 
 def measure_one(args) -> dict:
@@ -270,5 +318,7 @@ def measure_one(args) -> dict:
         import peft  # noqa: F401  the reference's libraries belong to its baseline, as torch does to ours
         import transformers  # noqa: F401
     libraries = memory_mib(device, peak=False)  # CPU: Python, torch, bitsandbytes (+ transformers, peft) resident
+    mappings = resident_by_mapping() if device.type == "cpu" else None  # the same, by kind of memory
     return {**WORKERS[args.task](args, preset, folders, device), "libraries_mib": libraries,
+            "libraries_mappings_mib": mappings,
             "load_average": os.getloadavg()}

@@ -162,6 +162,24 @@ def test_profile_reports_ops_and_where_each_synchronising_call_comes_from(snapsh
     assert not result["decode_step_eager"]["sync_calls"]  # the static decode step never reads back
 
 
+def test_memory_task_breaks_one_step_down_alike_for_each_stack(snapshot_dir, tmp_path):
+    """--tasks memory: each stack's step profiled the same way (the reference's parity checks run first); what is
+    live at the tensor peak adds up to it, and ours' written-out adapter backward keeps less than PEFT's."""
+    result = bench.main(["model", "--quick", "--inline", "--threads", "1", "--tasks", "memory", "--methods", "lora",
+                         "--shapes", "per-patch", "--snapshot-dir", str(snapshot_dir), "--json",
+                         str(tmp_path / "m.json")])
+    runs = result["results"]["memory"]["per-patch"]["lora"]
+    assert set(runs) == {"ours", "reference", "tuned"} and "mean_difference" in runs["tuned"]
+    for run in runs.values():
+        assert run["tensor_peak_mib"] > 0
+        assert sum(run["at_peak_mib"].values()) == pytest.approx(run["tensor_peak_mib"])
+        assert run["resident_tensors_mib"]["trainable parameters (adapters, projector)"] > 0
+    adapters = {k: v["saved_without_checkpointing_mib"]["decoder: adapters (LoRA / DoRA)"] for k, v in runs.items()}
+    assert 0 < adapters["ours"] < adapters["tuned"]
+    measures = {row["measure"] for row in result["rows"]}
+    assert "LoRA peak memory above the libraries (MiB)" in measures
+
+
 def grid_results(layers: int, step_s: dict, captions_per_s: float) -> dict:
     train = {shape: {method: {"ours": {"median_s": step_s[shape], "batch": batch}} for method in ("lora", "dora")}
              for shape, batch in (("resampler", 4), ("per-patch", 1))}
