@@ -6,9 +6,9 @@
 
 cli.py holds the command line and the worker processes; snapshots.py the presets and random snapshot folders;
 stacks.py ours and the reference stack; workers.py one measurement each; table.py rows, ratios and targets;
-adapters.py the layer-level adapters benchmark; memory.py the LM's weights and one snapshot's load; step_memory.py a
-step's memory; profile.py the profiler summary of
-a training and a decode step; grid.py the E1-E8 projection.
+adapters.py the layer-level adapters benchmark; memory.py the LM's weights and one snapshot's load; step_memory.py
+where a training step's memory goes; profile.py the profiler summary of a training and a decode step; grid.py the
+E1-E8 projection.
 """
 from bench.cli import main
 from bench.snapshots import PRESETS, preset_for, write_snapshots
