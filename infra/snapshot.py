@@ -177,10 +177,12 @@ def read_tensors(folder: Path, our_name: Rename = keep_every_key, split: Split =
 
 def assign(model: nn.Module, name: str, tensor: torch.Tensor, *, dtype: torch.dtype, device) -> None:
     """Put one checkpoint tensor, moved and (floating point only) cast, in place of the meta tensor `name`, a
-    parameter or a buffer. copy=True: a tensor read from a file may alias its memory map; a copy lets the file close."""
+    parameter or a buffer. A tensor already in the wanted dtype and device stays on the file's memory map (private,
+    copy-on-write pages, as transformers leaves them): the pages of an embedding's rows never looked up are never read
+    into memory, and the others can be dropped and read again by the kernel instead of being held twice."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
-    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     if attribute in module._buffers:
         module.register_buffer(attribute, value)
     else:

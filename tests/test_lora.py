@@ -574,7 +574,7 @@ def test_backward_keeps_x_once_and_a_boolean_mask():
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-@pytest.mark.parametrize("quant", [None, "nf4"])
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
 def test_checkpointed_model_with_dropout_has_the_formulas_gradients(tmp_path, quant, method):
     """A Qwen3 with adapters (dropout 0.1) on all 7 targets, gradient checkpointing on: the recompute draws the
     same masks, and every gradient equals that of the same model computing the plain formula without
