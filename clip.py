@@ -35,6 +35,20 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": pa
                "silu": F.silu}
 
 
+def check_vit_config(config, tower: str) -> None:
+    """What every ViT tower's config (CLIP's, SigLIP's, DINO's) must hold: an activation kovlm has, one number each
+    for the image and patch sides (square images and patches), and heads that split the width evenly."""
+    if config.hidden_act not in ACTIVATIONS:
+        raise UserError(f"hidden_act '{config.hidden_act}' is not supported by {tower} "
+                         f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+    if not isinstance(config.image_size, int) or not isinstance(config.patch_size, int):
+        raise UserError(f"image_size {config.image_size} and patch_size {config.patch_size} must be single numbers "
+                         f"(square images and patches)")
+    if config.hidden_size % config.num_attention_heads:
+        raise UserError(f"hidden_size {config.hidden_size} is not divisible by "
+                         f"num_attention_heads {config.num_attention_heads}")
+
+
 @dataclass
 class CLIPConfig:
     hidden_size: int
@@ -51,12 +65,7 @@ class CLIPConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise UserError(f"hidden_act '{self.hidden_act}' is not supported by CLIPVision "
-                             f"(supported: {', '.join(sorted(ACTIVATIONS))})")
-        if self.hidden_size % self.num_attention_heads:
-            raise UserError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_vit_config(self, "CLIPVision")
         self.num_patches = (self.image_size // self.patch_size) ** 2  # the stride-p convolution drops a remainder
         self.num_positions = self.num_patches + 1  # + CLS
         self.head_dim = self.hidden_size // self.num_attention_heads

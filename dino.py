@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip import ACTIVATIONS, CLIPMLP, CLIPVision
+from clip import ACTIVATIONS, CLIPMLP, CLIPVision, check_vit_config
 from infra.errors import UserError
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
@@ -67,15 +67,7 @@ class DinoConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise UserError(f"model_type '{self.model_type}' is not a DINO tower ({', '.join(MODEL_TYPES)})")
-        if self.hidden_act not in ACTIVATIONS:
-            raise UserError(f"hidden_act '{self.hidden_act}' is not supported by the DINO towers "
-                             f"(supported: {', '.join(sorted(ACTIVATIONS))})")
-        if not isinstance(self.image_size, int) or not isinstance(self.patch_size, int):
-            raise UserError(f"image_size {self.image_size} and patch_size {self.patch_size} must be single numbers "
-                             f"(square images and patches)")
-        if self.hidden_size % self.num_attention_heads:
-            raise UserError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_vit_config(self, "the DINO towers")
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.position_grid = self.image_size // self.patch_size
 

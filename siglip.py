@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from clip import ACTIVATIONS, CLIPEncoderLayer, CLIPVision
+from clip import CLIPEncoderLayer, CLIPVision, check_vit_config
 from infra.errors import UserError
 
 NAFLEX_TYPES = ("siglip2", "siglip2_vision_model")
@@ -42,15 +42,7 @@ class SiglipConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise UserError(f"hidden_act '{self.hidden_act}' is not supported by SiglipVision "
-                             f"(supported: {', '.join(sorted(ACTIVATIONS))})")
-        if not isinstance(self.image_size, int) or not isinstance(self.patch_size, int):
-            raise UserError(f"image_size {self.image_size} and patch_size {self.patch_size} must be single numbers "
-                             f"(square images and patches)")
-        if self.hidden_size % self.num_attention_heads:
-            raise UserError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_vit_config(self, "SiglipVision")
         self.grid = self.image_size // self.patch_size  # the "valid" stride-p convolution drops a remainder
         self.num_patches = self.grid ** 2
         self.head_dim = self.hidden_size // self.num_attention_heads

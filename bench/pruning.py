@@ -12,7 +12,6 @@ with --threads torch threads; on a GPU when one is present.
 bench/cli.py to call like its other parts (`python -m bench pruning` once it does).
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.standalone import run_alone
 from pruning import cosine_distances, divprune
 
 # ViT-L/14-336 (openai/clip-vit-large-patch14-336, vision_config): the tower kovlm's real runs use
@@ -128,12 +128,4 @@ def add_parser(commands) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    arguments = parser.parse_args()
-    arguments.command_line = " ".join(["python -m bench.pruning", *sys.argv[1:]])
-    figures = bench_pruning(arguments)
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {arguments.json}")
+    run_alone("bench.pruning", __doc__.splitlines()[0], add_arguments, bench_pruning)

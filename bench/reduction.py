@@ -21,7 +21,6 @@ between measurements through /proc/self/clear_refs). `bench_reduction(args)` ret
 `add_parser(commands)` adds a `reduction` subcommand for bench/cli.py's build_parser.
 """
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 from bench.pruning import describe_cpu
 from bench.snapshots import preset_for, write_snapshots
 from bench.stacks import captions_of, features_of, ours_llm, stage2_vlm
+from bench.standalone import run_alone
 from bench.workers import model_flops, timed_repeats
 from lora import after_optimizer_step
 from pruning import REDUCTIONS
@@ -150,12 +150,4 @@ def add_parser(commands) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    arguments = parser.parse_args()
-    arguments.command_line = " ".join(["python -m bench.reduction", *sys.argv[1:]])
-    figures = bench_reduction(arguments)
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {arguments.json}")
+    run_alone("bench.reduction", __doc__.splitlines()[0], add_arguments, bench_reduction)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import experiments
+from infra import grid_summary
 
 
 def read_csv(path) -> list[dict]:
@@ -338,7 +339,7 @@ def test_accumulation_and_the_demos_per_projector_epochs_are_comparable(tmp_path
 
 def test_every_per_projector_default_of_the_demo_is_compared_within_its_projector():
     import demo
-    assert set().union(*demo.PROJECTOR_DEFAULTS.values()) <= experiments.DEMO_PER_PROJECTOR
+    assert set().union(*demo.PROJECTOR_DEFAULTS.values()) <= grid_summary.DEMO_PER_PROJECTOR
 
 
 def test_summarize_names_the_same_experiment_found_twice(tmp_path):
