@@ -13,7 +13,10 @@ The folder loads in transformers' Qwen3ForCausalLM (Qwen3MoeForCausalLM for a Qw
 own per-expert names, the hub's layout, which transformers fuses as it loads) and in our load_qwen3 without adapter
 code: each adapted linear becomes W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA); lora.LoRALinear.merged_linear),
 computed in fp32 from the dequantized base when the base is 4-bit or 8-bit, then stored in --dtype; linears the
-adapters did not touch are dequantized too. caption.py takes the folder in place of a checkpoint. The folder is
+adapters did not touch are dequantized too. The Qwen3 is never whole in memory: the model is rebuilt with its
+Qwen3 on the meta device, and each part (the embedding, each decoder layer, the final norm, the head) is read from
+the base snapshot, quantized as training saw it, merged, cast and appended to its shard (infra/shards.py), then
+dropped; the embedding and an untied head go straight from the snapshot's dtype to --dtype. caption.py takes the folder in place of a checkpoint. The folder is
 written under a temporary name and renamed, so an interrupted export leaves nothing that looks finished; an existing
 --output is replaced only with --overwrite, and only when it is empty or an earlier export (kovlm.json), never a
 training run's folder. The flags, the checkpoint and its base folders' files are checked before a model is loaded.
