@@ -16,10 +16,11 @@ computed in fp32 from the dequantized base when the base is 4-bit or 8-bit, then
 adapters did not touch are dequantized too. The Qwen3 is never whole in memory: the model is rebuilt with its
 Qwen3 on the meta device, and each part (the embedding, each decoder layer, the final norm, the head) is read from
 the base snapshot, quantized as training saw it, merged, cast and appended to its shard (infra/shards.py), then
-dropped; the embedding and an untied head go straight from the snapshot's dtype to --dtype. caption.py takes the folder in place of a checkpoint. The folder is
-written under a temporary name and renamed, so an interrupted export leaves nothing that looks finished; an existing
---output is replaced only with --overwrite, and only when it is empty or an earlier export (kovlm.json), never a
-training run's folder. The flags, the checkpoint and its base folders' files are checked before a model is loaded.
+dropped; the embedding and an untied head go straight from the snapshot's dtype to --dtype. caption.py takes the
+folder in place of a checkpoint. The folder is written under a temporary name and renamed, so an interrupted export
+leaves nothing that looks finished; an existing --output is replaced only with --overwrite, and only when it is empty
+or an earlier export (kovlm.json), never a training run's folder. The flags, the checkpoint and its base folders'
+files are checked before a model is loaded.
 """
 import argparse
 import copy
