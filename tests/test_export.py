@@ -38,7 +38,8 @@ def save_random_checkpoint(path: Path, clip, llm, manifest, *, method: str = "do
                 p.mul_(1 + 0.1 * torch.rand_like(p))
     train_config = TrainConfig(clip=str(clip), llm=str(llm), train_manifest=str(manifest), projector="crossattn",
                                peft=method, lora_r=4, num_frames=3, num_queries=4, dtype="fp32",
-                               quant=quant or "none", output_dir=str(path.parent.parent), cache_dir=str(path.parent.parent / "cache"))
+                               quant=quant or "none", output_dir=str(path.parent.parent),
+                               cache_dir=str(path.parent.parent / "cache"))
     save_model(path, model, train_config, {"stage": 2})
     return path
 
