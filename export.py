@@ -13,33 +13,42 @@ The folder loads in transformers' Qwen3ForCausalLM (Qwen3MoeForCausalLM for a Qw
 own per-expert names, the hub's layout, which transformers fuses as it loads) and in our load_qwen3 without adapter
 code: each adapted linear becomes W + sBA (DoRA: m / ||W + sBA||_row * (W + sBA); lora.LoRALinear.merged_linear),
 computed in fp32 from the dequantized base when the base is 4-bit or 8-bit, then stored in --dtype; linears the
-adapters did not touch are dequantized too. caption.py takes the folder in place of a checkpoint. The folder is
-written under a temporary name and renamed, so an interrupted export leaves nothing that looks finished; an existing
---output is replaced only with --overwrite, and only when it is empty or an earlier export (kovlm.json), never a
-training run's folder. The flags, the checkpoint and its base folders' files are checked before a model is loaded.
+adapters did not touch are dequantized too. The Qwen3 is never whole in memory: the model is rebuilt with its
+Qwen3 on the meta device, and each part (the embedding, each decoder layer, the final norm, the head) is read from
+the base snapshot, quantized as training saw it, merged, cast and appended to its shard (infra/shards.py), then
+dropped; the embedding and an untied head go straight from the snapshot's dtype to --dtype. caption.py takes the
+folder in place of a checkpoint. The folder is written under a temporary name and renamed, so an interrupted export
+leaves nothing that looks finished; an existing --output is replaced only with --overwrite, and only when it is empty
+or an earlier export (kovlm.json), never a training run's folder. The flags, the checkpoint and its base folders'
+files are checked before a model is loaded.
 """
 import argparse
-import errno
+import copy
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from evaluate import rebuild_model
 from features import CACHE_DTYPE
-from infra import options
-from infra.checkpoint import load_checkpoint
+from infra import options, snapshot
+from infra.checkpoint import base_identity_today, load_checkpoint
 from infra.distributed import compute_dtype
 from infra.errors import UserError, user_errors
 from infra.paths import check_output_folder, file_problem, temporary_name
-from infra.preflight import check_bases, check_checkpoint, run_folder_of
-from lora import dequantized_weight, merge_adapters
-from vlm import VLMConfig, build_vlm
+from infra.preflight import check_bases, check_checkpoint, check_trainable_shapes, run_folder_of
+from infra.shards import write_shards
+from lora import QUANTIZED_LINEARS, AdapterConfig, LoRALinear, dequantized_weight
+from moe import split_fused_experts
+from nf4 import empty_int8_linear, empty_nf4_linear
+from projectors import ProjectorConfig, projector_from_config
+from qwen3 import Qwen3, Qwen3Config, load_tensor
+from vision import load_vision
+from vlm import VLM, VLMConfig, base_identity, build_vlm, check_vision_layer, describe_mismatch, load_tokenizer
 
 EXPORT_FORMAT = "kovlm-export-1"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -56,33 +65,88 @@ def dense_state_dict(llm: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
         for name, parameter in module.named_parameters(recurse=False):
             tensor = dequantized_weight(module) if name == "weight" and isinstance(module, torch.nn.Linear) \
                 else parameter.detach()
-            state[f"{module_name}.{name}"] = tensor.to(dtype).contiguous().cpu()
+            state[f"{module_name}.{name}".removeprefix(".")] = tensor.to(dtype).contiguous().cpu()
     return state
 
 
-def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
-    """model-0000k-of-0000n.safetensors, each under max_shard_bytes (one tensor may exceed it alone), and the
-    index that maps each tensor to its shard: transformers' layout, which both loaders read."""
-    shards, size = [[]], 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map = {}
-    for k, names in enumerate(shards, start=1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        try:
-            save_file({name: state[name] for name in names}, folder / file, metadata={"format": "pt"})
-        except SafetensorError as error:  # its message names no file ("I/O error: No space left on device")
-            raise OSError(errno.ENOSPC if "No space left" in str(error) else errno.EIO, str(error),
-                          str(folder / file)) from None
-        weight_map |= {name: file for name in names}
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+# ---- the Qwen3 a part at a time ------------------------------------------------------------------------------------
+def meta_qwen3(folder: Path) -> Qwen3:
+    """The snapshot's Qwen3 on the meta device (every name and shape, no weight), its keys checked against the
+    snapshot's headers and its fingerprint taken, as load_qwen3 would; its linears stay plain (quantized per part)."""
+    config = Qwen3Config.from_hf(snapshot.read_config(folder))
+    with torch.device("meta"):
+        llm = Qwen3(config)
+    snapshot.check_keys(folder, llm, stored_name(config), split_fused_experts if config.moe else None)
+    llm.fingerprint = snapshot.fingerprint(folder)
+    return llm.eval().requires_grad_(False)
+
+
+def stored_name(config: Qwen3Config):
+    """load_qwen3's key mapping: a tied checkpoint's spare lm_head.weight is not a weight of the model."""
+    return lambda key: None if config.tie_word_embeddings and key == "lm_head.weight" else key
+
+
+def merged_llm_tensors(llm: Qwen3, folder: Path, quant: str | None, adapters: dict[str, torch.Tensor],
+                       dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor in `dtype`) of every parameter of the merged Qwen3, in dense_state_dict's order, one part at a
+    time (the embedding, each decoder layer, the final norm, the head), each read from the snapshot, merged, handed
+    on and dropped before the next: memory holds one part. `llm` is the meta Qwen3 with its adapters (LoRALinear
+    over plain meta linears), `adapters` the checkpoint's tensors under the LLM's names."""
+    parts = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(llm.config.num_hidden_layers)), "model.norm"]
+    for path in parts + (["lm_head"] if llm.lm_head is not None else []):
+        part = merged_part(read_part(llm, path, folder, quant, adapters, dtype))
+        for name, tensor in dense_state_dict(part, dtype).items():
+            yield f"{path}.{name}", tensor
+        del part, tensor  # before the next part is read, not after
+
+
+def read_part(llm: Qwen3, path: str, folder: Path, quant: str | None, adapters: dict[str, torch.Tensor],
+              dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of the meta module `path` filled from the snapshot as load_qwen3 fills it, and its adapters from the
+    checkpoint. A part that merges (adapted or quantized linears) reads in fp32, so that the merge and the
+    dequantization are computed in fp32 from weights quantized from fp32 values, as the trained model's were;
+    a part that does not (the embedding, an untied head, norms) is cast straight to `dtype`, which is exact."""
+    part = copy.deepcopy(llm.get_submodule(path))  # still meta; plain linears copy, bitsandbytes' meta ones do not
+    if quant is not None and path.startswith("model.layers."):
+        swap_to_quantized(part, quant)
+    merges = any(isinstance(m, (LoRALinear, *QUANTIZED_LINEARS)) for m in part.modules())
+    prefix = f"{path}."
+    tensors = snapshot.read_tensors(folder, lambda key: key if key.startswith(prefix) else None,
+                                    split_fused_experts if llm.config.moe else None)
+    for name, tensor in tensors:
+        load_tensor(part, base_name(part, name.removeprefix(prefix)), tensor,
+                    dtype=torch.float32 if merges else dtype, device="cpu")
+    for name, tensor in adapters.items():
+        if name.startswith(prefix):
+            snapshot.assign(part, name.removeprefix(prefix), tensor, dtype=torch.float32, device="cpu")
+    return part
+
+
+def swap_to_quantized(part: torch.nn.Module, quant: str) -> None:
+    """Every plain linear of a decoder layer (an adapter's base too) becomes an empty 4-bit or 8-bit one, computing
+    in fp32: qwen3.swap_quantized_linears, for one layer."""
+    empty_linear = {"nf4": empty_nf4_linear, "int8": empty_int8_linear}[quant]
+    for name, linear in list(part.named_modules()):
+        if type(linear) is torch.nn.Linear:
+            part.set_submodule(name, empty_linear(linear.in_features, linear.out_features,
+                                                  bias=linear.bias is not None, compute_dtype=torch.float32))
+
+
+def base_name(part: torch.nn.Module, name: str) -> str:
+    """A snapshot tensor's name inside `part`: an adapted linear keeps its base at `.base`."""
+    module_name, _, tensor_name = name.rpartition(".")
+    adapted = isinstance(part.get_submodule(module_name), LoRALinear)
+    return ".".join(n for n in (module_name, "base" if adapted else "", tensor_name) if n)
+
+
+def merged_part(part: torch.nn.Module) -> torch.nn.Module:
+    """`part` with each LoRALinear replaced by its merged_linear() (W + sBA, DoRA's rescaling, in fp32)."""
+    if isinstance(part, LoRALinear):
+        return part.merged_linear()
+    for name, module in list(part.named_modules()):
+        if isinstance(module, LoRALinear):
+            part.set_submodule(name, module.merged_linear())
+    return part
 
 
 def copy_files(source: Path, target: Path, names) -> list[str]:
@@ -107,24 +171,56 @@ def check_export_target(output, checkpoint_path, *, overwrite: bool) -> Path:
     return output
 
 
+def rebuild_on_meta(checkpoint: dict, *, clip, llm, where: str) -> VLM:
+    """evaluate.rebuild_model's VLM and checks, but its Qwen3 on the meta device (names and shapes, the adapters'
+    too): merged_llm_tensors reads the weights a part at a time. The tower is loaded (its identity and width are
+    checked; nothing is computed with it, so bf16); the projector holds the checkpoint's weights. The steps are
+    vlm.build_vlm's and rebuild_model's, which load the whole Qwen3."""
+    saved = VLMConfig(**checkpoint["vlm_config"])
+    config = replace(saved, clip_path=clip or saved.clip_path, llm_path=llm or saved.llm_path)
+    vision = load_vision(config.clip_path, dtype=torch.bfloat16)
+    check_vision_layer(config.vision_layer, vision, config.clip_path)
+    qwen = meta_qwen3(Path(config.llm_path))
+    requests = {"num_frames": config.num_frames} | {k: v for k, v in config.projector.items() if v is not None}
+    projector = projector_from_config(ProjectorConfig.requested(vision_dim=vision.config.hidden_size,
+                                                                llm_dim=qwen.config.hidden_size, **requests))
+    completed = {k: v for k, v in asdict(projector.config).items() if k not in ("vision_dim", "llm_dim")}
+    config = replace(config, adapter=None, base_identity=base_identity(vision, qwen), projector=completed)
+    model = VLM(vision, projector, qwen, load_tokenizer(config.llm_path), config)
+    if saved.adapter is not None:
+        model.add_adapters(AdapterConfig(**saved.adapter))
+    saved = replace(saved, base_identity=base_identity_today(saved.base_identity, model.config.base_identity,
+                                                             {"vision": config.clip_path, "llm": config.llm_path}))
+    for name in ("base_identity", "projector", "adapter", "vision_layer", "num_frames", "quant"):
+        if difference := describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)}):
+            raise UserError(f"checkpoint does not match the model: {difference}")
+    check_trainable_shapes(checkpoint["trainable"], model, where)
+    model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in checkpoint["trainable"].items()
+                                     if k.startswith("projector.")}, strict=True)
+    return model
+
+
 def export_checkpoint(checkpoint_path, output, *, dtype: str = "bf16", clip=None, llm=None,
                       max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
     """Write the merged model folder (see the module docstring); returns its path."""
     output = check_export_target(output, checkpoint_path, overwrite=overwrite)
     checkpoint = check_checkpoint(load_checkpoint(checkpoint_path), checkpoint_path)
-    # fp32 on the CPU: the merge W + sBA and DoRA's norm are computed at full precision whatever the storage dtype
-    model = rebuild_model(checkpoint, clip=clip, llm=llm, device="cpu", dtype=torch.float32,
-                          where=str(checkpoint_path))
-    merged = merge_adapters(model.llm) if model.config.adapter is not None else []
+    model = rebuild_on_meta(checkpoint, clip=clip, llm=llm, where=str(checkpoint_path))
+    merged = [name for name, module in model.llm.named_modules() if isinstance(module, LoRALinear)]
+    adapters = {k.removeprefix("llm."): v for k, v in checkpoint["trainable"].items() if k.startswith("llm.")}
+    folder = Path(model.config.llm_path)
+    with torch.device("meta"):  # the merged model's names and shapes: the base's
+        shapes = {name: tuple(p.shape) for name, p in Qwen3(model.llm.config).named_parameters()}
     temporary = temporary_name(output)
     temporary.mkdir(parents=True)
     try:
-        write_shards(dense_state_dict(model.llm, DTYPES[dtype]), temporary, max_shard_bytes)
-        config = json.loads((Path(model.config.llm_path) / "config.json").read_text())
+        tensors = merged_llm_tensors(model.llm, folder, model.config.quant, adapters, DTYPES[dtype])
+        write_shards(tensors, shapes, DTYPES[dtype], temporary, max_shard_bytes)
+        config = json.loads((folder / "config.json").read_text())
         config |= {"dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype]}
         config.pop("quantization_config", None)
         (temporary / "config.json").write_text(json.dumps(config, indent=2))
-        if "tokenizer.json" not in copy_files(Path(model.config.llm_path), temporary, TOKENIZER_FILES):
+        if "tokenizer.json" not in copy_files(folder, temporary, TOKENIZER_FILES):
             raise FileNotFoundError(f"{model.config.llm_path}: no tokenizer.json to export with the model")
         copy_files(Path(model.config.clip_path), temporary / "clip", CLIP_FILES)
         save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()},

@@ -21,12 +21,13 @@ from vlm import VLMConfig, build_vlm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def save_random_checkpoint(path: Path, clip, llm, manifest, *, method: str = "dora", seed: int = 0) -> Path:
+def save_random_checkpoint(path: Path, clip, llm, manifest, *, method: str = "dora", seed: int = 0,
+                           quant: str | None = "nf4") -> Path:
     """A checkpoint in train.py's format whose projector and adapters are random (no training): adapters that
     change the logits, so a merge that dropped them would be seen."""
     torch.manual_seed(seed)
     config = VLMConfig(clip_path=str(clip), llm_path=str(llm), projector={"name": "crossattn", "num_queries": 4},
-                       num_frames=3)
+                       num_frames=3, quant=quant)
     model = build_vlm(config, dtype=torch.float32)
     model.add_adapters(AdapterConfig(method=method, r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
@@ -37,7 +38,8 @@ def save_random_checkpoint(path: Path, clip, llm, manifest, *, method: str = "do
                 p.mul_(1 + 0.1 * torch.rand_like(p))
     train_config = TrainConfig(clip=str(clip), llm=str(llm), train_manifest=str(manifest), projector="crossattn",
                                peft=method, lora_r=4, num_frames=3, num_queries=4, dtype="fp32",
-                               output_dir=str(path.parent.parent), cache_dir=str(path.parent.parent / "cache"))
+                               quant=quant or "none", output_dir=str(path.parent.parent),
+                               cache_dir=str(path.parent.parent / "cache"))
     save_model(path, model, train_config, {"stage": 2})
     return path
 
@@ -127,13 +129,14 @@ def test_overwrite_replaces_an_earlier_export_only(random_checkpoint, tmp_path):
 
 
 def test_a_full_disk_while_writing_a_shard_names_the_shard(random_checkpoint, tmp_path, monkeypatch):
-    import export
+    import errno
+
+    from infra import shards
     from infra.errors import describe
-    from safetensors import SafetensorError
 
     def full_disk(*args, **kwargs):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr(export, "save_file", full_disk)
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a file's write raises it: no file named
+    monkeypatch.setattr(shards, "write_bytes", full_disk)
     with pytest.raises(OSError) as failed:
         export_checkpoint(random_checkpoint, tmp_path / "exported")
     assert re.match(r".*/model-00001-of-00001.safetensors: the disk is full", describe(failed.value))
@@ -148,3 +151,89 @@ def test_flags_are_refused_before_loading(random_checkpoint, tmp_path, flags, wo
     with pytest.raises(SystemExit) as stopped:
         export.main([str(random_checkpoint), "--output", str(tmp_path / "o"), *flags])
     assert stopped.value.code == f"error: {words}" and not (tmp_path / "o").exists()
+
+
+# ---- the streamed export equals the whole-model merge ------------------------------------------------------------
+def whole_model_state(checkpoint_path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The export as computed before it streamed: the whole adapted model rebuilt in fp32 on the CPU, every adapter
+    merged (lora.merge_adapters), every parameter dequantized and cast (export.dense_state_dict)."""
+    from export import dense_state_dict
+    from lora import merge_adapters
+    model = adapted_model(checkpoint_path)
+    merge_adapters(model.llm)
+    return dense_state_dict(model.llm, dtype)
+
+
+def read_shards(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards the index names, read with safetensors.safe_open, each from the shard named."""
+    from safetensors import safe_open
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(folder / shard, framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            tensors |= {name: f.get_tensor(name) for name in f.keys()}
+            assert {n for n, s in index["weight_map"].items() if s == shard} == set(f.keys())
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def moe_llm(tiny_bases, tmp_path_factory):
+    """A tiny Qwen3-MoE with the tiny bases' tokenizer, its experts stored fused (transformers 5's layout, which the
+    export splits per expert): layer 0 dense, layer 1 a router and 4 experts."""
+    import shutil
+
+    from conftest import save_tiny_qwen3_moe
+    from tokenizers import Tokenizer
+    _, llm = tiny_bases
+    vocab = Tokenizer.from_file(str(llm / "tokenizer.json")).get_vocab_size()
+    folder = save_tiny_qwen3_moe(tmp_path_factory.mktemp("moe") / "llm", vocab_size=vocab, hidden_size=48,
+                                 intermediate_size=64, head_dim=16, experts=4, active=2, expert_size=24,
+                                 mlp_only_layers=(0,), fused=True)
+    shutil.copy(llm / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("quant", ["nf4", "int8", None])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_streamed_shards_equal_the_whole_model_merge(tiny_bases, tiny_manifest, moe_llm, tmp_path, method, quant,
+                                                     moe):
+    clip, llm = tiny_bases
+    checkpoint = save_random_checkpoint(tmp_path / "run" / "checkpoints" / "best_model.pt", clip,
+                                        moe_llm if moe else llm, tiny_manifest, method=method, quant=quant)
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        out = export_checkpoint(checkpoint, tmp_path / f"exported_{dtype}", dtype=dtype, max_shard_bytes=30_000)
+        streamed, expected = read_shards(out), whole_model_state(checkpoint, torch_dtype)
+        assert list(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == list(expected)
+        assert streamed.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert streamed[name].dtype == torch_dtype and torch.equal(streamed[name], tensor), name
+
+
+def test_shards_hold_at_most_max_shard_bytes_unless_one_tensor_is_larger(tmp_path):
+    from safetensors import safe_open
+
+    from infra.shards import write_shards
+    tensors = {f"t{i}": torch.randn(size, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+               for i, size in enumerate([100, 300, 2000, 50, 50, 400, 7])}  # 2000 x 2 bytes: alone over 1000
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    write_shards(iter(tensors.items()), shapes, torch.bfloat16, tmp_path, max_shard_bytes=1000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert index["metadata"]["total_size"] == 2 * 2907 and list(index["weight_map"]) == list(tensors)
+    # in order: t0 t1 (800 bytes) | t2 alone (4000) | t3 t4 t5 (1000) | t6
+    assert [[n for n, s in index["weight_map"].items() if s == shard] for shard in shards] == \
+        [["t0", "t1"], ["t2"], ["t3", "t4", "t5"], ["t6"]]
+    for shard in shards:
+        with safe_open(tmp_path / shard, framework="pt") as f:
+            sizes = [f.get_tensor(name).numel() * 2 for name in f.keys()]
+            assert sum(sizes) <= 1000 or len(sizes) == 1
+            for name in f.keys():
+                assert torch.equal(f.get_tensor(name), tensors[name])
+
+
+def test_a_stream_that_differs_from_the_plan_is_refused(tmp_path):
+    from infra.shards import write_shards
+    with pytest.raises(RuntimeError, match=r"b \(2,\) torch.float32 came where the header has a"):
+        write_shards(iter([("b", torch.zeros(2))]), {"a": (2,)}, torch.float32, tmp_path, max_shard_bytes=100)
