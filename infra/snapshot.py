@@ -17,7 +17,6 @@ skips a tensor without reading it (CLIP's text tower, BERT's pooler). A loader w
 its tensors in one (transformers 5's fused Qwen3-MoE experts) also passes `split(name, tensor) -> [(name, piece)]`,
 applied after the rename; the key check applies it to meta tensors of the stored shapes, so nothing is read.
 """
-import ctypes
 import hashlib
 import json
 import os
@@ -203,17 +202,6 @@ def load_into(model: nn.Module, folder: Path, our_name: Rename = keep_every_key,
         for name, tensor in read_tensors(folder, our_name, split):
             place(model, name, tensor, dtype=dtype, device=device)
             bar.update(tensor.numel())
-    release_free_heap()
-
-
-def release_free_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim). Reading and casting tensors one at a
-    time leaves their freed buffers in the heap, where they would stay resident for the whole run: at the bench's
-    per-patch shape, 121 of the 183 MiB of heap a training step found (results/README.md, "Training memory")."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to give back this way
-        pass
 
 
 # ---- fingerprint ----
