@@ -8,7 +8,7 @@ cli.py holds the command line and the worker processes; snapshots.py the presets
 stacks.py ours and the reference stack; workers.py one measurement each; table.py rows, ratios and targets;
 adapters.py the layer-level adapters benchmark; memory.py the LM's weights and one snapshot's load; step_memory.py
 where a training step's memory goes; profile.py the profiler summary of a training and a decode step; grid.py the
-E1-E8 projection.
+E1-E8 projection; pruning.py and reduction.py token reduction's cost (standalone.py runs them as python -m).
 """
 from bench.cli import main
 from bench.snapshots import PRESETS, preset_for, write_snapshots
