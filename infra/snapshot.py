@@ -24,8 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
@@ -72,6 +72,11 @@ def weight_files(folder: Path, our_name: Rename = keep_every_key) -> list[Path]:
             return shards
     raise FileNotFoundError(f"{folder}: no weights; expected model.safetensors or pytorch_model.bin (or an index "
                             f"with its shards), as in a Hugging Face model folder")
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def read_header(file: Path) -> tuple[int, dict]:
@@ -164,22 +169,35 @@ def read_tensors(folder: Path, our_name: Rename = keep_every_key, split: Split =
         return [(name, tensor)] if split is None else split(name, tensor)
     for file in weight_files(folder, our_name):
         if file.suffix == ".safetensors":
-            read_header(file)  # a damaged file is named in one line before safetensors opens it
-            with safe_open(file, framework="pt") as weights:
-                for key in weights.keys():
-                    if (name := our_name(key)) is not None:
-                        yield from named(name, weights.get_tensor(key))
+            data_start, entries = read_header(file)  # a damaged file is named in one line here
+            for key, entry in entries.items():
+                if (name := our_name(key)) is not None:
+                    yield from named(name, map_tensor(file, data_start, entry))
         else:
             for key, tensor in read_bin(file).items():
                 if (name := our_name(key)) is not None:
                     yield from named(name, tensor)
 
 
+def map_tensor(file: Path, data_start: int, entry: dict) -> torch.Tensor:
+    """One tensor of a safetensors file on a private (copy-on-write) memory map of its own bytes: nothing is read
+    until used, and dropping the tensor unmaps it. A map of the whole file would keep every page read through it
+    resident while any one of its tensors lived (a kept bf16 embedding would hold its 4 GB shard)."""
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        raise UserError(f"{file}: tensor dtype {entry['dtype']} is not one kovlm reads "
+                        f"({', '.join(SAFETENSORS_DTYPES)}); convert the snapshot to bf16 or fp32")
+    dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
+    if begin == end:
+        return torch.empty(entry["shape"], dtype=dtype)
+    raw = np.memmap(file, dtype=np.uint8, mode="c", offset=data_start + begin, shape=(end - begin,))
+    return torch.from_numpy(raw).view(dtype).reshape(entry["shape"])
+
+
 def assign(model: nn.Module, name: str, tensor: torch.Tensor, *, dtype: torch.dtype, device) -> None:
     """Put one checkpoint tensor, moved and (floating point only) cast, in place of the meta tensor `name`, a
-    parameter or a buffer. A tensor already in the wanted dtype and device stays on the file's memory map (private,
-    copy-on-write pages, as transformers leaves them): the pages of an embedding's rows never looked up are never read
-    into memory, and the others can be dropped and read again by the kernel instead of being held twice."""
+    parameter or a buffer. A tensor already in the wanted dtype and device stays on its own memory map (map_tensor:
+    private, copy-on-write pages, as transformers leaves them): the pages of an embedding's rows never looked up are
+    never read into memory, and the others can be dropped and read again by the kernel instead of being held twice."""
     module_name, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_name)
     value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)

@@ -215,3 +215,17 @@ def tiny_manifest(tmp_path_factory):
                                 ensure_ascii=False))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root / "manifest.jsonl"
+
+
+@pytest.fixture
+def tensors_read(monkeypatch):
+    """(file name, key) of every tensor the snapshot reader maps from a safetensors file, in order."""
+    from infra import snapshot
+    read, real_map_tensor = [], snapshot.map_tensor
+
+    def spying_map_tensor(file, data_start, entry):
+        read.append((file.name, next(key for key, value in snapshot.read_header(file)[1].items() if value == entry)))
+        return real_map_tensor(file, data_start, entry)
+
+    monkeypatch.setattr(snapshot, "map_tensor", spying_map_tensor)
+    return read

@@ -204,3 +204,26 @@ def test_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: the vision config has no hidden_size"):
         snapshot.read_config(tmp_path, CLIPConfig.from_hf)
+
+
+def test_each_tensor_is_mapped_alone_and_equals_safetensors(tmp_path):
+    """read_tensors maps each tensor's own bytes (copy-on-write): the values and dtypes equal the saved tensors for
+    every dtype kovlm meets, writing to one changes neither the file nor another read, and a kept tensor maps
+    about its own size of the file, not the whole file."""
+    state = {"a.bf16": torch.randn(300, 70).to(torch.bfloat16), "b.f32": torch.randn(5, 3), "c.f16":
+             torch.randn(4000).half(), "d.i64": torch.arange(7), "e.u8": torch.arange(9, dtype=torch.uint8),
+             "f.bool": torch.tensor([True, False]), "g.scalar": torch.tensor(2.5), "h.empty": torch.zeros(0, 4)}
+    file = tmp_path / "model.safetensors"
+    save_file(state, file)
+    (tmp_path / "config.json").write_text("{}")
+    read = dict(snapshot.read_tensors(tmp_path))
+    assert all(read[key].dtype == value.dtype and torch.equal(read[key], value) for key, value in state.items())
+    read["b.f32"].add_(1)  # copy-on-write: the file and a new read are unchanged
+    assert torch.equal(load_file(file)["b.f32"], state["b.f32"])
+    assert torch.equal(dict(snapshot.read_tensors(tmp_path))["b.f32"], state["b.f32"])
+    kept = read.pop("c.f16")
+    del read
+    gc.collect()  # what remains mapped from the file (safetensors' own load_file may map it whole, so not used above)
+    maps = [line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith(str(file))]
+    mapped = sum(int(end, 16) - int(start, 16) for start, end in (span.split("-") for span in maps))
+    assert 0 < mapped <= kept.numel() * kept.element_size() + 2 * 4096 < file.stat().st_size
