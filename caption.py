@@ -99,10 +99,11 @@ def collect_videos(paths: list[str], recursive: bool = False) -> tuple[list[Clip
     return videos, failures
 
 
-def load_captioner(path, *, clip=None, llm=None, device, dtype: str | None = None):
-    """(model, features_dtype, description) from a checkpoint file or an export.py folder."""
+def load_captioner(path, *, clip=None, llm=None, device, dtype: str | None = None, quant: str | None = None):
+    """(model, features_dtype, description) from a checkpoint file or an export.py folder (its merged LM stored as
+    exported, or in `quant`: nf4 / int8)."""
     if Path(path).is_dir():
-        model, info = load_exported(path, clip=clip, device=device, dtype=dtype)
+        model, info = load_exported(path, clip=clip, device=device, dtype=dtype, quant=quant)
         return model, getattr(torch, info["features_dtype"]) if info["features_dtype"] else None, info
     checkpoint = check_checkpoint(load_checkpoint(path), path)
     train_config = checkpoint["train_config"]
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="read and fill a feature cache here (off by default)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="compute dtype (default: the checkpoint's)")
+    parser.add_argument("--quant", choices=["nf4", "int8", "none"], default="none", help="an export folder's merged "
+                        "LM: none keeps its weights as exported (bf16: 16 GB for Qwen3-8B); nf4 or int8 quantize them "
+                        "as they load (a checkpoint keeps the quantization it trained with)")
     parser.add_argument("--workers", type=int, default=4, help="background threads decoding videos")
     add_decoding_options(parser)
     add_reduction_checks(parser)
@@ -285,6 +289,9 @@ def check_command(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         vlm_config = read_export_info(source)["vlm_config"]
         clip, llm = args.clip or source / vlm_config["clip_path"], source / vlm_config["llm_path"]
     else:
+        if args.quant != "none":
+            raise UserError(f"--quant {args.quant} applies to export folders only: a checkpoint's model is rebuilt "
+                            f"with the quantization it trained with")
         if problem := file_problem(source):
             raise UserError(f"{source}: {problem}; give a checkpoint file or an export.py folder")
         vlm_config = check_checkpoint(load_checkpoint(source), source)["vlm_config"]
@@ -317,7 +324,7 @@ def run(args: argparse.Namespace, header: dict, done: list[dict]) -> int:
     videos = [clip for clip in videos if clip not in finished]
     device = options.check_device(args.device) or default_device()
     model, features_dtype, source = load_captioner(args.checkpoint, clip=args.clip, llm=args.llm, device=device,
-                                                   dtype=args.dtype)
+                                                   dtype=args.dtype, quant=None if args.quant == "none" else args.quant)
     check_asked_reduction(asdict(model.config), args.token_reduction, args.visual_tokens)
     cache = feature_cache_for(model, args.cache_dir) if args.cache_dir else None
     progress = tqdm(total=len(videos), desc="captioning", unit="video", file=sys.stderr, disable=len(videos) < 20)

@@ -19,6 +19,7 @@ from caption import Clip, caption_videos, collect_videos, load_captioner
 from data import preprocess, read_frames
 from evaluate import evaluate_checkpoint
 from export import export_checkpoint
+from nf4 import bnb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +109,10 @@ def test_exported_folder_gives_the_checkpoints_captions(checkpoint, videos, tmp_
                                     features_dtype=features_dtype)
         captions[source] = [r["caption"] for r in records]
     assert captions[checkpoint] == captions[exported] and len(captions[exported]) == 2
+    model, _, _ = load_captioner(exported, device=torch.device("cpu"), quant="nf4")  # the merged LM stored in 4 bits
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.llm.modules())
+    records, _ = caption_videos(model, [Clip(v) for v in good], batch_size=2, max_new_tokens=6)
+    assert len(records) == 2 and all(isinstance(r["caption"], str) for r in records)
 
 
 def test_cache_is_filled_only_when_asked_and_then_read(checkpoint, videos, tmp_path):
@@ -187,6 +192,7 @@ def refused(argv, capsys=None) -> str:
     (["--do-sample", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
     (["--device", "tpu9"], "--device tpu9: not a device name"),
     (["--resume"], "--resume works on --output"),
+    (["--quant", "nf4"], "--quant nf4 applies to export folders only"),
 ] + ([(["--device", "cuda"], "--device cuda: this torch sees no CUDA GPU")] if not torch.cuda.is_available() else []))
 def test_flags_are_refused_before_the_model_loads(checkpoint, videos, flags, words, monkeypatch):
     monkeypatch.setattr(caption, "load_captioner", None)  # loading would fail the test with a TypeError
