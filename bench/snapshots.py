@@ -7,14 +7,16 @@ from_pretrained read the same files the normal way.
 """
 import json
 import math
-import struct
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
+
+from infra.shards import write_safetensors, write_shards
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,6 @@ QWEN3_ADDED_TOKENS = [(151643 + i, token, i < 14) for i, token in enumerate([
     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
     "<think>", "</think>"])]
 QWEN3_BPE_SIZE = 151643
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
 
 
 def write_qwen3_tokenizer(folder: Path, texts: list[str]) -> Tokenizer:
@@ -247,45 +248,10 @@ def random_tensor(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=dtype).mul_(0.02)
 
 
-def write_safetensors_streaming(path: Path, shapes: dict[str, tuple], dtype: torch.dtype, make=random_tensor) -> int:
-    """One safetensors file written tensor by tensor: the header first (every offset follows from the shapes), then
-    each tensor made by make(name, shape, dtype), written and dropped. Memory holds one tensor, never the file.
-    Returns the bytes of tensor data."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(text)) + text)
-        for name, shape in shapes.items():
-            tensor = make(name, tuple(shape), dtype).contiguous()
-            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return offset
-
-
-def write_sharded(folder: Path, shapes: dict[str, tuple], dtype: torch.dtype, shard_bytes: int) -> list[str]:
-    """model-0000k-of-0000n.safetensors of at most shard_bytes each (a larger tensor alone) and
-    model.safetensors.index.json, as transformers' save_pretrained lays them out. Returns the shard names."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    groups, size = [[]], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups, size = groups + [[]], 0
-        groups[-1].append(name)
-        size += nbytes
-    files = [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
-    total = sum(write_safetensors_streaming(folder / file, {name: shapes[name] for name in names}, dtype)
-                for file, names in zip(files, groups))
-    weight_map = {name: file for file, names in zip(files, groups) for name in names}
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return files
+def random_tensors(shapes: dict[str, tuple], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, random_tensor) for each of `shapes` in order, made one at a time as infra.shards writes them: memory
+    holds one tensor, never the file."""
+    return ((name, random_tensor(name, tuple(shape), dtype)) for name, shape in shapes.items())
 
 
 def hf_shapes(model_class, config) -> dict[str, tuple]:
@@ -303,7 +269,8 @@ def write_qwen3_8b(folder: Path, layers: int = 36, shard_bytes: int = 4 * 10**9,
     config = QWEN3_8B | {"num_hidden_layers": layers, "max_window_layers": layers} | (overrides or {})
     folder.mkdir(parents=True, exist_ok=True)
     shapes = hf_shapes(Qwen3ForCausalLM, Qwen3Config(**config))
-    files = write_sharded(folder, shapes, torch.bfloat16, shard_bytes)
+    write_shards(random_tensors(shapes, torch.bfloat16), shapes, torch.bfloat16, folder, shard_bytes)
+    files = sorted({*json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": [151645,
                                                                 151643], "pad_token_id": 151643}, indent=2))
@@ -322,7 +289,7 @@ def write_clip_l_336(folder: Path, vision_layers: int = 24) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     shapes = hf_shapes(CLIPModel, CLIPConfig(text_config=config["text_config"], vision_config=config["vision_config"],
                                              projection_dim=768))
-    write_safetensors_streaming(folder / "model.safetensors", shapes, torch.float32)
+    write_safetensors(folder / "model.safetensors", shapes, torch.float32, random_tensors(shapes, torch.float32))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_L_336_PROCESSOR, indent=2))
     return {"parameters": sum(math.prod(s) for s in shapes.values()), "files": ["model.safetensors"]}

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from bench.rehearse import COMMAND_NAMES, print_table, rehearse
-from bench.snapshots import QWEN3_8B, QWEN3_ADDED_TOKENS, random_tensor, write_safetensors_streaming
+from bench.snapshots import QWEN3_8B, QWEN3_ADDED_TOKENS, random_tensor, random_tensors
+from infra.shards import write_safetensors
 
 NARROW = {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 8, "num_key_value_heads": 2}
 NEW_TOKENS = 4
@@ -38,7 +39,7 @@ def test_streaming_writer_gives_what_safetensors_reads(tmp_path):
     shapes = {"a.weight": (3, 5), "a.bias": (5,), "norm.weight": (4,), "logit_scale": ()}
     for dtype in (torch.bfloat16, torch.float32):
         path = tmp_path / f"{dtype}.safetensors"
-        write_safetensors_streaming(path, shapes, dtype)
+        write_safetensors(path, shapes, dtype, random_tensors(shapes, dtype))
         loaded = load_file(path)
         assert set(loaded) == set(shapes)
         for name, shape in shapes.items():
