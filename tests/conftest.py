@@ -96,6 +96,18 @@ TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # transformers' IMAGENET_DEFAULT_*
 
 
+def saved_once(tmp_path_factory, save, prefix: str):
+    """make(**options) -> save(a new folder, **options), written once per distinct set of options."""
+    folders = {}
+
+    def make(**options):
+        key = json.dumps(options, sort_keys=True)
+        if key not in folders:
+            folders[key] = save(tmp_path_factory.mktemp(prefix), **options)
+        return folders[key]
+    return make
+
+
 def perturb(model, seed=0):
     """Random init plus N(0, 0.1) on every parameter, so LayerNorm gains, LayerScale, biases and registers matter."""
     generator = torch.Generator().manual_seed(seed)

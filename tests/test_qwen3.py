@@ -9,7 +9,7 @@ import shutil
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import save_tiny_qwen3
+from conftest import save_tiny_qwen3, saved_once
 from safetensors.torch import load_file, save_file
 
 from nf4 import int8_row_scales, keep_one_layout
@@ -22,14 +22,7 @@ SELF_ATOL = 1e-5  # ours vs ours, two routes to the same numbers
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
     """snapshot(**save_tiny_qwen3 options) -> folder, written once per distinct set of options."""
-    folders = {}
-
-    def make(**options):
-        key = json.dumps(options, sort_keys=True)
-        if key not in folders:
-            folders[key] = save_tiny_qwen3(tmp_path_factory.mktemp("qwen3"), **options)
-        return folders[key]
-    return make
+    return saved_once(tmp_path_factory, save_tiny_qwen3, "qwen3")
 
 
 def reference(folder, **kwargs):

@@ -5,11 +5,10 @@ Tolerances: fp32 logits within 1e-5 of transformers (the same routing, sums in a
 PEFT relative to the reference's largest magnitude, 1e-4, as tests/test_lora.py; ours two ways (merged / unmerged,
 checkpointed / plain) 1e-5.
 """
-import json
 
 import pytest
 import torch
-from conftest import save_tiny_qwen3_moe
+from conftest import save_tiny_qwen3_moe, saved_once
 from safetensors.torch import save_file
 from test_lora import assert_rel, randomize
 
@@ -31,14 +30,7 @@ CASES = {  # the default: 2 layers, both MoE, 8 experts of width 32, 2 active, r
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
     """snapshot(**save_tiny_qwen3_moe options) -> folder, written once per distinct set of options."""
-    folders = {}
-
-    def make(**options):
-        key = json.dumps(options, sort_keys=True)
-        if key not in folders:
-            folders[key] = save_tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"), **options)
-        return folders[key]
-    return make
+    return saved_once(tmp_path_factory, save_tiny_qwen3_moe, "qwen3_moe")
 
 
 def reference(folder):
