@@ -15,7 +15,9 @@ from typing import Iterator
 
 import torch
 
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+from infra.snapshot import SAFETENSORS_DTYPES
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch.bfloat16 -> "BF16", as stored
 
 
 def plan_shards(shapes: dict[str, tuple], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
@@ -65,7 +67,7 @@ def write_safetensors(file: Path, shapes: dict[str, tuple], dtype: torch.dtype,
     header, offset = {"__metadata__": {"format": "pt"}}, 0  # "pt": what transformers checks before loading
     for name, shape in shapes.items():
         size = math.prod(shape) * itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
