@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from infra import snapshot
 from infra.errors import UserError
 from moe import MoeConfig, Qwen3MoeBlock, is_moe_layer, split_fused_experts
-from nf4 import QUANTIZATIONS, bnb, check_int8_runs, empty_int8_linear, empty_nf4_linear, quantize_int8
+from nf4 import QUANTIZATIONS, bnb, check_int8_runs, empty_int8_linear, empty_nf4_linear, quantize_int8, quantize_nf4
 
 
 @dataclass
@@ -381,9 +381,7 @@ def load_tensor(model: Qwen3, name: str, tensor: torch.Tensor, *, dtype, device)
     module_name, _, param_name = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
-        weight = bnb.nn.Params4bit(tensor.to(dtype).contiguous(), requires_grad=False, compress_statistics=True,
-                                   quant_type="nf4", module=module)
-        module.weight = weight.to(device)  # Params4bit.to(device) is what quantizes (on the CPU too)
+        module.weight = quantize_nf4(tensor.to(dtype), device, module)
     elif isinstance(module, bnb.nn.Linear8bitLt) and param_name == "weight":
         module.weight = quantize_int8(tensor, device)  # from the values as stored, through fp16 (nf4.py)
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nf4 import bnb, empty_nf4_linear
+from nf4 import CHUNK, bnb, empty_nf4_linear, nf4_bounds, quantize_nf4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +17,41 @@ ROOT = Path(__file__).resolve().parents[1]
 def quantized(layer, weight):
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=layer).to("cpu")
     return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(96, 64), (1024, 520), (3, 10)])  # one chunk; 4 chunks and a part; not whole blocks
+def test_quantize_nf4_gives_the_bytes_and_state_bitsandbytes_gives(dtype, shape):
+    """quantize_nf4 (a chunk at a time, 15 comparisons) equals Params4bit(...).to("cpu") (bitsandbytes' kernel,
+    bucketize) exactly: the packed codes, the double-quantized block scales and their state, the dequantized weight
+    and a forward; with an all-zero block, an outlier and weights exactly on a decision bound, in every float dtype.
+    The input is left as it was."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+    assert nf4_bounds() == _get_4bit_quantize_bounds("nf4", torch.device("cpu"))[0].tolist()
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    if weight.numel() >= 256:
+        weight.view(-1)[:64] = 0  # a block of zeros: absmax 0
+        weight.view(-1)[64:128] = torch.tensor(nf4_bounds()[:8] * 8)  # bounds, and 1.0 below as the block's max
+        weight.view(-1)[127] = weight.view(-1)[200] = 1.0  # an outlier in the next block as well
+    weight = weight.to(dtype)
+    before = weight.clone()
+    layer = empty_nf4_linear(shape[1], shape[0], bias=False, compute_dtype=dtype)
+    ours = quantize_nf4(weight, "cpu", layer)
+    reference = bnb.nn.Params4bit(weight.clone(), requires_grad=False, compress_statistics=True,
+                                  quant_type="nf4").to("cpu")
+    assert torch.equal(weight, before) and CHUNK % 64 == 0
+    assert ours.data.shape == reference.data.shape and torch.equal(ours.data, reference.data)
+    mine, theirs = ours.quant_state, reference.quant_state
+    assert layer.quant_state is mine and (mine.shape, mine.dtype, mine.blocksize, mine.quant_type) == \
+        (theirs.shape, theirs.dtype, theirs.blocksize, theirs.quant_type)
+    for a, b in [(mine.absmax, theirs.absmax), (mine.offset, theirs.offset), (mine.code, theirs.code),
+                 (mine.state2.absmax, theirs.state2.absmax), (mine.state2.code, theirs.state2.code)]:
+        assert torch.equal(a, b)
+    dequantized = bnb.functional.dequantize_4bit(ours.data, mine)
+    assert torch.equal(dequantized, bnb.functional.dequantize_4bit(reference.data, theirs))
+    layer.weight = ours
+    x = torch.randn(2, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+    torch.testing.assert_close(layer(x), x @ dequantized.T, rtol=0, atol=0)
 
 
 def test_an_eval_forward_leaves_the_weight_readable_and_gradients_unchanged():
