@@ -114,15 +114,22 @@ def rebuild_model(checkpoint: dict, *, clip: str | None, llm: str | None, device
     config = VLMConfig(**{**checkpoint["vlm_config"], "clip_path": clip or saved.clip_path,
                           "llm_path": llm or saved.llm_path})
     model = build_vlm(config, device=device, dtype=dtype)
+    check_rebuilt(saved, model, checkpoint["trainable"], where)
+    model.load_trainable_state_dict(checkpoint["trainable"])
+    return model
+
+
+def check_rebuilt(saved: VLMConfig, model, trainable: dict, where: str) -> None:
+    """The rebuilt model is the one the checkpoint was trained as: the same bases (as they are today), projector,
+    adapters, vision layer, frames and quantization, and trainable tensors of its shapes; else one line."""
     saved = replace(saved, base_identity=base_identity_today(saved.base_identity, model.config.base_identity,
-                                                             {"vision": config.clip_path, "llm": config.llm_path}))
+                                                             {"vision": model.config.clip_path,
+                                                              "llm": model.config.llm_path}))
     for name in ("base_identity", "projector", "adapter", "vision_layer", "num_frames", "quant"):
         difference = describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)})
         if difference:
             raise UserError(f"checkpoint does not match the model: {difference}")
-    check_trainable_shapes(checkpoint["trainable"], model, where)
-    model.load_trainable_state_dict(checkpoint["trainable"])
-    return model
+    check_trainable_shapes(trainable, model, where)
 
 
 def run_splits(train_config: dict) -> dict[str, list]:

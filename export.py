@@ -34,21 +34,20 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from evaluate import check_rebuilt
 from features import CACHE_DTYPE
 from infra import options, snapshot
-from infra.checkpoint import base_identity_today, load_checkpoint
+from infra.checkpoint import load_checkpoint
 from infra.distributed import compute_dtype
 from infra.errors import UserError, user_errors
 from infra.paths import check_output_folder, file_problem, temporary_name
-from infra.preflight import check_bases, check_checkpoint, check_trainable_shapes, run_folder_of
+from infra.preflight import check_bases, check_checkpoint, run_folder_of
 from infra.shards import write_shards
-from lora import QUANTIZED_LINEARS, AdapterConfig, LoRALinear, dequantized_weight
+from lora import QUANTIZED_LINEARS, LoRALinear, dequantized_weight
 from moe import split_fused_experts
 from nf4 import empty_int8_linear, empty_nf4_linear
-from projectors import ProjectorConfig, projector_from_config
 from qwen3 import Qwen3, Qwen3Config, load_tensor
-from vision import load_vision
-from vlm import VLM, VLMConfig, base_identity, build_vlm, check_vision_layer, describe_mismatch, load_tokenizer
+from vlm import VLM, VLMConfig, build_vlm
 
 EXPORT_FORMAT = "kovlm-export-1"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -174,27 +173,11 @@ def check_export_target(output, checkpoint_path, *, overwrite: bool) -> Path:
 def rebuild_on_meta(checkpoint: dict, *, clip, llm, where: str) -> VLM:
     """evaluate.rebuild_model's VLM and checks, but its Qwen3 on the meta device (names and shapes, the adapters'
     too): merged_llm_tensors reads the weights a part at a time. The tower is loaded (its identity and width are
-    checked; nothing is computed with it, so bf16); the projector holds the checkpoint's weights. The steps are
-    vlm.build_vlm's and rebuild_model's, which load the whole Qwen3."""
+    checked; nothing is computed with it, so bf16); the projector holds the checkpoint's weights."""
     saved = VLMConfig(**checkpoint["vlm_config"])
     config = replace(saved, clip_path=clip or saved.clip_path, llm_path=llm or saved.llm_path)
-    vision = load_vision(config.clip_path, dtype=torch.bfloat16)
-    check_vision_layer(config.vision_layer, vision, config.clip_path)
-    qwen = meta_qwen3(Path(config.llm_path))
-    requests = {"num_frames": config.num_frames} | {k: v for k, v in config.projector.items() if v is not None}
-    projector = projector_from_config(ProjectorConfig.requested(vision_dim=vision.config.hidden_size,
-                                                                llm_dim=qwen.config.hidden_size, **requests))
-    completed = {k: v for k, v in asdict(projector.config).items() if k not in ("vision_dim", "llm_dim")}
-    config = replace(config, adapter=None, base_identity=base_identity(vision, qwen), projector=completed)
-    model = VLM(vision, projector, qwen, load_tokenizer(config.llm_path), config)
-    if saved.adapter is not None:
-        model.add_adapters(AdapterConfig(**saved.adapter))
-    saved = replace(saved, base_identity=base_identity_today(saved.base_identity, model.config.base_identity,
-                                                             {"vision": config.clip_path, "llm": config.llm_path}))
-    for name in ("base_identity", "projector", "adapter", "vision_layer", "num_frames", "quant"):
-        if difference := describe_mismatch({name: getattr(saved, name)}, {name: getattr(model.config, name)}):
-            raise UserError(f"checkpoint does not match the model: {difference}")
-    check_trainable_shapes(checkpoint["trainable"], model, where)
+    model = build_vlm(config, dtype=torch.bfloat16, llm=meta_qwen3(Path(config.llm_path)))
+    check_rebuilt(saved, model, checkpoint["trainable"], where)
     model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in checkpoint["trainable"].items()
                                      if k.startswith("projector.")}, strict=True)
     return model

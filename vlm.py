@@ -390,14 +390,16 @@ def check_token_reduction(projector: str, method: str, visual_tokens: int | None
         raise UserError(f"--merge-threshold {threshold}: a cosine similarity, in [-1, 1]")
 
 
-def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
+def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16, llm=None) -> VLM:
     """Load the frozen bases from their snapshot folders, build the projector (and adapters when configured).
-    The model holds a completed copy of `config` (projector defaults, base fingerprints); `config` is unchanged."""
+    The model holds a completed copy of `config` (projector defaults, base fingerprints); `config` is unchanged.
+    `llm`: a Qwen3 already built from config.llm_path (export's, on the meta device) instead of loading one."""
     check_token_reduction(config.projector["name"], config.token_reduction, config.visual_tokens,
                           config.merge_threshold)
     vision = load_vision(config.clip_path, dtype=dtype, device=device)
     check_vision_layer(config.vision_layer, vision, config.clip_path)
-    llm = load_qwen3(config.llm_path, quant=config.quant, dtype=dtype, device=device)
+    prebuilt = llm is not None
+    llm = llm if prebuilt else load_qwen3(config.llm_path, quant=config.quant, dtype=dtype, device=device)
     tokenizer = load_tokenizer(config.llm_path)
     requests = {"num_frames": config.num_frames} | {k: v for k, v in config.projector.items() if v is not None}
     projector_config = ProjectorConfig.requested(vision_dim=vision.config.hidden_size,
@@ -409,7 +411,8 @@ def build_vlm(config: VLMConfig, *, device="cpu", dtype=torch.bfloat16) -> VLM:
     model = VLM(vision, projector, llm, tokenizer, config)
     if adapter is not None:
         model.add_adapters(AdapterConfig(**adapter))
-        model.to(device)
+        if not prebuilt:  # a meta Qwen3 stays where it is
+            model.to(device)
     return model
 
 
