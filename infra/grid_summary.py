@@ -223,16 +223,19 @@ def number(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+METEOR_SAME = 0.0005  # METEOR differences below this are the same score: the tables show three decimals
+
+
 def conclusion(pair: dict) -> str:
-    """The projector's verdict in one line: the higher METEOR (a draw when the seeds' ranges overlap), at what cost
-    in step time and memory, and how steady each loss ended."""
+    """The projector's verdict in one line: the higher METEOR (a draw when the seeds' ranges overlap, the same when
+    they differ by less than METEOR_SAME), at what cost in step time and memory, and how steady each loss ended."""
     gap = pair["meteor_dora_minus_lora"]
     if "runs_per_side" in pair and pair["meteor_min_lora"] <= pair["meteor_max_dora"] \
             and pair["meteor_min_dora"] <= pair["meteor_max_lora"]:
         verdict = "a draw within the seeds' METEOR ranges"
     else:
-        verdict = "DoRA scores the higher METEOR" if gap > 0 else "LoRA scores the higher METEOR" if gap < 0 \
-            else "the same METEOR"
+        verdict = f"the same METEOR within {METEOR_SAME}" if abs(gap) < METEOR_SAME else \
+            "DoRA scores the higher METEOR" if gap > 0 else "LoRA scores the higher METEOR"
     bertscore = (f", BERTScore F1 {pair['bertscore_f1_dora_minus_lora']:+.4f}" if "bertscore_f1_dora_minus_lora" in pair
                  else "")
     machines = "" if pair["machine_lora"] == pair["machine_dora"] else \

@@ -444,3 +444,15 @@ def test_a_pair_split_between_two_machines_says_so(tmp_path, capsys):
         (tmp_path / "s" / "recommendation.txt").read_text()
     pair, = read_csv(tmp_path / "s" / "lora_vs_dora.csv")
     assert (pair["machine_lora"], pair["machine_dora"]) == ("NVIDIA A100", "NVIDIA H100")
+
+
+@pytest.mark.parametrize("gap, verdict", [(0.00002, "the same METEOR within 0.0005"),
+                                          (0.002, "DoRA scores the higher METEOR"),
+                                          (-0.002, "LoRA scores the higher METEOR")])
+def test_a_meteor_gap_below_the_shown_precision_is_called_the_same(gap, verdict):
+    """One run per side: a difference the tables cannot show (three decimals) is not called a win."""
+    pair = {"projector": "linear", "meteor_lora": 0.81, "meteor_dora": 0.81 + gap, "meteor_dora_minus_lora": gap,
+            "machine_lora": "m", "machine_dora": "m", "median_step_seconds_dora_over_lora": 1.0,
+            "peak_memory_gib_dora_over_lora": 1.1, f"{grid_summary.LOSS_SPREAD}_lora": 0.01,
+            f"{grid_summary.LOSS_SPREAD}_dora": 0.01}
+    assert grid_summary.conclusion(pair).startswith(f"linear: {verdict} (DoRA {0.81 + gap:.4f} vs LoRA 0.8100")
