@@ -1,8 +1,8 @@
 """Side-by-side benchmarks: kovlm against the transformers + PEFT + bitsandbytes stack, with ratios.
 
     python -m bench --preset cpu-small        # = python -m bench model --preset cpu-small; qwen3-8b on a GPU
-    python -m bench model [--preset cpu-small|qwen3-8b] [--tasks train,generate,loss,vision,memory] [--quick]
-                          [--json PATH]
+    python -m bench model [--preset cpu-small|cpu-small-moe|qwen3-8b] [--quant nf4|int8]
+                          [--tasks train,generate,loss,vision,memory] [--quick] [--json PATH]
     python -m bench memory [SNAPSHOT [--quant nf4|int8] [--device cuda]]
     python -m bench profile [--preset cpu-small|qwen3-8b] [--layers N] [--quick] [--json PATH]
     python -m bench grid-estimate RESULTS_JSON [--videos 500] [--val-videos 50]
@@ -11,6 +11,7 @@
     python -m bench probe [--projector cabstractor] [--attribute colour] [--cut stage1,readout] [--json PATH]
     python -m bench reduction [--layers 2] [--keep 1152] [--method merge+divprune] [--json PATH]
     python -m bench pruning [--tokens 4608] [--keep 1152] [--threads 1] [--json PATH]
+    python -m bench loading SNAPSHOT [--quant nf4|int8] [--layers 2] [--full] [--json PATH]
     python -m bench rehearse [--layers 36] [--device cpu|cuda] [--dtype auto|bf16|fp32] [--keep DIR] [--json PATH]
 
 `model` writes random weights with the preset's Qwen3 / CLIP shapes once to a temporary snapshot folder, so both
@@ -21,9 +22,10 @@ Before timing, every reference process checks that its per-label losses (dropout
 `adapters` compares one adapted NF4 linear at Qwen3-8B's layer shapes (with --norms: what holding DoRA's norm
 saves). `probe` (bench/probe.py) is not a comparison: it trains linear heads at cuts inside a projector on the
 embedded default's cached features, to see where an attribute is lost. `pruning` (bench/pruning.py) times DivPrune
-against one CLIP-L frame. `rehearse` (bench/rehearse.py) runs the user's commands (train, evaluate, caption, export)
-as subprocesses on random snapshots of CLIP-L/336 and Qwen3-8B at their published sizes, with each command's exit
-status, time and peak memory.
+against one CLIP-L frame. `loading` (bench/loading.py) times reading, quantizing and placing a snapshot's linear
+weights from a cold page cache. `rehearse` (bench/rehearse.py) runs the user's commands (train, evaluate, caption,
+export) as subprocesses on random snapshots of CLIP-L/336 and Qwen3-8B at their published sizes, with each command's
+exit status, time and peak memory.
 
 Each subcommand is one function taking the parsed arguments and returning a JSON-ready dict. transformers and PEFT
 are test-only references of kovlm: only this benchmark (and the tests) import them.
@@ -40,13 +42,14 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from bench import grid, probe, reduction, rehearse
+from bench import grid, loading, probe
 from bench import pruning as pruning_bench
+from bench import reduction, rehearse
 from bench.adapters import bench_adapters
 from bench.memory import bench_memory
 from bench.profile import bench_profile
@@ -57,8 +60,8 @@ from bench.workers import DTYPES, WORKERS, measure_one
 
 # cli.py is the command line and the worker processes; the parts live beside it: adapters.py (the adapters
 # subcommand), snapshots.py (presets, random snapshot folders), stacks.py (ours and the reference, the parity
-# check), workers.py (one measurement each), table.py (rows, ratios, targets), memory.py (the LM's weights, one snapshot's load), step_memory.py (
-# where a training step's memory goes: --tasks memory, not run by default).
+# check), workers.py (one measurement each), table.py (rows, ratios, targets), memory.py (the LM's weights, one
+# snapshot's load), step_memory.py (# where a training step's memory goes: --tasks memory, not run by default).
 TASKS = ("train", "generate", "loss", "vision", "memory")
 # generation runs: (name in the results, stack, variant); ours' decode step as a CUDA graph (on a GPU) first
 GENERATE_RUNS = (("ours", "ours", "graphs"), ("ours-eager", "ours", "eager"), ("ours-merged", "ours", "merged"),
@@ -75,7 +78,7 @@ def run_worker(args, task: str, **options) -> dict:
     interpreter: no CUDA state is ever forked."""
     flags = ["--task", task, "--preset", args.preset, "--root", str(args.root), "--dtype", args.dtype]
     flags += (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
-    flags += ["--layers", str(args.layers)] if args.layers else []
+    flags += (["--layers", str(args.layers)] if args.layers else []) + ["--quant", args.quant]
     for key, value in options.items():
         flags += [f"--{key.replace('_', '-')}", str(value)] if value is not None else []
     if args.inline:
@@ -202,6 +205,8 @@ def bench_model(args) -> dict:
         args.root = Path(args.snapshot_dir or temporary)
         args.root.mkdir(parents=True, exist_ok=True)
         results = run_measurements(args, args.tasks)
+    if args.quant != "nf4":
+        preset = replace(preset, name=f"{preset.name}, {args.quant}")  # the table's preset column names it
     rows = model_rows(preset, results, device)
     print_model_table(rows, judged=not args.quick)
     loads = sorted(value["load_average"][0] for value in worker_results(results))
@@ -212,7 +217,7 @@ def bench_model(args) -> dict:
     versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")}
     return {"command": "python -m bench " + " ".join(args.argv), "device": describe_device(device, args.threads),
             "versions": versions | {"python": platform.python_version()}, "preset": asdict(preset),
-            "dtype": args.dtype, "memory": memory,
+            "quant": args.quant, "dtype": args.dtype, "memory": memory,
             "isolation": "inline (one process)" if args.inline else "one process per measurement",
             "load_average": {"start": load_start, "end": os.getloadavg()}, "seconds": round(time.time() - started),
             "rows": rows, "results": results}
@@ -253,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", parents=[common], help="training step, generation, loss, vision side: "
                                 "ours vs transformers + PEFT + bitsandbytes (the default command)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    model.add_argument("--quant", choices=["nf4", "int8"], default="nf4", help="the LM's quantization in both "
+                       "stacks: NF4 with double-quantized statistics, or LLM.int8 (bitsandbytes' load_in_8bit)")
     model.add_argument("--tasks", type=comma_list(TASKS), default=list(TASKS[:-1]), help="a subset, comma-separated: "
                        + ",".join(TASKS) + " (default: all but memory)")
     model.add_argument("--shapes", type=comma_list(SHAPES), default=list(SHAPES),
@@ -278,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruning_bench.add_parser(commands)
     reduction.add_parser(commands)
     rehearse.add_parser(commands)
+    loading.add_parser(commands)
     memory = commands.add_parser("memory", help="Qwen3 0.6B-32B and 30B-A3B x nf4/int8/bf16: weights and the "
                                  "estimated training peak (computed); with a snapshot folder, its load measured")
     memory.add_argument("path", nargs="?", help="a Qwen3 snapshot folder to load and measure")
@@ -290,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--preset", choices=sorted(PRESETS), required=True)
     one.add_argument("--root", required=True, help="the folder holding llm/ and clip/")
     one.add_argument("--stack", choices=STACKS, default="ours")
+    one.add_argument("--quant", choices=["nf4", "int8"], default="nf4")
     one.add_argument("--method", choices=METHODS, default="lora")
     one.add_argument("--shape", choices=sorted(SHAPES), default="resampler")
     one.add_argument("--variant", choices=["label-only", "full-logits", "graphs", "eager", "merged"],

@@ -3,8 +3,10 @@
 `python -m bench memory [--json PATH]`: for Qwen3-0.6B, 1.7B, 4B, 8B, 14B, 32B and Qwen3-30B-A3B, each stored in NF4,
 int8 or bf16, the weights' memory and an estimated training peak with the perceiver and with a per-patch projector
 (mlp): COMPUTED from the published configs (moe.parameter_counts and the formula in `training_peak`), not measured.
-`python -m bench memory SNAPSHOT [--quant nf4|int8] [--device cuda]`: load one snapshot folder with kovlm's loader
-and MEASURE its parameter count, weight bytes, load time and peak memory (streaming load, quantized per tensor).
+`python -m bench memory SNAPSHOT [--quant nf4|int8] [--device cuda] [--json PATH]`: load one snapshot folder with
+kovlm's loader and MEASURE its parameter count, the bytes its weights take (quantization scales included) beside
+`weight_bytes`' computed figure, the load time and peak memory (streaming load, quantized per tensor). The table
+sets such measurements of Qwen3-8B on the CPU (MEASURED_FILES, when they are there) beside its computed rows.
 
 Weights: the decoder layers' linear weights (attention, dense MLPs, experts: what --quant stores) at
     nf4   4 bits + one uint8 absmax per block of 64 + one fp32 scale per 256 blocks (bitsandbytes' double
@@ -13,15 +15,21 @@ Weights: the decoder layers' linear weights (attention, dense MLPs, experts: wha
     bf16  16 bits
 and everything else (embeddings, an untied head, norms, routers) in bf16.
 """
+import json
+import os
 import resource
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
+from bench.pruning import describe_cpu
 from clip import CLIPConfig, CLIPVision
+from infra import snapshot
 from moe import MoeConfig, is_moe_layer, parameter_counts
+from nf4 import bnb, int8_row_scales
 from projectors import ProjectorConfig, projector_from_config
 from qwen3 import Qwen3, load_qwen3
 
@@ -39,6 +47,11 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 GPUS = ((24, "24 GB (RTX 4090, L4, A10)"), (40, "A100 40GB"), (48, "48 GB (L40S, A6000)"), (80, "A100 / H100 80GB"),
         (141, "H200"))
 CUDA_CONTEXT_GIB = 1.0  # the CUDA context and allocator slack a process needs besides its tensors
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+# Qwen3-8B measured on the CPU: its load per quantization (python -m bench memory SNAPSHOT --quant Q --json FILE) and
+# the 36-layer rehearsal's training run (python -m bench rehearse)
+MEASURED_FILES = {"nf4": "bench_memory_qwen3-8b_nf4_cpu.json", "int8": "bench_memory_qwen3-8b_int8_cpu.json",
+                  "rehearsal": "rehearsal_cpu.json"}
 
 
 def published_config(name: str) -> dict:
@@ -191,7 +204,52 @@ def memory_table(args) -> dict:
           f"tokens, no checkpointing; mlp: {shape.frames * shape.patches} visual tokens, checkpointing per layer), "
           f"label-only logits, one dequantized linear. Not included: the CUDA context (fits: peak + "
           f"{CUDA_CONTEXT_GIB:.0f} GiB <= the GPU's memory), allocator fragmentation.")
-    return {"computed": True, "shape": shape.__dict__, "rows": rows}
+    return {"computed": True, "shape": shape.__dict__, "rows": rows, "measured": measured_beside()}
+
+
+def measured_beside() -> list[dict]:
+    """Qwen3-8B measured on the CPU (MEASURED_FILES that exist), each beside the computed figure for the same
+    thing: the weights as loaded per quantization, and the rehearsal's training peak RSS beside training_peak at its
+    shape (batch 1, perceiver, DoRA). Printed under the table; [] when none was measured here."""
+    rows, d = [], published_config("Qwen3-8B")
+    for quant in ("nf4", "int8"):
+        file = RESULTS / MEASURED_FILES[quant]
+        if file.exists():
+            load = json.loads(file.read_text())
+            rows.append({"what": f"Qwen3-8B {quant} weights as loaded (GiB)", "measured": load["weights_mib"] / 1024,
+                         "computed": weight_bytes(d, quant) / GiB, "file": f"results/{file.name}",
+                         "command": load["command"], "note": f"load {load['load_seconds']:.0f} s, peak RSS "
+                         f"{load['peak_rss_mib'] / 1024:.2f} GiB, {load['device']['model']}"})
+    file = RESULTS / MEASURED_FILES["rehearsal"]
+    rehearsal = json.loads(file.read_text()) if file.exists() else {}
+    train = next((row for row in rehearsal.get("rows", []) if row["name"] == "train"), None)
+    if train and rehearsal["layers"]["llm"] == 36:
+        computed = training_peak(d, "nf4", "perceiver", RunShape(batch_size=1))
+        rows.append({"what": "Qwen3-8B nf4 training peak, perceiver + DoRA, batch 1 (GiB)",
+                     "measured": train["peak_rss_gib"], "computed": computed["total"], "file": f"results/{file.name}",
+                     "command": rehearsal["command"], "note": f"peak RSS of train.py, {rehearsal['dtype']} on "
+                     f"the CPU; RSS also holds Python, torch and bitsandbytes (~0.4 GiB) and the tokenizer"})
+    if rows:
+        print("\nMeasured on the CPU (Qwen3-8B, 36 layers, random weights), beside the computed figure:\n")
+        print("| what | measured | computed | from |\n|---|---:|---:|---|")
+        for row in rows:
+            print(f"| {row['what']} | {row['measured']:.2f} | {row['computed']:.2f} | {row['file']}: {row['note']} |")
+    return rows
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """The bytes the model's weights take where they live: parameters and buffers, with each quantized linear's
+    scales (NF4: the uint8 block absmax and their fp32 scales, as NF4_BITS counts them; int8: one fp32 scale per
+    row). bitsandbytes' 16- and 256-entry code tables are left out, as in weight_bytes."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            scales = [state.absmax] + ([state.state2.absmax] if state.nested else [])
+            total += sum(t.numel() * t.element_size() for t in scales)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            total += int8_row_scales(module).numel() * 4
+    return total
 
 
 def peak_rss_mib() -> float:
@@ -207,11 +265,15 @@ def bench_memory(args) -> dict:
     seconds, rss_peak = time.time() - start, peak_rss_mib()
     with torch.device("meta"):
         parameters = sum(p.numel() for p in Qwen3(model.config).parameters())
-    in_memory = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    result = {"parameters": parameters, "quant": args.quant, "weights_mib": in_memory, "load_seconds": seconds,
-              "peak_rss_mib": rss_peak, "rss_before_mib": rss_before}
+    in_memory = stored_bytes(model) / 2**20
+    computed = weight_bytes(snapshot.read_config(Path(args.path)), args.quant or "bf16") / 2**20
+    device = torch.device(args.device)
+    result = {"command": "python -m bench " + " ".join(args.argv), "parameters": parameters, "quant": args.quant,
+              "weights_mib": in_memory, "computed_weights_mib": computed, "load_seconds": seconds,
+              "peak_rss_mib": rss_peak, "rss_before_mib": rss_before, "load_average": os.getloadavg(),
+              "device": {"model": torch.cuda.get_device_name(device)} if device.type == "cuda" else describe_cpu()}
     print(f"{parameters:,} parameters ({parameters * 2 / 2**20:,.0f} MiB in bf16), quant={args.quant}: "
-          f"{in_memory:,.0f} MiB of weights (NF4 block scales and int8 row scales not counted), loaded in "
+          f"{in_memory:,.0f} MiB of weights with their scales (computed: {computed:,.0f} MiB), loaded in "
           f"{seconds:.1f} s")
     print(f"peak RSS {rss_peak:,.0f} MiB ({rss_before:,.0f} MiB before loading: Python, torch, bitsandbytes)")
     if str(args.device).startswith("cuda"):

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from demo import NUM_SLOTS, assets_folder
+from demo.synth import ATTRIBUTES
 from formats.manifests import read_manifest
 from projectors import ProjectorConfig, projector_from_config
-from demo.synth import ATTRIBUTES
 
 
 def load_demo_features(assets: Path, cache_dir: Path, num_frames: int = 8) -> dict:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from infra.shards import write_safetensors, write_shards
+from moe import split_fused_experts
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class Preset:
     warmup: int = 1               # untimed repeats first
     step_repeats: int = 5         # timed training steps (the median is reported)
     repeats: int = 3              # timed generations and loss computations (long on a CPU; the median)
+    experts: int = 0              # Qwen3-MoE: experts in each decoder layer's MLP (0: a dense Qwen3)
+    experts_per_token: int = 8    # ... of which each token uses this many
+    expert_intermediate: int = 0  # ... each a SwiGLU this wide
 
     @property
     def patches(self) -> int:
@@ -61,6 +65,10 @@ PRESETS = {
     # visual tokens at the per-patch shape instead of 8 x 576): a few minutes on a 2-core CPU.
     "cpu-small": Preset("cpu-small", 512, 1536, 2, 8, 4, 64, 256, 1024, 4, 4, 168, 14),
 }
+# cpu-small's decoder as a Qwen3-MoE with Qwen/Qwen3-30B-A3B's proportions: 8 active experts, each 3/8 of the width
+# wide (768 at 2048), no shared expert, every layer MoE; 32 experts instead of 128 keep the snapshot small
+PRESETS["cpu-small-moe"] = replace(PRESETS["cpu-small"], name="cpu-small-moe", experts=32, experts_per_token=8,
+                                   expert_intermediate=192)
 QUICK = dict(hidden_size=64, intermediate_size=128, layers=1, heads=2, kv_heads=1, head_dim=32, vision_hidden=32,
              vision_intermediate=64, vision_layers=2, vision_heads=2, image_size=28, patch_size=14, vocab_size=2048,
              queries=4, short_batch=2, caption_tokens=8, loss_patches=4, generate_batch=2, new_tokens=3, videos=2,
@@ -76,7 +84,10 @@ def preset_for(name: str, quick: bool, layers: int | None = None) -> Preset:
     """The preset `name`, or with quick its toy-size variant (the same workloads, every code path once); layers
     keeps the first `layers` decoder layers of its Qwen3 (same widths: per-layer costs and ratios stay, in less
     time; the name says so)."""
-    preset = replace(PRESETS[name], name=f"{name} (quick)", **QUICK) if quick else PRESETS[name]
+    preset = PRESETS[name]
+    if quick:
+        moe = dict(experts=4, experts_per_token=2, expert_intermediate=32) if preset.experts else {}
+        preset = replace(preset, name=f"{name} (quick)", **QUICK, **moe)
     if layers and layers != preset.layers:
         preset = replace(preset, name=f"{preset.name}, {layers} of {preset.layers} layers", layers=layers)
     return preset
@@ -118,28 +129,35 @@ def write_random_weights(folder: Path, shapes: dict, dtype: torch.dtype, device,
 
 
 def write_snapshots(preset: Preset, root: Path, device, shard_bytes: int = 2 << 30) -> dict[str, Path]:
-    """The preset's random Qwen3 (bf16, with tokenizer.json) and CLIP vision tower (fp32) as snapshot folders,
-    written once; a root already holding this preset's folders is reused."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
+    """The preset's random Qwen3 or Qwen3-MoE (bf16, with tokenizer.json; experts in the hub's per-expert layout)
+    and CLIP vision tower (fp32) as snapshot folders, written once; a root already holding this preset's folders is
+    reused."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, \
+        Qwen3MoeForCausalLM
     folders = {"llm": root / "llm", "clip": root / "clip"}
     marker = root / "preset.json"
     if marker.exists() and json.loads(marker.read_text()) == asdict(preset):
         return folders
     tokenizer = write_tokenizer(folders["llm"], preset.vocab_size)
     # no eos_token_id: transformers' generate then never stops early, as ours is told not to (equal work)
-    llm = Qwen3Config(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, head_dim=preset.head_dim,
-                      intermediate_size=preset.intermediate_size, num_hidden_layers=preset.layers,
-                      num_attention_heads=preset.heads, num_key_value_heads=preset.kv_heads, rope_theta=1e6,
-                      max_position_embeddings=40960, tie_word_embeddings=False, dtype="bfloat16",
-                      pad_token_id=tokenizer.token_to_id("<|endoftext|>"))
+    decoder = dict(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, head_dim=preset.head_dim,
+                   intermediate_size=preset.intermediate_size, num_hidden_layers=preset.layers,
+                   num_attention_heads=preset.heads, num_key_value_heads=preset.kv_heads, rope_theta=1e6,
+                   max_position_embeddings=40960, tie_word_embeddings=False, dtype="bfloat16",
+                   pad_token_id=tokenizer.token_to_id("<|endoftext|>"))
+    llm_class = Qwen3MoeForCausalLM if preset.experts else Qwen3ForCausalLM
+    llm = Qwen3MoeConfig(**decoder, num_experts=preset.experts, num_experts_per_tok=preset.experts_per_token,
+                         moe_intermediate_size=preset.expert_intermediate, norm_topk_prob=True) \
+        if preset.experts else Qwen3Config(**decoder)
     clip = CLIPVisionConfig(hidden_size=preset.vision_hidden, intermediate_size=preset.vision_intermediate,
                             num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
                             image_size=preset.image_size, patch_size=preset.patch_size)
-    for folder, config, model_class, dtype in ((folders["llm"], llm, Qwen3ForCausalLM, torch.bfloat16),
+    for folder, config, model_class, dtype in ((folders["llm"], llm, llm_class, torch.bfloat16),
                                                (folders["clip"], clip, CLIPVisionModel, torch.float32)):
         config.save_pretrained(folder)
-        with torch.device("meta"):
-            shapes = {name: t.shape for name, t in model_class(config).state_dict().items()}
+        with torch.device("meta"):  # transformers 5's fused experts split into the hub's names, as checkpoints have
+            shapes = {split: t.shape for name, fused in model_class(config).state_dict().items()
+                      for split, t in split_fused_experts(name, fused)}
         write_random_weights(folder, shapes, dtype, device, shard_bytes)
     marker.write_text(json.dumps(asdict(preset)))
     return folders

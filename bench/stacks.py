@@ -1,13 +1,20 @@
 """The two stacks the model benchmark compares, on the same batch, the same weights and the same adapters.
 
-Ours: kovlm's Qwen3 (NF4, double-quantized statistics) with our LoRA / DoRA inside a VLM. The reference:
-transformers' Qwen3ForCausalLM + bitsandbytes + PEFT, set up as their users do, fed the same inputs_embeds (its own
-token embeddings with our projector's output at the video slots). Both hold adapters drawn from each linear's name,
-and before anything is timed the reference's per-label losses (dropout off) must agree with ours.
+Ours: kovlm's Qwen3 or Qwen3-MoE (NF4 with double-quantized statistics, or int8) with our LoRA / DoRA inside a
+VLM. The reference: transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM + bitsandbytes (the same quantization) +
+PEFT, set up as their users do, fed the same inputs_embeds (its own token embeddings with our projector's output at
+the video slots). Both hold adapters drawn from each linear's name, on all seven linears of a dense Qwen3 and on the
+attention projections of a Qwen3-MoE (its default: experts frozen), and before anything is timed the reference's
+per-label losses (dropout off) must agree with ours.
+
+transformers + bitsandbytes quantize nn.Linear modules only; Qwen3-MoE's experts are 3-D parameters there, so they
+stay in bf16 (memory the reference's users pay). `same_expert_numbers` gives them the values ours computes with
+(each expert linear quantized as ours loads it, then dequantized), so both stacks compute the same function.
 """
 import json
 import random
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,8 +23,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from bench.snapshots import CAPTION_TEXTS, Preset
-from nf4 import bnb, keep_one_layout
-from lora import QWEN3_LINEARS, LoRALinear, apply_adapters, dequantized_weight
+from lora import ATTENTION_LINEARS, QWEN3_LINEARS, LoRALinear, apply_adapters, dequantized_weight
+from nf4 import bnb, keep_one_layout, quantize_int8
 from projectors import build_projector
 from qwen3 import load_qwen3
 from vlm import VLM, VLMConfig, label_logits, splice_visual_tokens
@@ -48,17 +55,25 @@ def copy_seeded_adapter(name: str, base: nn.Module, lora_A, lora_B, magnitude=No
         magnitude.copy_(row_norm * torch.empty(base.out_features).uniform_(0.5, 1.5, generator=g))
 
 
-def adapter_options(method: str) -> dict:
-    """apply_adapters' options for a benchmark method name: ADAPTER, DoRA for dora*, no dropout for dora-d0."""
-    return ADAPTER | {"method": method.removesuffix("-d0")} | ({"dropout": 0.0} if method.endswith("-d0") else {})
+def is_moe(folders) -> bool:
+    """Whether the snapshot's LM is a Qwen3-MoE."""
+    return json.loads((Path(folders["llm"]) / "config.json").read_text())["model_type"] == "qwen3_moe"
 
 
-def ours_llm(folders, device, method: str | None, dtype=torch.bfloat16) -> nn.Module:
-    """kovlm's Qwen3: NF4 base with double-quantized statistics, bf16 weights, per-layer activation checkpointing."""
-    llm = load_qwen3(folders["llm"], quant="nf4", dtype=dtype, device=device)
+def adapter_options(method: str, moe: bool = False) -> dict:
+    """apply_adapters' options for a benchmark method name: ADAPTER, DoRA for dora*, no dropout for dora-d0; the
+    attention projections only on a Qwen3-MoE (train.py's default there)."""
+    return ADAPTER | {"method": method.removesuffix("-d0"), "targets": ATTENTION_LINEARS if moe else QWEN3_LINEARS} \
+        | ({"dropout": 0.0} if method.endswith("-d0") else {})
+
+
+def ours_llm(folders, device, method: str | None, dtype=torch.bfloat16, quant: str = "nf4") -> nn.Module:
+    """kovlm's Qwen3: an NF4 (double-quantized statistics) or int8 base, bf16 weights, per-layer activation
+    checkpointing."""
+    llm = load_qwen3(folders["llm"], quant=quant, dtype=dtype, device=device)
     llm.gradient_checkpointing = True
     if method:
-        apply_adapters(llm, **adapter_options(method))
+        apply_adapters(llm, **adapter_options(method, is_moe(folders)))
         with torch.no_grad():
             for name, module in llm.named_modules():
                 if isinstance(module, LoRALinear):
@@ -67,36 +82,71 @@ def ours_llm(folders, device, method: str | None, dtype=torch.bfloat16) -> nn.Mo
     return llm
 
 
-def reference_llm(folders, device, method: str, *, training: bool, prepared: bool,
-                  dtype=torch.bfloat16) -> nn.Module:
+def reference_llm(folders, device, method: str, *, training: bool, prepared: bool, dtype=torch.bfloat16,
+                  quant: str = "nf4") -> nn.Module:
     """transformers + bitsandbytes + PEFT, set up as their users do (the QLoRA recipe). prepared=True runs PEFT's
-    prepare_model_for_kbit_training (every non-4-bit weight upcast to fp32, its activation checkpointing);
+    prepare_model_for_kbit_training (every non-quantized weight upcast to fp32, its activation checkpointing);
     prepared=False is the tuned form: weights stay bf16, non-reentrant activation checkpointing."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, Qwen3ForCausalLM
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    model = Qwen3ForCausalLM.from_pretrained(folders["llm"], quantization_config=quantization, dtype=dtype,
-                                             attn_implementation="sdpa", device_map={"": device})
+    from transformers import BitsAndBytesConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+    quantization = BitsAndBytesConfig(load_in_8bit=True) if quant == "int8" else \
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    model_class = Qwen3MoeForCausalLM if is_moe(folders) else Qwen3ForCausalLM
+    model = model_class.from_pretrained(folders["llm"], quantization_config=quantization, dtype=dtype,
+                                        attn_implementation="sdpa", device_map={"": device})
+    same_expert_numbers(model, quant)
     if training and prepared:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     elif training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = not training
-    options = adapter_options(method)
+    options = adapter_options(method, is_moe(folders))
     config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
-                        target_modules=list(QWEN3_LINEARS), use_dora=options["method"] == "dora",
+                        target_modules=list(options["targets"]), use_dora=options["method"] == "dora",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 keep_one_layout(module)  # as ours: no CPU repacking that breaks later gradients (nf4.py)
+            if isinstance(module, bnb.nn.Linear8bitLt):
+                module.register_forward_pre_hook(keep_int8_scales)
             if hasattr(module, "lora_A") and "default" in module.lora_A:
                 copy_seeded_adapter(name.removeprefix("base_model.model."), module.get_base_layer(),
                                     module.lora_A["default"].weight, module.lora_B["default"].weight,
                                     module.lora_magnitude_vector["default"].weight if config.use_dora else None)
     return model
+
+
+def keep_int8_scales(layer: bnb.nn.Linear8bitLt, inputs) -> None:
+    """A forward pre-hook that lets PEFT's 8-bit DoRA train on the CPU: its forward leaves `weight.CB` set again
+    (without `weight.SCB`), so bitsandbytes' next forward moves a None scale into the layer's state and fails
+    (bitsandbytes 0.50, PEFT 0.21). The state already holds both; the stray copy is dropped."""
+    if getattr(layer.weight, "CB", None) is not None and getattr(layer.weight, "SCB", None) is None \
+            and layer.state.SCB is not None:
+        layer.weight.CB = None
+
+
+def same_expert_numbers(model: nn.Module, quant: str) -> None:
+    """Each expert of a transformers Qwen3-MoE (bf16 3-D parameters, which bitsandbytes leaves alone) set to the
+    numbers ours computes with: its gate, up and down matrices each quantized as ours loads them (qwen3.load_tensor),
+    then dequantized. Held in bf16 still, as the reference's users hold them."""
+    def quantized_and_back(weight: torch.Tensor) -> torch.Tensor:  # (out, in)
+        if quant == "int8":
+            int8 = quantize_int8(weight, weight.device)
+            return bnb.functional.int8_vectorwise_dequant(int8.data, int8.SCB).to(weight.dtype)
+        nf4 = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, compress_statistics=True,
+                                quant_type="nf4").to(weight.device)
+        return bnb.functional.dequantize_4bit(nf4.data, nf4.quant_state).to(weight.dtype)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ != "Qwen3MoeExperts":
+                continue
+            for e in range(module.num_experts):  # gate_up_proj (E, 2I, C): gate rows, then up rows; down (E, C, I)
+                gate, up = module.gate_up_proj[e].chunk(2)
+                module.gate_up_proj[e] = torch.cat([quantized_and_back(gate), quantized_and_back(up)])
+                module.down_proj[e] = quantized_and_back(module.down_proj[e])
 
 
 def stage2_vlm(preset: Preset, folders, device, shape: str, llm) -> VLM:
@@ -117,10 +167,11 @@ def build_stack(args, preset: Preset, folders, device, shape: str, training: boo
     without an LLM, the PEFT model), the QLoRA recipe for "reference" while training, the tuned form for "tuned".
     `dtype`: the weights' and 4-bit compute dtype (fp32 for the exact greedy-token comparison)."""
     if args.stack == "ours":
-        return stage2_vlm(preset, folders, device, shape, ours_llm(folders, device, args.method, dtype)), None
+        return stage2_vlm(preset, folders, device, shape, ours_llm(folders, device, args.method, dtype,
+                                                                   args.quant)), None
     vlm = stage2_vlm(preset, folders, device, shape, None)
     return vlm, reference_llm(folders, device, args.method, training=training, prepared=args.stack == "reference",
-                              dtype=dtype)
+                              dtype=dtype, quant=args.quant)
 
 
 def stack_modules(vlm: VLM, reference) -> list[nn.Module]:
@@ -213,7 +264,7 @@ def full_logits_loss(llm, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def check_label_losses(args, per_label_losses, vlm: VLM, reference=None) -> dict:
-    """The per-label losses with dropout off (eval mode, no autograd). A reference stack compares them with ours
+    """The per-label losses with dropout off (training mode, no autograd). A reference stack compares them with ours
     (args.expect) and refuses to be timed when they differ by more than LABEL_LOSS_TOLERANCE on average. Ours
     (reference None) also measures how far its adapters move them: the check must tell a stack with our adapters
     from one without."""
@@ -234,17 +285,15 @@ def check_label_losses(args, per_label_losses, vlm: VLM, reference=None) -> dict
 
 
 def check_gradients(args, loss_of_batch, vlm: VLM, reference=None) -> dict:
-    """One backward with dropout off: every adapter's gradients (A, B, DoRA's magnitude) by linear name. Ours
-    saves them beside the snapshot; a reference compares its own, ||g - g_ours|| / ||g_ours|| over all of them,
-    and refuses to be timed above GRADIENT_TOLERANCE. The gradients are then cleared."""
+    """One backward in training mode with dropout off: every adapter's gradients (A, B, DoRA's magnitude) by linear
+    name. Ours saves them beside the snapshot; a reference compares its own, ||g - g_ours|| / ||g_ours|| over all of
+    them, and refuses to be timed above GRADIENT_TOLERANCE. The gradients are then cleared."""
     from safetensors.torch import load_file, save_file
     modules = stack_modules(vlm, reference)
-    for module in modules:
-        module.eval()
-    loss_of_batch().backward()
+    with without_dropout(modules):
+        loss_of_batch().backward()
     gradients = adapter_gradients(vlm.llm if reference is None else reference)
     for module in modules:
-        module.train()
         module.zero_grad(set_to_none=True)
     path = Path(args.root) / f"gradients-{args.task}-{args.shape}-{args.method}.safetensors"
     if reference is None:
@@ -298,11 +347,25 @@ def adapters_off_losses(per_label_losses, modules: list[nn.Module], llm: nn.Modu
 
 
 def eval_losses(per_label_losses, modules: list[nn.Module]) -> torch.Tensor:
-    """per_label_losses() in eval mode (dropout off) without autograd, as fp32 on the CPU; train mode after."""
-    for module in modules:
-        module.eval()
-    with torch.no_grad():
-        losses = per_label_losses().float().cpu()
+    """per_label_losses() with dropout off (without_dropout) and without autograd, as fp32 on the CPU."""
+    with without_dropout(modules), torch.no_grad():
+        return per_label_losses().float().cpu()
+
+
+@contextmanager
+def without_dropout(modules: list[nn.Module]):
+    """Inside, every nn.Dropout of `modules` (the adapters' in both stacks) has p = 0, and the modules stay in
+    training mode: the timed step's computation without its randomness. (Not eval mode: on the CPU an int8 base
+    runs LLM.int8 there instead of its dequantized weight, and after such a forward PEFT's 8-bit DoRA layers fail
+    in training mode with bitsandbytes 0.50.)"""
+    dropouts = [m for module in modules for m in module.modules() if isinstance(m, nn.Dropout)]
+    rates = [dropout.p for dropout in dropouts]
     for module in modules:
         module.train()
-    return losses
+    for dropout in dropouts:
+        dropout.p = 0.0
+    try:
+        yield
+    finally:
+        for dropout, p in zip(dropouts, rates):
+            dropout.p = p

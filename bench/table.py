@@ -163,9 +163,8 @@ def memory_rows(preset: Preset, shape: str, methods: dict, device) -> list[dict]
             if max(values.values()) >= 0.5:
                 rows.append(row(f"{name}     {group}", values, fmt="{:.1f}"))
         if cpu:
-            rows.append(row(f"{name}   the step's growth beyond its tensors", {k: v["peak_mib"] - v["resident_before_mib"]
-                                                                               - v["tensor_peak_mib"]
-                                                                               for k, v in runs.items()}))
+            growth = {k: v["peak_mib"] - v["resident_before_mib"] - v["tensor_peak_mib"] for k, v in runs.items()}
+            rows.append(row(f"{name}   the step's growth beyond its tensors", growth))
         rows.append(row(f"{name}   saved for backward in a forward without checkpointing",
                         {k: sum(v["saved_without_checkpointing_mib"].values()) for k, v in runs.items()},
                         fmt="{:.1f}"))

@@ -1,8 +1,9 @@
 """The model benchmark's measurements, one per process (`python -m bench _one --task ...`): how each is taken.
 
 train: a stage-2 training step (forward + backward + AdamW step, bf16 autocast). memory: where that step's
-memory goes (bench/step_memory.py). generate: batched greedy captions. loss: one caption-loss computation, label-only vs full logits. vision: two epochs of the vision side,
-feature cache vs re-encoding. Each reports medians of timed repeats and the peak memory of its own process.
+memory goes (bench/step_memory.py). generate: batched greedy captions. loss: one caption-loss computation,
+label-only vs full logits. vision: two epochs of the vision side, feature cache vs re-encoding. Each reports medians
+of timed repeats and the peak memory of its own process.
 """
 import os
 import statistics
@@ -13,18 +14,18 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from bench.step_memory import (malloc_stats, profile_step, resident_by_mapping, resident_tensors,
-                          saved_by_module)
 from bench.snapshots import Preset, preset_for, write_snapshots
-from bench.stacks import (batch_ids, build_stack, caption_loss, captions_of, check_gradients, check_label_losses,
-                          features_of, full_logits_loss, label_losses, ours_llm, reference_embeds, stack_modules,
-                          stage2_vlm)
+from bench.stacks import batch_ids, build_stack, caption_loss, captions_of, check_gradients, check_label_losses, \
+    features_of, full_logits_loss, label_losses, ours_llm, reference_embeds, stack_modules, stage2_vlm
+from bench.step_memory import malloc_stats, profile_step, resident_by_mapping, resident_tensors, saved_by_module
 from data import read_frames, read_manifest
+from demo.synth import synth_dataset
 from features import CachedFeatureDataset, feature_cache_for, fill_feature_cache
 from lora import after_optimizer_step
-from demo.synth import synth_dataset
 from vision import load_vision
-from vlm import IGNORE_INDEX, VLM, VLMConfig, caption_loss as label_only_loss, merged_for_eval
+from vlm import IGNORE_INDEX, VLM, VLMConfig
+from vlm import caption_loss as label_only_loss
+from vlm import merged_for_eval
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
@@ -78,11 +79,12 @@ def timed_repeats(preset: Preset, device, run, repeats: int, warmup: int | None 
 
 def model_flops(preset: Preset, batch: int, length: int, label_tokens: int) -> float:
     """Model FLOPs of one training step (PaLM, arXiv 2204.02311, appendix B): 6 N per token for the decoder-layer
-    weights N, 6 C V per supervised token for the lm_head (it runs at the caption positions only), and
-    12 L nh hs T per token for attention (QK^T and AV, forward and backward, causal mask not discounted)."""
+    weights N (a MoE's active ones), 6 C V per supervised token for the lm_head (it runs at the caption positions
+    only), and 12 L nh hs T per token for attention (QK^T and AV, forward and backward, causal mask not discounted)."""
     p = preset
     attention = p.hidden_size * p.head_dim * (2 * p.heads + 2 * p.kv_heads)  # q, o, k, v
-    n_layers = p.layers * (attention + 3 * p.hidden_size * p.intermediate_size)
+    mlp = p.experts_per_token * p.expert_intermediate if p.experts else p.intermediate_size  # a MoE's active experts
+    n_layers = p.layers * (attention + 3 * p.hidden_size * mlp)
     tokens = batch * length
     return (6 * n_layers * tokens + 6 * p.hidden_size * p.vocab_size * label_tokens
             + 12 * p.layers * p.heads * p.head_dim * length * tokens)
@@ -163,7 +165,8 @@ def memory_worker(args, preset: Preset, folders, device) -> dict:
     profiled = profile_step(setup["loss_of_batch"], setup["finish"], roots, setup["trainable"], device)
     checkpointing_off(setup["vlm"], setup["reference"])  # every layer's saves, seen at once
     saved = saved_by_module(setup["loss_of_batch"], roots)
-    return {"saved_without_checkpointing_mib": saved, **setup["checked"], "batch": setup["batch"], "length": setup["input_ids"].shape[1],
+    return {"saved_without_checkpointing_mib": saved, **setup["checked"], "batch": setup["batch"],
+            "length": setup["input_ids"].shape[1],
             "resident_before_mib": measured["resident_before_mib"], "peak_mib": measured["peak_mib"],
             "resident_tensors_mib": resident_tensors(setup["modules"], setup["optimizer"]),
             "mappings_before_mib": mappings_before,
@@ -226,7 +229,7 @@ def generate_worker(args, preset: Preset, folders, device) -> dict:
 def loss_worker(args, preset: Preset, folders, device) -> dict:
     """One caption-loss computation from given final hidden states (B=1, T ≈ 4700, C) to the loss, label-only or
     full logits: forward only, then forward + backward; time and peak memory above the loaded model of each."""
-    llm = ours_llm(folders, device, method=None)  # its lm_head (V, C) in bf16
+    llm = ours_llm(folders, device, method=None, quant=args.quant)  # its lm_head (V, C) in bf16
     vlm = stage2_vlm(preset, folders, device, "per-patch", llm)
     input_ids, labels = vlm.tokenize_batch(captions_of(vlm, 1, preset.caption_tokens),
                                            preset.frames * preset.loss_patches)

@@ -77,6 +77,38 @@ def test_default_command_runs_a_measurement_in_its_own_process(snapshot_dir, tmp
     assert result["results"]["vision"]["cache"]["tower_frames"][1] == 0
 
 
+@pytest.mark.parametrize("preset, quant", [("cpu-small", "int8"), ("cpu-small-moe", "nf4")])
+def test_int8_and_moe_training_rows_are_checked_against_the_reference(preset, quant, tmp_path):
+    """The int8 and Qwen3-MoE rows: both stacks train on the same quantized numbers (a MoE reference's bf16 experts
+    hold ours' dequantized values), the parity checks pass before any timing, and the table names the quantization.
+    A MoE adapts its attention projections only, in both stacks."""
+    from safetensors.torch import load_file
+    result = bench.main(["model", "--quick", "--inline", "--threads", "1", "--preset", preset, "--quant", quant,
+                         "--tasks", "train", "--methods", "lora,dora", "--snapshot-dir", str(tmp_path),
+                         "--json", str(tmp_path / "results.json")])
+    assert result["quant"] == quant
+    rows = rows_by_measure(result)
+    for shape in SHAPES:
+        for method in ("LoRA", "DoRA"):
+            measure = f"{method} per-label loss, mean abs. difference from ours (ours: adapters on vs off)"
+            parity = rows[(shape, measure)]
+            assert max(parity["reference"], parity["tuned"]) <= LABEL_LOSS_TOLERANCE
+            assert parity["ours"] > 10 * max(parity["reference"], parity["tuned"])
+            gradients = rows[(shape, f"{method} adapter gradients, relative L2 difference from ours")]
+            assert max(gradients["reference"], gradients["tuned"]) <= GRADIENT_TOLERANCE
+            assert all(rows[(shape, f"{method} step (ms)")][stack] > 0 for stack in ("ours", "reference", "tuned"))
+    assert all(quant in row["preset"] for row in result["rows"]) == (quant != "nf4")
+    adapted = {name.rsplit(".", 1)[0] for name in load_file(tmp_path / "gradients-train-resampler-lora.safetensors")}
+    config = json.loads((tmp_path / "llm" / "config.json").read_text())
+    if preset == "cpu-small-moe":
+        assert config["model_type"] == "qwen3_moe" and 4 in (config.get("num_experts"), config.get("num_local_experts"))
+        assert all(".self_attn." in name for name in adapted) and len(adapted) == 4 * config["num_hidden_layers"]
+        index = json.loads((tmp_path / "llm" / "model.safetensors.index.json").read_text())["weight_map"]
+        assert "model.layers.0.mlp.experts.3.down_proj.weight" in index  # the hub's per-expert layout
+    else:
+        assert len(adapted) == 7 * config["num_hidden_layers"]
+
+
 def test_a_reference_that_disagrees_is_not_timed(snapshot_dir, tmp_path):
     worker = ["_one", "--task", "train", "--preset", "cpu-small", "--quick", "--threads", "1", "--root",
               str(snapshot_dir), "--stack", "tuned", "--method", "dora", "--shape", "resampler"]
@@ -301,3 +333,34 @@ def test_memory_table_is_computed_from_the_published_configs_and_the_stored_form
     moe = {row["quant"]: row for row in result["rows"] if row["model"] == "Qwen3-30B-A3B"}
     assert moe["nf4"]["weights_gib"] < moe["int8"]["weights_gib"] < moe["bf16"]["weights_gib"]
     assert all(row["per_patch"]["total"] > row["perceiver"]["total"] for row in result["rows"])
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_memory_of_a_loaded_snapshot_is_measured_beside_the_computed_bytes(quant, tmp_path):
+    """`python -m bench memory SNAPSHOT --quant Q`: the bytes the loaded weights take, scales included, agree with
+    weight_bytes' formula for the same config (block and group remainders of a tiny model aside), and the JSON
+    names its command and CPU."""
+    from conftest import save_tiny_qwen3
+    folder = save_tiny_qwen3(tmp_path / "qwen3", hidden_size=256, intermediate_size=512, head_dim=64)
+    out = tmp_path / "memory.json"
+    result = bench.main(["memory", str(folder), "--quant", quant, "--json", str(out)])
+    assert json.loads(out.read_text())["weights_mib"] == result["weights_mib"]
+    assert result["weights_mib"] == pytest.approx(result["computed_weights_mib"], rel=0.02)
+    assert result["command"] == f"python -m bench memory {folder} --quant {quant} --json {out}"
+    assert result["device"]["cores"] >= 1 and result["peak_rss_mib"] >= result["rss_before_mib"]
+
+
+def test_loading_breakdown_measures_each_step_of_the_first_layers(tmp_path):
+    """`python -m bench loading SNAPSHOT`: every quantized linear of the first layer is read, quantized and placed,
+    each step timed, and the rates are extrapolated to the model's linear weights."""
+    from conftest import save_tiny_qwen3
+    folder = save_tiny_qwen3(tmp_path / "qwen3", hidden_size=128, intermediate_size=256, head_dim=32, layers=3,
+                             max_shard_size="200KB")
+    result = bench.main(["loading", str(folder), "--quant", "int8", "--layers", "1", "--threads", "1", "--full"])
+    d = json.loads((folder / "config.json").read_text())
+    layer = 128 * 32 * (d["num_attention_heads"] + 2 * d["num_key_value_heads"]) + 32 * d["num_attention_heads"] * 128
+    layer += 3 * 128 * 256
+    assert result["weights_measured"] == layer and result["linear_weights"] == 3 * layer
+    assert all(seconds > 0 for seconds in result["seconds"].values()) and result["full_load_s"] > 0
+    assert result["extrapolated_s"]["loader"] == pytest.approx(3 * result["seconds"]["loader"])
+    assert result["command"].startswith("python -m bench loading")
