@@ -11,10 +11,10 @@ bitsandbytes >= 0.49 on CPUs with AVX512-BF16 are handled here and nowhere else:
   which on an offline machine is always. kovlm never uses that kernel, so the warning is silenced; this has to
   happen before bitsandbytes is first imported, hence at this module's import.
 - on the CPU, bitsandbytes quantizes with its generic torch kernel: the whole tensor in fp32, then `bucketize` over
-  it, about 30 M weights/s a core, which is nearly all of loading Qwen3-8B (142-160 s). `quantize_nf4` computes the
-  same bits a cache-sized chunk at a time, with 15 comparisons instead of `bucketize`, about 3x as fast, and builds
-  the same Params4bit and QuantState (the double quantization of the block scales is bitsandbytes' own call). On a
-  GPU bitsandbytes' CUDA kernel quantizes, as before. tests/test_nf4.py holds both to the same bytes.
+  it; that is nearly all the time of loading a quantized LM (results/README.md, "Loading the LM, step by step").
+  `quantize_nf4` computes the same bits a cache-sized chunk at a time, with 15 comparisons instead of `bucketize`,
+  and builds the same Params4bit and QuantState (the double quantization of the block scales is bitsandbytes' own
+  call). On a GPU bitsandbytes' CUDA kernel quantizes, as before. tests/test_nf4.py holds both to the same bytes.
 
 int8 (Dettmers et al. 2022, LLM.int8(), arXiv 2208.07339) stores each weight row as int8 with one fp32 scale, its
 absmax / 127 (8 bits + 32 / in_features per weight). A forward quantizes the activations per row as well, except
@@ -34,6 +34,7 @@ fp16 against the dequantized weight columns. Its quirks, handled here:
 - a backend may lack a path (an int8 op not written for a device): `check_int8_runs` says so in one line.
 """
 import logging
+from functools import cache
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
@@ -105,6 +106,7 @@ def nf4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, absmax
 
 
+@cache
 def nf4_bounds() -> list[float]:
     """The 15 decision bounds between NF4's 16 levels, as bitsandbytes' kernel compares with them (fp32)."""
     levels = bnb.functional.get_4bit_type("nf4", device="cpu")  # (16,) sorted

@@ -455,7 +455,7 @@ def train_stages(model, splits, cache, cfg: TrainConfig, run: Distributed, state
                 position = replace(position, step_in_epoch=step_in_epoch + 1, global_step=position.global_step + 1)
                 log.write(step=position.global_step, epoch=epoch + 1, stage=stage, lr=lr, **stats)
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}",
-                                     caption_tok_s=f"{stats['tokens_per_s']:.3g}")  # supervised tokens: 0.069 at 80 s
+                                     caption_tok_s=f"{stats['tokens_per_s']:.3g}")  # 3 digits: never 0
                 if not keep_going(model, optimizer, cfg, run, position):
                     return False
             position = end_of_epoch(model, optimizer, splits, cache, cfg, run, log, position, epoch, select_by)

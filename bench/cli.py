@@ -61,7 +61,7 @@ from bench.workers import DTYPES, WORKERS, measure_one
 # cli.py is the command line and the worker processes; the parts live beside it: adapters.py (the adapters
 # subcommand), snapshots.py (presets, random snapshot folders), stacks.py (ours and the reference, the parity
 # check), workers.py (one measurement each), table.py (rows, ratios, targets), memory.py (the LM's weights, one
-# snapshot's load), step_memory.py (# where a training step's memory goes: --tasks memory, not run by default).
+# snapshot's load), step_memory.py (where a training step's memory goes: --tasks memory, not run by default).
 TASKS = ("train", "generate", "loss", "vision", "memory")
 # generation runs: (name in the results, stack, variant); ours' decode step as a CUDA graph (on a GPU) first
 GENERATE_RUNS = (("ours", "ours", "graphs"), ("ours-eager", "ours", "eager"), ("ours-merged", "ours", "merged"),

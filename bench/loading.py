@@ -69,14 +69,9 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
-def bench_loading(args) -> dict:
-    folder, dtype = Path(args.snapshot), DTYPES[args.dtype]
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    d = snapshot.read_config(folder)
-    with torch.device("meta"):
-        model = Qwen3(Qwen3Config.from_hf(d))
-    swap_quantized_linears(model, args.quant, dtype)
-    entries = linear_entries(folder, model, args.layers)
+def timed_steps(model: Qwen3, entries: list, quant: str, dtype: torch.dtype) -> tuple[dict, int, int]:
+    """({step: seconds summed over `entries`}, weights, bytes): each tensor read, quantized by bitsandbytes, placed
+    by load_tensor from memory, then mapped and placed as the loader does, every step from a cold page cache."""
     files = sorted({file for _, file, _, _ in entries})
     seconds = {step: 0.0 for step in ("read", "kernel", "placed", "loader")}
     weights = bytes_read = 0
@@ -90,13 +85,25 @@ def bench_loading(args) -> dict:
         finally:
             os.close(fd)
         tensor = torch.frombuffer(buffer, dtype=snapshot.SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-        seconds["kernel"] += timed(lambda: kernel(tensor.to(dtype), args.quant))
+        seconds["kernel"] += timed(lambda: kernel(tensor.to(dtype), quant))
         seconds["placed"] += timed(lambda: load_tensor(model, name, tensor, dtype=dtype, device="cpu"))
         evict(files)
         seconds["loader"] += timed(lambda: load_tensor(model, name, snapshot.map_tensor(file, data_start, entry),
                                                        dtype=dtype, device="cpu"))
         weights += torch.Size(entry["shape"]).numel()
         bytes_read += end - begin
+    return seconds, weights, bytes_read
+
+
+def bench_loading(args) -> dict:
+    folder, dtype = Path(args.snapshot), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = snapshot.read_config(folder)
+    with torch.device("meta"):
+        model = Qwen3(Qwen3Config.from_hf(d))
+    swap_quantized_linears(model, args.quant, dtype)
+    seconds, weights, bytes_read = timed_steps(model, linear_entries(folder, model, args.layers), args.quant, dtype)
     total = parameter_counts(d)["linear_weights"]
     rates = {step: weights / s for step, s in seconds.items()}
     command = getattr(args, "command_line", None) or "python -m bench " + " ".join(args.argv)

@@ -228,7 +228,7 @@ def measured_beside() -> list[dict]:
         rows.append({"what": "Qwen3-8B nf4 training peak, perceiver + DoRA, batch 1 (GiB)",
                      "measured": train["peak_rss_gib"], "computed": computed["total"], "file": f"results/{file.name}",
                      "command": rehearsal["command"], "note": f"peak RSS of train.py, {rehearsal['dtype']} on "
-                     f"the CPU; RSS also holds Python, torch and bitsandbytes (~0.4 GiB) and the tokenizer"})
+                     f"the CPU; RSS also holds Python, torch, bitsandbytes and the tokenizer"})
     if rows:
         print("\nMeasured on the CPU (Qwen3-8B, 36 layers, random weights), beside the computed figure:\n")
         print("| what | measured | computed | from |\n|---|---:|---:|---|")

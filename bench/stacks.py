@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from bench.snapshots import CAPTION_TEXTS, Preset
 from lora import ATTENTION_LINEARS, QWEN3_LINEARS, LoRALinear, apply_adapters, dequantized_weight
-from nf4 import bnb, keep_one_layout, quantize_int8
+from nf4 import bnb, keep_one_layout, quantize_int8, quantize_nf4
 from projectors import build_projector
 from qwen3 import load_qwen3
 from vlm import VLM, VLMConfig, label_logits, splice_visual_tokens
@@ -136,8 +136,7 @@ def same_expert_numbers(model: nn.Module, quant: str) -> None:
         if quant == "int8":
             int8 = quantize_int8(weight, weight.device)
             return bnb.functional.int8_vectorwise_dequant(int8.data, int8.SCB).to(weight.dtype)
-        nf4 = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, compress_statistics=True,
-                                quant_type="nf4").to(weight.device)
+        nf4 = quantize_nf4(weight, weight.device)
         return bnb.functional.dequantize_4bit(nf4.data, nf4.quant_state).to(weight.dtype)
     with torch.no_grad():
         for module in model.modules():
@@ -269,7 +268,7 @@ def check_label_losses(args, per_label_losses, vlm: VLM, reference=None) -> dict
     (reference None) also measures how far its adapters move them: the check must tell a stack with our adapters
     from one without."""
     modules = stack_modules(vlm, reference)
-    losses = eval_losses(per_label_losses, modules)
+    losses = losses_without_dropout(per_label_losses, modules)
     result = {"loss": losses.mean().item(), "label_losses": losses.tolist()}
     if args.expect:
         difference = (losses - torch.tensor(json.loads(Path(args.expect).read_text()))).abs()  # (L,)
@@ -339,14 +338,14 @@ def adapters_off_losses(per_label_losses, modules: list[nn.Module], llm: nn.Modu
             m.lora_B.zero_()
             if m.dora:
                 m.magnitude.copy_(m.weight_sq_norm.sqrt())
-        losses = eval_losses(per_label_losses, modules)
+        losses = losses_without_dropout(per_label_losses, modules)
         for m, parameters in zip(adapters, saved):
             for name, p in m.named_parameters(recurse=False):
                 p.copy_(parameters[name])
     return losses
 
 
-def eval_losses(per_label_losses, modules: list[nn.Module]) -> torch.Tensor:
+def losses_without_dropout(per_label_losses, modules: list[nn.Module]) -> torch.Tensor:
     """per_label_losses() with dropout off (without_dropout) and without autograd, as fp32 on the CPU."""
     with without_dropout(modules), torch.no_grad():
         return per_label_losses().float().cpu()
@@ -356,8 +355,7 @@ def eval_losses(per_label_losses, modules: list[nn.Module]) -> torch.Tensor:
 def without_dropout(modules: list[nn.Module]):
     """Inside, every nn.Dropout of `modules` (the adapters' in both stacks) has p = 0, and the modules stay in
     training mode: the timed step's computation without its randomness. (Not eval mode: on the CPU an int8 base
-    runs LLM.int8 there instead of its dequantized weight, and after such a forward PEFT's 8-bit DoRA layers fail
-    in training mode with bitsandbytes 0.50.)"""
+    runs LLM.int8 there instead of the dequantized weight the timed step multiplies with.)"""
     dropouts = [m for module in modules for m in module.modules() if isinstance(m, nn.Dropout)]
     rates = [dropout.p for dropout in dropouts]
     for module in modules:
